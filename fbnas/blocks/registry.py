@@ -1,0 +1,66 @@
+"""The op registry: op name -> OpDef (builder, kernel description, shape constraints)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch.nn as nn
+
+from ..errors import ConfigError
+from ..quant.fake import BitState
+from .kernels import KernelSpec
+
+Builder = Callable[[int, int, int, BitState], nn.Module]
+KernelFn = Callable[[int, int, int, int, int], list]
+CheckFn = Callable[[int, int, int], Optional[str]]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    family: str  # mobilenetv2 | squeezenext | shufflenetv2 | skip
+    build: Builder
+    kernels: KernelFn
+    check: CheckFn = field(default=lambda c_in, c_out, stride: None)
+    params: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, OpDef] = {}
+
+
+def register_op(op: OpDef) -> OpDef:
+    if op.name in _REGISTRY:
+        raise ValueError(f"op {op.name!r} registered twice")
+    _REGISTRY[op.name] = op
+    return op
+
+
+def known_ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def is_known_op(name: str) -> bool:
+    return name in _REGISTRY
+
+
+def get_op(name: str) -> OpDef:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown op {name!r}; known ops: {', '.join(known_ops())}") from None
+
+
+def check_op_shape(name: str, c_in: int, c_out: int, stride: int) -> Optional[str]:
+    return get_op(name).check(c_in, c_out, stride)
+
+
+def build_op(name: str, c_in: int, c_out: int, stride: int, bit_state: Optional[BitState] = None) -> nn.Module:
+    op = get_op(name)
+    problem = op.check(c_in, c_out, stride)
+    if problem:
+        raise ConfigError(f"op {name!r} cannot map {c_in}->{c_out} channels at stride {stride}: {problem}")
+    return op.build(c_in, c_out, stride, bit_state if bit_state is not None else BitState.float())
+
+
+def op_kernels(name: str, c_in: int, c_out: int, stride: int, h: int, w: int) -> list[KernelSpec]:
+    return get_op(name).kernels(c_in, c_out, stride, h, w)

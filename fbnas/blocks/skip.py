@@ -1,0 +1,27 @@
+"""skip: identity, or a 1x1 conv+BN+ReLU where channels or stride change (then it has a real cost)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..quant.fake import BitState, ConvBNAct
+from .kernels import KernelSpec, conv
+from .registry import OpDef, register_op
+
+
+def _is_identity(c_in: int, c_out: int, stride: int) -> bool:
+    return stride == 1 and c_in == c_out
+
+
+def _build(c_in: int, c_out: int, stride: int, bit_state: BitState) -> nn.Module:
+    if _is_identity(c_in, c_out, stride):
+        return nn.Identity()
+    return ConvBNAct(c_in, c_out, 1, stride=stride, bit_state=bit_state)
+
+
+def _kernels(c_in: int, c_out: int, stride: int, h: int, w: int) -> list[KernelSpec]:
+    if _is_identity(c_in, c_out, stride):
+        return []
+    return [conv("pw", c_in, c_out, h, w, 1, stride)]
+
+
+register_op(OpDef(name="skip", family="skip", build=_build, kernels=_kernels))

@@ -1,0 +1,6 @@
+"""Quantization: fake quantizers with straight-through gradients, bit-mixing convs (EdMIPS-style)."""
+from .fake import (ActQuantizer, BitState, ConvBNAct, QConv2d, QLinear, fake_quant_weight, quant_error_sq,
+                   weight_scale)
+
+__all__ = ["ActQuantizer", "BitState", "ConvBNAct", "QConv2d", "QLinear", "fake_quant_weight", "quant_error_sq",
+           "weight_scale"]

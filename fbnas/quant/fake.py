@@ -1,0 +1,286 @@
+"""Fake quantization with straight-through gradients, and bit-mixing (EdMIPS-style) convolutions.
+
+Weights: per-output-channel symmetric, S_c = max|W_c| / (2^(b-1) - 1), W_q = clamp(round(W/S_c)) * S_c.
+Activations: static ranges from an EMA of the batch min/max; unsigned [0, 2^b - 1] while the observed
+minimum is >= 0 (after ReLU), symmetric signed otherwise.
+
+Bit choices: a `BitState` is shared by every conv of one candidate op. It holds the bit options and, during
+a search, their mixing weights (soft: probabilities; hard: a straight-through one-hot plus the sampled
+index). The conv mixes the quantized weight, W_mix = sum_b p_b Q_b(W), and the quantized input,
+x_mix = sum_b p_b Q_b(x), then runs one convolution, whatever the number of bit options.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EMA_MOMENTUM = 0.1
+_EPS = 1e-8
+
+
+# --------------------------------------------------------------------------------------- bit state
+
+@dataclass(eq=False)
+class BitState:
+    """Bit options of one op and, during search, their current mixing weights.
+
+    w_probs / a_probs: None means 'use the first (only) option'; a tensor [n] mixes the options.
+    w_index / a_index: in hard mode, the sampled option; the probs then hold a straight-through one-hot,
+    so only that option is computed while gradients still reach the probabilities.
+    enabled=False turns quantization off (float model).
+    """
+
+    w_choices: tuple[int, ...]
+    a_choices: tuple[int, ...]
+    w_probs: Optional[torch.Tensor] = None
+    a_probs: Optional[torch.Tensor] = None
+    w_index: Optional[int] = None
+    a_index: Optional[int] = None
+    enabled: bool = True
+
+    @classmethod
+    def fixed(cls, w_bits: int, a_bits: int) -> "BitState":
+        return cls((int(w_bits),), (int(a_bits),))
+
+    @classmethod
+    def float(cls) -> "BitState":
+        return cls((32,), (32,), enabled=False)
+
+    def clear(self) -> None:
+        self.w_probs = self.a_probs = None
+        self.w_index = self.a_index = None
+
+
+# ------------------------------------------------------------------------------- weight quantization
+
+def qmax_signed(bits: int) -> int:
+    return max(2 ** (bits - 1) - 1, 1)
+
+
+def weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel symmetric scale, shape [C_out, 1, 1, ...]."""
+    flat = w.detach().reshape(w.shape[0], -1)
+    if bits == 1:
+        s = flat.abs().mean(dim=1)
+    else:
+        s = flat.abs().amax(dim=1) / qmax_signed(bits)
+    return s.clamp_min(_EPS).reshape((-1,) + (1,) * (w.dim() - 1))
+
+
+def quantize_weight_int(w: torch.Tensor, bits: int, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Integer weight values (as float tensor): clamp(round(W/S)) in [-(2^(b-1)-1), 2^(b-1)-1]; sign for 1 bit."""
+    s = weight_scale(w, bits) if scale is None else scale
+    if bits == 1:
+        return torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
+    q = qmax_signed(bits)
+    return torch.clamp(torch.round(w / s), -q, q)
+
+
+class _STEWeight(torch.autograd.Function):
+    """Q_b(W) forward, identity backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, w, bits: int):
+        s = weight_scale(w, bits)
+        return quantize_weight_int(w, bits, s) * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits >= 32:
+        return w
+    return _STEWeight.apply(w, bits)
+
+
+def quant_error_sq(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """||Q_b(W) - W||^2 with Q_b(W) held constant, so the gradient is 2(W - Q_b(W)) (not zero as under STE)."""
+    with torch.no_grad():
+        s = weight_scale(w, bits)
+        wq = quantize_weight_int(w, bits, s) * s
+    return (w - wq).pow(2).sum()
+
+
+def mixed_weight(w: torch.Tensor, state: BitState) -> torch.Tensor:
+    if not state.enabled:
+        return w
+    if state.w_index is not None:
+        return state.w_probs[state.w_index] * fake_quant_weight(w, state.w_choices[state.w_index])
+    if state.w_probs is None:
+        return fake_quant_weight(w, state.w_choices[0])
+    return sum(p * fake_quant_weight(w, b) for p, b in zip(state.w_probs, state.w_choices))
+
+
+# --------------------------------------------------------------------------- activation quantization
+
+def act_levels(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range [lo, hi] of an activation at `bits`."""
+    if signed:
+        q = qmax_signed(bits)
+        return -q, q
+    return 0, 2 ** bits - 1
+
+
+def act_scale(lo_val: torch.Tensor, hi_val: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    if signed:
+        return (torch.maximum(lo_val.abs(), hi_val.abs()) / qmax_signed(bits)).clamp_min(_EPS)
+    return (hi_val / (2 ** bits - 1)).clamp_min(_EPS)
+
+
+class _STEAct(torch.autograd.Function):
+    """Q(x) = clamp(round(x/s), lo, hi) * s; gradient passes where x is inside the range (clipped STE)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, lo: int, hi: int):
+        xs = x / scale
+        inside = (xs >= lo) & (xs <= hi)
+        ctx.save_for_backward(inside)
+        return torch.clamp(torch.round(xs), lo, hi) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
+class _MixedAct(torch.autograd.Function):
+    """sum_b p_b Q_b(x), saving only x and p; the per-option Q_b(x) are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, probs, scales, los, his):
+        out = torch.zeros_like(x)
+        for i in range(len(los)):
+            out += probs[i] * torch.clamp(torch.round(x / scales[i]), los[i], his[i]) * scales[i]
+        ctx.save_for_backward(x, probs, scales)
+        ctx.los, ctx.his = los, his
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, probs, scales = ctx.saved_tensors
+        gx = torch.zeros_like(x)
+        gp = torch.zeros_like(probs)
+        for i in range(len(ctx.los)):
+            xs = x / scales[i]
+            q = torch.clamp(torch.round(xs), ctx.los[i], ctx.his[i]) * scales[i]
+            gp[i] = (grad * q).sum()
+            gx += probs[i] * ((xs >= ctx.los[i]) & (xs <= ctx.his[i]))
+        return grad * gx, gp, None, None, None
+
+
+class ActQuantizer(nn.Module):
+    """Activation fake-quantizer with an EMA min/max range; unsigned when the observed min is >= 0."""
+
+    def __init__(self, momentum: float = EMA_MOMENTUM):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_min", torch.zeros(()))
+        self.register_buffer("running_max", torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.frozen = False
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.running_min < 0)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = x.detach().amin().float(), x.detach().amax().float()
+        if not bool(self.initialized):
+            self.running_min.copy_(lo)
+            self.running_max.copy_(hi)
+            self.initialized.fill_(True)
+        else:
+            self.running_min.lerp_(lo, self.momentum)
+            self.running_max.lerp_(hi, self.momentum)
+
+    def scale(self, bits: int) -> torch.Tensor:
+        return act_scale(self.running_min, self.running_max, bits, self.signed)
+
+    def quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        lo, hi = act_levels(bits, self.signed)
+        return _STEAct.apply(x, self.scale(bits).to(x.dtype), lo, hi)
+
+    def forward(self, x: torch.Tensor, state: BitState) -> torch.Tensor:
+        if not state.enabled:
+            return x
+        if self.training and not self.frozen:
+            self.observe(x)
+        if state.a_index is not None:
+            return self.quantize(x, state.a_choices[state.a_index])
+        if state.a_probs is None:
+            return self.quantize(x, state.a_choices[0])
+        signed = self.signed
+        levels = [act_levels(b, signed) for b in state.a_choices]
+        scales = torch.stack([self.scale(b) for b in state.a_choices]).to(x.dtype)
+        return _MixedAct.apply(x, state.a_probs.to(x.dtype), scales, [lv[0] for lv in levels],
+                               [lv[1] for lv in levels])
+
+
+# ------------------------------------------------------------------------------------ quantized layers
+
+class QConv2d(nn.Conv2d):
+    """Conv2d that fake-quantizes its input and its weight at the bits of a shared BitState."""
+
+    def __init__(self, *args, bit_state: Optional[BitState] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bit_state = bit_state if bit_state is not None else BitState.float()
+        self.act_quant = ActQuantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.bit_state
+        if not st.enabled:
+            return super().forward(x)
+        xq = self.act_quant(x, st)
+        w = mixed_weight(self.weight, st)
+        if st.a_index is not None:
+            # hard mode: the activation's straight-through factor (value 1) rides on the small weight tensor
+            w = w * st.a_probs[st.a_index]
+        return self._conv_forward(xq, w, self.bias)
+
+
+class QLinear(nn.Linear):
+    """Linear layer with the same input/weight fake quantization as QConv2d."""
+
+    def __init__(self, *args, bit_state: Optional[BitState] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bit_state = bit_state if bit_state is not None else BitState.float()
+        self.act_quant = ActQuantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.bit_state
+        if not st.enabled:
+            return super().forward(x)
+        return F.linear(self.act_quant(x, st), mixed_weight(self.weight, st), self.bias)
+
+
+class ConvBNAct(nn.Module):
+    """A fused kernel: QConv2d (no bias) + BatchNorm + optional ReLU. The unit of BN folding and of latency."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int] = 1, stride: int = 1,
+                 groups: int = 1, act: bool = True, bit_state: Optional[BitState] = None):
+        super().__init__()
+        k = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+        pad = (k[0] // 2, k[1] // 2)
+        self.conv = QConv2d(c_in, c_out, k, stride=stride, padding=pad, groups=groups, bias=False,
+                            bit_state=bit_state)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def set_bit_state(modules: Sequence[nn.Module] | nn.Module, state: BitState) -> None:
+    """Point every QConv2d/QLinear under `modules` at one shared BitState."""
+    mods = [modules] if isinstance(modules, nn.Module) else list(modules)
+    for root in mods:
+        for m in root.modules():
+            if isinstance(m, (QConv2d, QLinear)):
+                m.bit_state = state
