@@ -1,0 +1,66 @@
+"""Shared plumbing for the Hydra apps: run a @hydra.main function with given overrides, turn user errors
+(FbnasError) into one line on stderr and exit code 2, and Hydra's own config errors into exit code 2."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..errors import FbnasError
+from ..io import repo_root
+
+CONF_DIR = str(repo_root() / "conf")
+log = logging.getLogger("fbnas")
+
+
+def fail(msg: str) -> None:
+    print(f"fbnas: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Decorate a Hydra task function: FbnasError -> one line on stderr, exit 2, no traceback."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FbnasError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            print("fbnas: interrupted", file=sys.stderr)
+            raise SystemExit(130)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def run_hydra(app: Callable, prog: str, overrides: list[str]) -> int:
+    """Call a @hydra.main-decorated `app` as if `prog overrides...` had been typed."""
+    saved = sys.argv
+    sys.argv = [prog] + list(overrides)
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        # Hydra reports its own config errors (unknown key, wrong type) with exit 1; they are user errors.
+        return 2 if code == 1 else code
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def split_subcommand(argv: list[str], known: tuple[str, ...], command: str) -> tuple[str, list[str]]:
+    if not argv or argv[0] not in known:
+        got = argv[0] if argv else "nothing"
+        fail(f"'fbnas {command}' needs a sub-command ({' | '.join(known)}), got {got!r}")
+    return argv[0], argv[1:]
+
+
+def output_dir() -> Path:
+    """The Hydra run directory of the current task (cwd is not changed: hydra.job.chdir=False)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)

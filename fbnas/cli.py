@@ -1,0 +1,53 @@
+"""`fbnas <command> [sub-command] [hydra overrides...]`: dispatches to one Hydra app per command."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+COMMANDS = {
+    "search": "fbnas.apps.search",
+    "lut": "fbnas.apps.lut",
+    "hessian": "fbnas.apps.hessian",
+    "train": "fbnas.apps.train",
+    "quantize": "fbnas.apps.quantize",
+    "export": "fbnas.apps.export",
+}
+
+USAGE = """usage: fbnas <command> [args] [key=value ...]
+
+commands:
+  search     differentiable architecture + bit-width search (Hydra; -m for sweeps)
+  lut        latency tables: build | check | show | predict | export-ops | import
+  hessian    per-layer Hessian traces of a checkpoint or an arch + weights
+  train      quantization-aware training of a found architecture
+  quantize   integer-only model: convert | compare | ilp | onnx
+  export     export a found architecture (safetensors, torch.export, ONNX)
+
+Every command takes Hydra overrides (key=value); `fbnas <command> --help` shows its config.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"fbnas: error: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(COMMANDS[cmd])
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("fbnas.apps"):
+            print(f"fbnas: error: command {cmd!r} is not available in this version", file=sys.stderr)
+            return 2
+        raise
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
