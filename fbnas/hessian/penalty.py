@@ -170,8 +170,12 @@ class HessianPenalty:
         self._seen_step = int(step)
         if not self.active:
             return False
-        return self.traces is None or self.last_refresh_step is None or \
-            step - self.last_refresh_step >= self.refresh_every
+        if self.traces is None:
+            return True
+        if self.last_refresh_step is None:  # refreshed without a step (end of warm-up): count from here
+            self.last_refresh_step = int(step)
+            return False
+        return step - self.last_refresh_step >= self.refresh_every
 
     # -------------------------------------------------------------------------------------- refresh
     def refresh(self, supernet: nn.Module, loss_fn: Optional[LossFn], batches: Sequence[Any],
@@ -205,7 +209,9 @@ class HessianPenalty:
         self.norm = self._uniform_value(supernet)
         if self.norm is None:
             log.warning("hessian penalty: every trace estimate is <= 0; the penalty is zero until the next refresh")
-        self.last_refresh_step = step if step is not None else (self._seen_step or 0)
+        # without a step: the step last seen by should_refresh (a periodic refresh), or, when none was seen yet
+        # (the end of warm-up), the step of the next should_refresh call
+        self.last_refresh_step = step if step is not None else self._seen_step
         self.n_refreshes += 1
         return res
 
