@@ -1,0 +1,161 @@
+"""`fbnas hessian` as a library call: per-layer traces of a trained child (arch + weights) or of every candidate
+op of a search checkpoint, written to hessian.json and hessian.png. No Hydra here: the app passes a config."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError, ConfigError
+from .estimator import DEFAULT_MAX_PROBES, DEFAULT_MIN_PROBES, TraceResult, hutchinson_traces
+from .groups import child_groups, supernet_groups
+from .penalty import supernet_traces
+from .report import hessian_record, write_hessian
+
+log = logging.getLogger("fbnas")
+SPACE_DATASETS = {"fmnist": "fashion_mnist", "fbnet_cifar100": "cifar100"}
+
+
+@dataclass
+class HessianRunConfig:
+    checkpoint: Optional[str] = None  # a search checkpoint (runs/.../checkpoints/last.pt): traces of every op
+    arch: Optional[str] = None  # or an arch.json ...
+    weights: Optional[str] = None  # ... and its model.safetensors
+    out_dir: Optional[str] = None  # default: the folder of the weights (the run folder for a checkpoint)
+    data: Optional[str] = None  # dataset name; default from the space (fmnist -> fashion_mnist, ...)
+    data_root: Optional[str] = None
+    batches: int = 4
+    batch_size: int = 128
+    target_rel_se: float = 0.05
+    max_probes: int = DEFAULT_MAX_PROBES
+    min_probes: int = DEFAULT_MIN_PROBES
+    seed: int = 0
+    method: str = "auto"  # auto | loop | batched[:K] | func[:K]
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    bits: Optional[list] = None  # bit-widths for omega; default: the space's weight bits
+    plot: bool = True
+    threads: int = 0  # >0: torch.set_num_threads
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"field 'device' is {name!r} but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+def _load_child(cfg: HessianRunConfig) -> tuple[nn.Module, str]:
+    from safetensors.torch import load_file
+
+    from ..arch import load_arch
+    from ..model import build_model
+
+    if not cfg.weights:
+        raise ConfigError("field 'weights' is missing: give the child's model.safetensors with arch=")
+    arch = load_arch(cfg.arch)
+    model = build_model(arch)
+    wpath = Path(cfg.weights)
+    if not wpath.is_file():
+        raise CheckpointError(f"{wpath}: weights file not found")
+    try:
+        state = load_file(str(wpath))
+    except Exception as exc:
+        raise CheckpointError(f"{wpath}: cannot read safetensors ({type(exc).__name__}: {exc})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise CheckpointError(f"{wpath}: weights do not match {cfg.arch} ({first})") from None
+    return model, arch.space
+
+
+def _load_supernet(cfg: HessianRunConfig) -> tuple[nn.Module, str, dict]:
+    from ..space import load_space
+    from ..supernet import Supernet
+
+    path = Path(cfg.checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or "supernet" not in state or "space" not in state:
+        raise CheckpointError(f"{path}: not an fbnas search checkpoint (needs keys 'supernet' and 'space')")
+    conf = state.get("config") or {}
+    net = Supernet(load_space(state["space"]), mode=conf.get("mode", "soft"), quantized=conf.get("quantized", True))
+    try:
+        net.load_state_dict(state["supernet"])
+    except RuntimeError:
+        raise CheckpointError(f"{path}: the supernet weights do not match space {state['space']}") from None
+    return net, state["space"], conf
+
+
+def _batches(cfg: HessianRunConfig, space_name: str, search_conf: dict, device: torch.device) -> list:
+    from ..data import load_dataset, make_loader
+    from ..space import load_space
+
+    data_conf = search_conf.get("data") or {}
+    name = cfg.data or data_conf.get("name") or SPACE_DATASETS.get(space_name)
+    if not name:
+        raise ConfigError(f"field 'data' is missing: space {space_name!r} has no default dataset; "
+                          "give data=fashion_mnist|cifar10|cifar100|imagefolder|synthetic")
+    space = load_space(space_name)
+    bundle = load_dataset(name, cfg.data_root or data_conf.get("root"), seed=cfg.seed,
+                          input_size=space.input_size, num_classes=space.num_classes, in_channels=space.in_channels)
+    loader = make_loader(bundle.train, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
+    out = []
+    for x, y in loader:
+        out.append((x.to(device), y.to(device)))
+        if len(out) == cfg.batches:
+            break
+    if len(out) < cfg.batches:
+        raise ConfigError(f"fields 'batches' x 'batch_size' ({cfg.batches} x {cfg.batch_size}) ask for more "
+                          f"images than {name} has ({len(bundle.train)})")
+    return out
+
+
+def run_hessian(cfg: HessianRunConfig) -> tuple[dict, list[Path], TraceResult]:
+    """Compute the traces named by cfg and write hessian.json / hessian.png. Returns (record, paths, result)."""
+    if bool(cfg.checkpoint) == bool(cfg.arch):
+        raise ConfigError("give either checkpoint=<search checkpoint> or arch=<arch.json> weights=<model.safetensors>")
+    if cfg.batches < 1 or cfg.batch_size < 1:
+        raise ConfigError("fields 'batches' and 'batch_size' must be >= 1")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg.device)
+    search_conf: dict = {}
+    if cfg.checkpoint:
+        model, space_name, search_conf = _load_supernet(cfg)
+        groups = supernet_groups(model)
+        src = Path(cfg.checkpoint).resolve().parent
+        default_out = src.parent if src.name == "checkpoints" else src
+    else:
+        model, space_name = _load_child(cfg)
+        groups = child_groups(model)
+        default_out = Path(cfg.weights).resolve().parent
+    model.to(device)
+    bits = cfg.bits
+    if not bits:
+        from ..space import load_space
+
+        bits = list(load_space(space_name).w_bits)
+    batches = _batches(cfg, space_name, search_conf, device)
+    kw = dict(target_rel_se=cfg.target_rel_se, max_probes=cfg.max_probes, min_probes=cfg.min_probes,
+              seed=cfg.seed, method=cfg.method, device=device)
+    if cfg.checkpoint:
+        result = supernet_traces(model, None, batches, **kw)
+    else:
+        result = hutchinson_traces(model, None, batches, groups, **kw)
+    settings = {"target_rel_se": cfg.target_rel_se, "max_probes": cfg.max_probes, "min_probes": cfg.min_probes,
+                "seed": cfg.seed, "batches": cfg.batches, "batch_size": cfg.batch_size,
+                "device": str(device), "bits": [int(b) for b in bits]}
+    source = {"arch": cfg.arch, "weights": cfg.weights, "checkpoint": cfg.checkpoint}
+    record = hessian_record(result, groups, bits, source, settings)
+    paths = write_hessian(cfg.out_dir or default_out, record, plot=cfg.plot)
+    return record, paths, result
