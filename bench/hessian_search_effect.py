@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", default="fmnist")
     ap.add_argument("--device", default="bitfusion", help="latency device (LUT)")
-    ap.add_argument("--gamma", type=float, default=1.0)
+    ap.add_argument("--gammas", default="0,1,5", help="comma-separated penalty weights (include 0 as the reference)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--warmup-epochs", type=int, default=1)
     ap.add_argument("--steps", type=int, default=60, help="max weight steps per epoch (0: all)")
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.accelerator.startswith("cuda") else "cpu")
     results = {}
-    for gamma in (0.0, args.gamma):
+    for gamma in [float(g) for g in args.gammas.split(",")]:
         cfg = SearchConfig(space=args.space, device=args.device, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
                            max_steps_per_epoch=args.steps, seed=args.seed, accelerator=args.accelerator,
                            threads=args.threads, progress=False)

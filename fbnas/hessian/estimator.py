@@ -374,9 +374,10 @@ def hutchinson_traces(model: nn.Module, loss_fn: Optional[LossFn], batches: Sequ
         raise ConfigError(f"target_rel_se must be > 0, got {target_rel_se}")
     if max_probes < 2 or min_probes > max_probes:
         raise ConfigError(f"need 2 <= max_probes and min_probes <= max_probes, got {min_probes}, {max_probes}")
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    device = torch.device(device)
+    model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device) if device is not None else model_device
+    if device.type != model_device.type:
+        raise ConfigError(f"the model is on {model_device} but device={device}; move the model first")
     groups = default_groups(model) if groups is None else groups
     n_batches = len(batches)
     with float_eval_mode(model):
