@@ -1,9 +1,10 @@
 """Do Hessian traces mean something? Quantize the k lowest-trace vs the k highest-trace layers of a trained
 Fashion-MNIST child to 2-bit weights (no fine-tuning) and compare test accuracy.
 
-The child (w8a8 fake-quant training from scratch) is trained for a few epochs on CPU, then per-layer traces
-Tr(H)/n come from fbnas.hessian.hutchinson_traces on training batches. The chosen layers' weights go to 2 bits
-through Arch.with_bits (per-output-channel symmetric), every other layer stays at 8 bits, activations at 8.
+The child is trained in float for a few epochs on CPU, then per-layer traces Tr(H)/n come from
+fbnas.hessian.hutchinson_traces on training batches. Post-training quantization: the chosen layers' weights go to
+2 bits through Arch.with_bits (per-output-channel symmetric), every other layer stays at 8 bits, activations at
+8 bits with ranges calibrated on training batches (BN frozen), no fine-tuning.
 HAWQ-V2's own ranking, Omega(2) = Tr(H)/n * ||Q_2(W) - W||^2, is reported beside the trace ranking.
 
   python bench/hessian_meaning.py                 # ~10 min on 2 CPU cores; writes bench/results/hessian_meaning.md
@@ -54,41 +55,57 @@ def train(model, data, epochs: int, batch_size: int, lr: float, seed: int) -> No
         print(f"epoch {ep + 1}: train CE {tot / len(loader):.3f} ({time.time() - t0:.0f} s)", flush=True)
 
 
-def quantized_copy(arch: Arch, state: dict, low_bits_layers: set[int], bits: int):
+@torch.no_grad()
+def quantized_copy(arch: Arch, state: dict, low_bits_layers: set[int], bits: int, calib: list):
+    """The float weights at the given bits; activation ranges (EMA min/max) observed on calibration batches."""
     wb = [bits if i in low_bits_layers else l.w_bits for i, l in enumerate(arch.layers)]
     model = build_model(arch.with_bits(wb))
     model.load_state_dict(state)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    for x, _ in calib:
+        model(x)
     return model
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--train-subset", type=int, default=30000)
+    ap.add_argument("--train-subset", type=int, default=20000)
+    ap.add_argument("--test-subset", type=int, default=5000)
+    ap.add_argument("--trace-batch-size", type=int, default=64)
+    ap.add_argument("--max-probes", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--bits", type=int, default=2)
-    ap.add_argument("--trace-batches", type=int, default=4)
+    ap.add_argument("--trace-batches", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST idx files")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "hessian_meaning"))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    bundle = load_dataset("fashion_mnist", train_subset=args.train_subset, seed=args.seed)
+    bundle = load_dataset("fashion_mnist", args.data_root, train_subset=args.train_subset,
+                          test_subset=args.test_subset, seed=args.seed)
     arch = Arch.from_space(load_space("fmnist"), OPS, 8, 8)
-    model = build_model(arch)
+    model = build_model(arch, quantized=False)
     train(model, bundle.train, args.epochs, args.batch_size, args.lr, args.seed)
     state = model.state_dict()
-    acc8 = accuracy(model, bundle.test)
-    print(f"w8a8 test accuracy {acc8:.4f}", flush=True)
+    acc_float = accuracy(model, bundle.test)
+    calib = [b for _, b in zip(range(4), make_loader(bundle.train, 256, shuffle=True, seed=args.seed + 2))]
+    acc8 = accuracy(quantized_copy(arch, state, set(), args.bits, calib), bundle.test)
+    print(f"test accuracy: float {acc_float:.4f}, w8a8 {acc8:.4f}", flush=True)
 
-    loader = make_loader(bundle.train, 128, shuffle=True, seed=args.seed + 1, drop_last=True)
+    loader = make_loader(bundle.train, args.trace_batch_size, shuffle=True, seed=args.seed + 1, drop_last=True)
     batches = [b for _, b in zip(range(args.trace_batches), loader)]
     t0 = time.time()
     groups = {k: v for k, v in child_groups(model).items() if k.startswith("layers.")}
-    res = hutchinson_traces(model, None, batches, groups, target_rel_se=0.05, max_probes=600, seed=args.seed)
+    res = hutchinson_traces(model, None, batches, groups, target_rel_se=0.05, max_probes=args.max_probes,
+                            seed=args.seed)
     print(res.table())
     print(f"traces: {time.time() - t0:.0f} s, engine {res.method}", flush=True)
     tr = {i: res.groups[f"layers.{i}"].trace_per_param for i in range(len(arch.layers))}
@@ -101,17 +118,19 @@ def main(argv=None) -> int:
         for label, order in (("trace", by_trace), ("omega", by_omega)):
             low, high = set(order[:k]), set(order[-k:])
             row[f"{label}_low_layers"], row[f"{label}_high_layers"] = sorted(low), sorted(high)
-            row[f"{label}_low_acc"] = accuracy(quantized_copy(arch, state, low, args.bits), bundle.test)
-            row[f"{label}_high_acc"] = accuracy(quantized_copy(arch, state, high, args.bits), bundle.test)
+            row[f"{label}_low_acc"] = accuracy(quantized_copy(arch, state, low, args.bits, calib), bundle.test)
+            row[f"{label}_high_acc"] = accuracy(quantized_copy(arch, state, high, args.bits, calib), bundle.test)
         rows.append(row)
         print(row, flush=True)
-    out = {"arch_ops": OPS, "epochs": args.epochs, "train_subset": args.train_subset, "w8a8_acc": acc8,
+    out = {"arch_ops": OPS, "epochs": args.epochs, "train_subset": args.train_subset, "test_subset": args.test_subset,
+           "float_acc": acc_float, "w8a8_acc": acc8,
            "bits": args.bits, "traces": {f"layers.{i}": res.groups[f"layers.{i}"].__dict__ for i in tr},
            "omega": {f"layers.{i}": om[i] for i in om}, "rows": rows, "engine": res.method}
     lines = [f"# Hessian traces vs {args.bits}-bit quantization damage (Fashion-MNIST child)", "",
-             f"Child `{', '.join(OPS)}` (fmnist space), w8a8 fake-quant training for {args.epochs} epochs on "
-             f"{args.train_subset or 60000} training images: test accuracy **{acc8:.4f}**. "
-             f"Traces from {args.trace_batches} x 128 training images, target rel SE 5%.", "",
+             f"Child `{', '.join(OPS)}` (fmnist space), float training for {args.epochs} epochs on "
+             f"{args.train_subset or 60000} training images; test accuracy ({args.test_subset or 10000} test images) "
+             f"float **{acc_float:.4f}**, w8a8 **{acc8:.4f}**. Traces from {args.trace_batches} x "
+             f"{args.trace_batch_size} training images (target rel SE 5%, at most {args.max_probes} probes).", "",
              "| layer | op | Tr(H)/n | rel SE | weights | Omega(2) |", "|---|---|---|---|---|---|"]
     for i in range(len(arch.layers)):
         g = res.groups[f"layers.{i}"]
@@ -123,8 +142,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['k']} | {r['trace_low_layers']} | {r['trace_low_acc']:.4f} | {r['trace_high_layers']} | "
                      f"{r['trace_high_acc']:.4f} | {r['omega_low_layers']} | {r['omega_low_acc']:.4f} | "
                      f"{r['omega_high_layers']} | {r['omega_high_acc']:.4f} |")
-    lines += ["", f"Reproduce: `python bench/hessian_meaning.py --epochs {args.epochs} --train-subset "
-                  f"{args.train_subset} --seed {args.seed}`"]
+    lines += ["", "Reproduce: `python bench/hessian_meaning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+              + "`"]
     md = "\n".join(lines) + "\n"
     print(md)
     atomic_write_json(args.out + ".json", out)

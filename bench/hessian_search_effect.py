@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--refresh-every", type=int, default=40)
     ap.add_argument("--hessian-probes", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST idx files (default: the system copy)")
     ap.add_argument("--accelerator", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--runs", default=str(Path("runs") / "hessian_search_effect"))
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
                            max_steps_per_epoch=args.steps, seed=args.seed, accelerator=args.accelerator,
                            threads=args.threads, progress=False)
         cfg.data.train_subset = args.train_subset
+        cfg.data.root = args.data_root
         cfg.data.batch_size = args.batch_size
         cfg.objective.hessian = HessianConfig(gamma=gamma, refresh_every=args.refresh_every,
                                               max_probes=args.hessian_probes, batches=1)

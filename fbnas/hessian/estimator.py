@@ -401,14 +401,17 @@ def hutchinson_traces(model: nn.Module, loss_fn: Optional[LossFn], batches: Sequ
                     engine, timings = _auto_engine(pb, active, per_round)
                 else:
                     engine = _make_engine(pb, method, per_round)
+            member = torch.zeros(len(running), len(active), dtype=torch.float64)
+            for row, g in enumerate(running):
+                member[row, [pos[i] for i in pb.groups[g]]] = 1.0
+            member = member.to(device)
             r = min(per_round, math.ceil((max_probes - n_done) / n_batches))
             for b in range(n_batches):
                 probes = _rademacher([pb.params[i] for i in active], r, gen)
                 hv = engine.hvp(b, active, probes)
                 dots = torch.stack([torch.zeros(r, device=device, dtype=torch.float64) if h is None else
                                     (v * h).flatten(1).sum(1, dtype=torch.float64) for v, h in zip(probes, hv)])
-                per_group = torch.stack([dots[[pos[i] for i in pb.groups[g]]].sum(0) for g in running])
-                per_group = per_group.cpu().numpy()
+                per_group = (member @ dots).cpu().numpy()
                 if not np.isfinite(per_group).all():
                     raise NonFiniteLossError(f"a Hessian-vector product on batch {b} is not finite: the loss "
                                              f"surface has inf/nan curvature at these weights")
