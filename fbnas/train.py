@@ -247,6 +247,7 @@ def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, r
             _save_checkpoint(ckpt_path, phase, epoch + 1, run, metrics)
         net = run.eval_model
         if phase == "bn":
+            save_state(out_dir / "model_bn.safetensors", net, arch, "bn")  # before folding: for `quantize compare`
             metrics["acc_fake_quant_bn"] = evaluate(net, eval_loader, device)
             set_quantization(net, False)
             metrics["acc_float_of_qat_weights"] = evaluate(net, eval_loader, device)

@@ -152,3 +152,18 @@ def load_supernet_into(net: nn.Module, arch: Arch, checkpoint: str | Path) -> No
             if k.startswith(prefix):
                 mapped[f"layers.{l}.{k[len(prefix):]}"] = v
     load_into(net, mapped, str(path), f"{arch.space} child")
+
+
+def load_unfolded(weights: str | Path, arch: Optional[Arch] = None, arch_source: str = "") -> nn.Module:
+    """Rebuild the unfolded (BN) fake-quant FbnasNet of a phase-1 file (model_bn.safetensors)."""
+    state, meta = read_state(weights)
+    if meta.get("kind") not in (None, "bn", "float"):
+        raise CheckpointError(f"{weights}: holds a {meta.get('kind')!r} model, not an unfolded (BN) model "
+                              "(use model_bn.safetensors of a `fbnas train` run)")
+    if arch is None:
+        if "arch" not in meta:
+            raise CheckpointError(f"{weights}: no architecture stored in the file; pass arch=<arch.json>")
+        arch = arch_from_dict(json.loads(meta["arch"]), f"{weights}:metadata.arch")
+    net = build_model(arch, quantized=meta.get("kind") != "float")
+    load_into(net, state, str(weights), arch_source or "stored in the file")
+    return net.eval()
