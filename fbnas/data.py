@@ -177,7 +177,7 @@ def read_idx(path: Path) -> np.ndarray:
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise DataError(f"{path}: truncated IDX file ({body.size} bytes for shape {dims})")
-    return body.reshape(dims)
+    return body.reshape(dims).copy()
 
 
 def _find_idx(dirs: Sequence[Path], stem: str) -> Optional[Path]:

@@ -1,0 +1,33 @@
+"""`fbnas search [key=value ...]` (and `-m` sweeps): differentiable architecture and bit-width search."""
+from __future__ import annotations
+
+import logging
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import SearchConfig
+from .common import CONF_DIR, output_dir, run_hydra, user_errors
+
+ConfigStore.instance().store(name="search_schema", node=SearchConfig)
+log = logging.getLogger("fbnas")
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="search")
+@user_errors
+def _app(cfg: DictConfig) -> None:
+    from ..search import run_search
+
+    config: SearchConfig = OmegaConf.to_object(cfg)
+    out = output_dir()
+    result = run_search(config, out)
+    arch = result.arch
+    print(arch.summary())
+    pred = arch.predicted
+    print(f"predicted latency on {config.device}: {result.latency_ms:.4f} ms | size {pred['size_kb']:.1f} KB | "
+          f"{pred['bops'] / 1e9:.3f} GBOPs | arch: {out / 'arch.json'}")
+
+
+def main(argv: list[str]) -> int:
+    return run_hydra(_app, "fbnas search", argv)

@@ -1,0 +1,247 @@
+"""One registry of devices: conf/device/<name>.yaml files, each naming a model type from one registry of
+device-model types (analytic_cpu, bitfusion, measured, ...).
+
+    name: sd835
+    type: analytic_cpu
+    description: Snapdragon-835-like CPU model (not a measurement) ...
+    threads: 1
+    params: {freq_ghz: 2.4, ...}           # validated by the type's parameter dataclass
+
+A device file may start from another one with a Hydra-style defaults list, `defaults: [sd835, _self_]`,
+and override fields (e.g. `threads: 4`); the same files serve as the Hydra config group `device`.
+Adding a device is one YAML file; adding a kind of device is one `register_device_type` call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from ..blocks import KernelSpec
+from ..errors import ConfigError
+from ..io import repo_root
+
+DEVICES_DIR = repo_root() / "conf" / "device"
+
+
+class DeviceModel:
+    """Prices fused kernels on one device. Analytic models implement `kernel_ms`; measured ones time ops."""
+
+    analytic: bool = True
+
+    def kernel_ms(self, k: KernelSpec, w_bits: int, a_bits: int) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def op_ms(self, kernels: list[KernelSpec], w_bits: int, a_bits: int) -> float:
+        return float(sum(self.kernel_ms(k, w_bits, a_bits) for k in kernels))
+
+
+@dataclass(frozen=True)
+class DeviceType:
+    name: str
+    params: type            # a dataclass; every field is a required, positive number unless it has a default
+    make: Callable[["Device"], DeviceModel]
+    analytic: bool
+    doc: str = ""
+
+
+_TYPES: dict[str, DeviceType] = {}
+
+
+def register_device_type(name: str, params: type, make: Callable[["Device"], DeviceModel], analytic: bool,
+                         doc: str = "") -> DeviceType:
+    if name in _TYPES:
+        raise ValueError(f"device type {name!r} registered twice")
+    _TYPES[name] = DeviceType(name, params, make, analytic, doc)
+    return _TYPES[name]
+
+
+def device_types() -> list[str]:
+    _ensure_types()
+    return sorted(_TYPES)
+
+
+def _ensure_types() -> None:
+    from . import analytic  # noqa: F401  (register the built-in device types)
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    type: str
+    description: str
+    threads: int
+    params: Any                 # the type's parameter dataclass instance
+    source: str = ""
+    raw: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def analytic(self) -> bool:
+        return _TYPES[self.type].analytic
+
+    def model(self) -> DeviceModel:
+        return _TYPES[self.type].make(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "description": self.description, "threads": self.threads,
+                "params": dataclasses.asdict(self.params)}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def known_devices() -> list[str]:
+    return sorted(p.stem for p in DEVICES_DIR.glob("*.yaml"))
+
+
+def device_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    return DEVICES_DIR / f"{name_or_path}.yaml"
+
+
+def load_device(spec: "str | Path | Mapping | Device") -> Device:
+    """A device by name (conf/device/<name>.yaml), by path to a YAML file, or from a mapping (a Hydra
+    `device` group node). Errors are one line naming the file and field."""
+    if isinstance(spec, Device):
+        return spec
+    if isinstance(spec, Mapping) or hasattr(spec, "items"):
+        raw = _to_plain(spec)
+        name = raw.get("name", "<device>") if isinstance(raw, dict) else "<device>"
+        source = str(device_path(name)) if isinstance(name, str) else "<device>"
+        if isinstance(raw, dict):
+            raw = {k: v for k, v in raw.items() if k != "defaults"}  # Hydra has already merged them
+        return device_from_dict(raw, source)
+    path = device_path(spec)
+    if not path.is_file():
+        if Path(spec).suffix in (".yaml", ".yml"):
+            raise ConfigError(f"{path}: device file not found")
+        raise ConfigError(f"unknown device {str(spec)!r}; known devices: {', '.join(known_devices())} "
+                          f"(or give a path to a device .yaml file)")
+    return device_from_dict(_read_with_defaults(path, set()), str(path))
+
+
+def _to_plain(node: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(node, DictConfig):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(node)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a device file must be a YAML mapping")
+    return raw
+
+
+def _read_with_defaults(path: Path, seen: set) -> dict:
+    """Read a device YAML, merging the files its `defaults` list names (Hydra semantics, `_self_` last)."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: field 'defaults' forms a cycle")
+    seen = seen | {path.resolve()}
+    raw = _read_yaml(path)
+    defaults = raw.pop("defaults", [])
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: field 'defaults' must be a list like [sd835, _self_]")
+    merged: dict = {}
+    self_done = False
+    for d in defaults:
+        if d == "_self_":
+            merged = _merge(merged, raw)
+            self_done = True
+            continue
+        if not isinstance(d, str):
+            raise ConfigError(f"{path}: field 'defaults' entries must be device names, got {d!r}")
+        base = path.parent / f"{d}.yaml"
+        if not base.is_file():
+            raise ConfigError(f"{path}: field 'defaults' names unknown device {d!r}; known: {', '.join(known_devices())}")
+        merged = _merge(merged, _read_with_defaults(base, seen))
+    return merged if self_done else _merge(merged, raw)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def device_from_dict(raw: Any, source: str = "<device>") -> Device:
+    _ensure_types()
+
+    def err(field_name: str, msg: str) -> ConfigError:
+        return ConfigError(f"{source}: field '{field_name}' {msg}")
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a device must be a mapping")
+    allowed = {"name", "type", "description", "threads", "params"}
+    extra = sorted(set(raw) - allowed)
+    if extra:
+        raise err(str(extra[0]), f"is not known here; allowed: {', '.join(sorted(allowed))}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise err("name", "must be a non-empty string")
+    dtype = raw.get("type")
+    if dtype not in _TYPES:
+        raise err("type", f"names unknown device type {dtype!r}; known types: {', '.join(sorted(_TYPES))}")
+    threads = raw.get("threads", 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise err("threads", f"must be a positive integer, got {threads!r}")
+    params_raw = raw.get("params")
+    if not isinstance(params_raw, dict):
+        raise err("params", "is missing or not a mapping")
+    params = _parse_params(_TYPES[dtype].params, params_raw, err)
+    return Device(name=name, type=dtype, description=str(raw.get("description", "")), threads=threads,
+                  params=params, source=source, raw=raw)
+
+
+def _parse_params(cls: type, raw: dict, err) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    extra = sorted(set(raw) - set(fields))
+    if extra:
+        raise err(f"params.{extra[0]}", f"is not a parameter of this device type; known: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        if name not in raw:
+            if has_default:
+                continue
+            raise err(f"params.{name}", "is missing; every parameter of this device type is required")
+        val = raw[name]
+        if f.type in ("str", str) or isinstance(f.default, str):
+            if not isinstance(val, str) or not val:
+                raise err(f"params.{name}", f"must be a non-empty string, got {val!r}")
+        elif f.type in ("bool", bool):
+            if not isinstance(val, bool):
+                raise err(f"params.{name}", f"must be true or false, got {val!r}")
+        else:
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
+                raise err(f"params.{name}", f"must be a positive number, got {val!r}")
+            if f.type in ("int", int) and not isinstance(val, int):
+                raise err(f"params.{name}", f"must be a positive integer, got {val!r}")
+        values[name] = val
+    return cls(**values)
+
+
+def describe_devices() -> list[tuple[str, str]]:
+    out = []
+    for name in known_devices():
+        try:
+            out.append((name, load_device(name).description))
+        except ConfigError as exc:
+            out.append((name, f"(invalid: {exc})"))
+    return out

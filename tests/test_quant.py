@@ -1,0 +1,95 @@
+import torch
+
+from fbnas.quant.fake import (ActQuantizer, BitState, QConv2d, fake_quant_weight, quant_error_sq,
+                              quantize_weight_int, weight_scale)
+
+
+def test_weight_quant_per_channel_symmetric():
+    w = torch.randn(4, 3, 3, 3)
+    for bits in (2, 4, 8):
+        q = quantize_weight_int(w, bits)
+        qmax = 2 ** (bits - 1) - 1
+        assert q.abs().max() <= qmax
+        assert torch.all(q.reshape(4, -1).abs().amax(1) == qmax)  # each channel uses its full range
+        s = weight_scale(w, bits)
+        assert torch.allclose(s.flatten(), w.reshape(4, -1).abs().amax(1) / qmax)
+    err = [quant_error_sq(w, b).item() for b in (2, 4, 8)]
+    assert err[0] > err[1] > err[2] > 0
+
+
+def test_weight_ste_gradient_is_identity():
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    fake_quant_weight(w, 4).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+def test_quant_error_gradient_points_to_grid():
+    w = torch.randn(8, 4, requires_grad=True)
+    quant_error_sq(w, 2).backward()
+    s = weight_scale(w, 2)
+    wq = quantize_weight_int(w, 2) * s
+    assert torch.allclose(w.grad, 2 * (w - wq).detach())
+
+
+def test_act_quant_unsigned_after_relu_and_levels():
+    q = ActQuantizer()
+    x = torch.rand(1000) * 6
+    st = BitState.fixed(8, 4)
+    y = q(x, st)
+    assert not q.signed
+    levels = torch.unique(torch.round(y / q.scale(4)))
+    assert levels.min() >= 0 and levels.max() <= 15 and len(levels) == 16
+    q2 = ActQuantizer()
+    q2(torch.randn(1000), st)
+    assert q2.signed
+
+
+def test_act_clipped_ste_gradient():
+    q = ActQuantizer()
+    q.observe(torch.tensor([0.0, 1.0]))
+    q.eval()
+    x = torch.tensor([-0.5, 0.5, 2.0], requires_grad=True)
+    q(x, BitState.fixed(8, 8)).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_mixed_bits_equal_weighted_sum_and_gradients_to_probs():
+    torch.manual_seed(1)
+    conv = QConv2d(3, 5, 3, padding=1, bias=False, bit_state=BitState((2, 4, 8), (4, 8)))
+    x = torch.randn(2, 3, 6, 6).relu()
+    conv.act_quant.observe(x)
+    conv.eval()
+    pw = torch.tensor([0.2, 0.3, 0.5], requires_grad=True)
+    pa = torch.tensor([0.4, 0.6], requires_grad=True)
+    conv.bit_state.w_probs, conv.bit_state.a_probs = pw, pa
+    y = conv(x)
+    # reference: sum_b p_b Q_b(W), sum_c p_c Q_c(x), one conv
+    wmix = sum(p * fake_quant_weight(conv.weight, b) for p, b in zip(pw, (2, 4, 8)))
+    xmix = sum(p * conv.act_quant.quantize(x, b) for p, b in zip(pa, (4, 8)))
+    ref = torch.nn.functional.conv2d(xmix, wmix, padding=1)
+    assert torch.allclose(y, ref, atol=1e-5)
+    y.sum().backward()
+    assert pw.grad is not None and torch.all(pw.grad != 0) and torch.all(pa.grad != 0)
+
+
+def test_hard_bits_compute_one_option_with_straight_through_factor():
+    conv = QConv2d(3, 4, 1, bias=False, bit_state=BitState((2, 4, 8), (4, 8)))
+    x = torch.rand(2, 3, 4, 4)
+    conv.act_quant.observe(x)
+    conv.eval()
+    probs = torch.tensor([0.1, 0.7, 0.2], requires_grad=True)
+    st = conv.bit_state
+    st.w_probs = torch.nn.functional.one_hot(torch.tensor(1), 3).float() - probs.detach() + probs
+    st.w_index, st.a_index = 1, 0
+    st.a_probs = torch.tensor([1.0, 0.0])
+    y = conv(x)
+    ref = torch.nn.functional.conv2d(conv.act_quant.quantize(x, 4), fake_quant_weight(conv.weight, 4))
+    assert torch.allclose(y, ref, atol=1e-6)
+    y.sum().backward()
+    assert probs.grad[1] != 0
+
+
+def test_float_state_is_plain_conv():
+    conv = QConv2d(3, 4, 3, padding=1, bit_state=BitState.float())
+    x = torch.randn(1, 3, 5, 5)
+    assert torch.equal(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))

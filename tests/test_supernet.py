@@ -1,0 +1,103 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fbnas import load_space
+from fbnas.latency import arch_latency, fixed_latency, get_table, latency_matrix
+from fbnas.supernet import Supernet, gumbel_noise, sample_cost
+
+
+@pytest.fixture(scope="module")
+def space():
+    return load_space("fmnist")
+
+
+def _count_calls(net):
+    calls = {}
+    hooks = []
+    for l, layer in enumerate(net.mixed_layers):
+        for i, op in enumerate(layer.ops):
+            def hook(mod, inp, out, key=(l, i)):
+                calls[key] = calls.get(key, 0) + 1
+            hooks.append(op.register_forward_hook(hook))
+    return calls, hooks
+
+
+def test_hard_mode_runs_one_candidate_per_layer_and_grads_reach_every_logit(space):
+    net = Supernet(space, mode="hard")
+    calls, _ = _count_calls(net)
+    # bitfusion: every bit choice changes latency (on sd835 some ops' latency is the same for all weight bits,
+    # so those logits truly do not affect the loss)
+    table = latency_matrix(get_table(space, "bitfusion"), space)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    loss = F.cross_entropy(net(x), y) * sample_cost(net, table)
+    loss.backward()
+    for l, layer in enumerate(net.mixed_layers):
+        ran = [i for i in range(len(layer.ops)) if calls.get((l, i))]
+        assert ran == [layer.last_index]
+    for p in net.arch_parameters():
+        assert p.grad is not None and torch.all(p.grad != 0), p.shape
+
+
+def test_soft_mode_runs_every_candidate(space):
+    net = Supernet(space, mode="soft")
+    calls, _ = _count_calls(net)
+    net(torch.randn(2, 1, 28, 28))
+    assert len(calls) == len(net.mixed_layers) * len(space.candidates)
+
+
+def test_identity_skip_has_no_bit_logits(space):
+    net = Supernet(space)
+    layer = net.mixed_layers[0]  # 16 -> 16 stride 1: skip is identity
+    skip = space.candidates.index("skip")
+    assert skip not in layer.bit_ops
+    assert layer.beta_w.shape == (len(space.candidates) - 1, 3)
+    assert skip in net.mixed_layers[1].bit_ops  # 16 -> 24 stride 2: skip is a 1x1 conv with bits
+
+
+def test_sample_cost_equals_lut_latency_of_the_sampled_architecture(space):
+    table = get_table(space, "sd835")
+    matrix, fixed = latency_matrix(table, space), fixed_latency(table, space)
+    net = Supernet(space, mode="hard")
+    net.seed(3)
+    net(torch.randn(2, 1, 28, 28))
+    choice = [(l.last_index, int(l.last_w_weights[l.last_index].argmax()), int(l.last_a_weights[l.last_index].argmax()))
+              for l in net.mixed_layers]
+    lat = sample_cost(net, matrix).item() + fixed
+    assert lat == pytest.approx(arch_latency(table, net.choice_to_arch(choice)), rel=1e-5)
+
+
+def test_soft_cost_is_the_expectation_under_the_forward_weights(space):
+    matrix = latency_matrix(get_table(space, "bitfusion"), space)
+    net = Supernet(space, mode="soft")
+    net(torch.randn(2, 1, 28, 28))
+    ops, ws, as_ = net.sample_weights()
+    manual = sum(ops[l, i] * ws[l, i, b] * as_[l, i, c] * matrix[l, i, b, c]
+                 for l in range(matrix.shape[0]) for i in range(matrix.shape[1])
+                 for b in range(matrix.shape[2]) for c in range(matrix.shape[3]))
+    assert sample_cost(net, matrix).item() == pytest.approx(float(manual), rel=1e-5)
+
+
+def test_fixed_choice_runs_that_child(space):
+    net = Supernet(space, mode="hard").eval()
+    choice = [(0, 2, 1)] * len(net.mixed_layers)
+    net.fix(choice)
+    x = torch.randn(2, 1, 28, 28)
+    a, b = net(x), net(x)
+    assert torch.equal(a, b)
+    arch = net.choice_to_arch(choice)
+    assert all(l.op == space.candidates[0] and l.w_bits == 8 and l.a_bits == 8 for l in arch.layers)
+
+
+def test_gumbel_noise_is_finite_and_seeded():
+    g1 = gumbel_noise((10000,), torch.Generator().manual_seed(0), "cpu")
+    g2 = gumbel_noise((10000,), torch.Generator().manual_seed(0), "cpu")
+    assert torch.isfinite(g1).all() and torch.equal(g1, g2)
+    assert abs(g1.mean().item() - 0.5772) < 0.05  # Euler-Mascheroni
+
+
+def test_weight_and_arch_parameters_partition(space):
+    net = Supernet(space)
+    ids = {id(p) for p in net.weight_parameters()} | {id(p) for p in net.arch_parameters()}
+    assert len(ids) == len(list(net.parameters()))
+    assert not ({id(p) for p in net.weight_parameters()} & {id(p) for p in net.arch_parameters()})
