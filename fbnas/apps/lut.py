@@ -209,5 +209,9 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    action, rest = split_subcommand(argv, ACTIONS, "lut")
-    return run_hydra(_app, "fbnas lut", [f"action={action}"] + _device_overrides(rest))
+    try:
+        action, rest = split_subcommand(argv, ACTIONS, "lut")
+        overrides = [f"action={action}"] + _device_overrides(rest)
+    except SystemExit as exc:  # fail(): the one-line message is printed already
+        return exc.code if isinstance(exc.code, int) else 2
+    return run_hydra(_app, "fbnas lut", overrides)
