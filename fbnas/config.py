@@ -1,0 +1,94 @@
+"""Typed configs (dataclasses), registered in Hydra's ConfigStore by the apps. Plain Python users build
+them directly: `run_search(SearchConfig(space="fmnist", epochs=2), "runs/x")`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | imagefolder | synthetic
+    root: Optional[str] = None
+    download: bool = False
+    arch_fraction: float = 0.2  # held-out share of train for the architecture steps (FBNet: 20%)
+    train_subset: int = 0  # >0: a fixed random subset of train (quick runs)
+    test_subset: int = 0
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    augment: bool = False
+    input_size: int = 32  # imagefolder / synthetic only
+    synthetic_size: int = 2048
+    synthetic_classes: int = 10
+
+
+@dataclass
+class HessianConfig:
+    gamma: float = 0.0  # weight of the Hessian-trace quantization penalty (0: off)
+    refresh_every: int = 200  # steps between trace refreshes (also refreshed at the end of warm-up)
+    target_rel_se: float = 0.1
+    max_probes: int = 64
+    batches: int = 2
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "multiplicative"  # multiplicative (FBNet) | additive | target | none
+    alpha: float = 0.2
+    beta: float = 0.6
+    lam: float = 0.2
+    limit_ms: Optional[float] = None  # kind=target: keep E[LAT] under this
+    eta: float = 0.05  # dual-ascent step of the target multiplier
+    ref_ms: Optional[float] = None  # latency reference; default: E[LAT] of the uniform supernet
+    hessian: HessianConfig = field(default_factory=HessianConfig)
+
+
+@dataclass
+class OptimConfig:
+    w_lr: float = 0.1
+    w_momentum: float = 0.9
+    w_weight_decay: float = 1e-4
+    arch_lr: float = 0.01
+    arch_weight_decay: float = 5e-4
+    grad_clip: float = 5.0
+
+
+@dataclass
+class DeriveConfig:
+    method: str = "argmax"  # argmax | sample
+    k: int = 8  # sample: architectures drawn from softmax(theta), best by val loss and latency kept
+    eval_batches: int = 4
+
+
+@dataclass
+class WandbConfig:
+    project: str = "fbnas"
+    mode: str = "offline"  # offline | online | disabled
+    entity: Optional[str] = None
+
+
+@dataclass
+class SearchConfig:
+    space: str = "fmnist"
+    device: str = "sd835"  # the target device of the latency table
+    lut: Optional[str] = None  # a latency-table path; default latency_tables/<space>__<device>.json
+    mode: str = "hard"  # hard (straight-through, one path) | soft (FBNet, all paths)
+    quantized: bool = True
+    epochs: int = 8
+    warmup_epochs: int = 2
+    max_steps_per_epoch: int = 0  # >0: cap the weight steps per epoch
+    tau: float = 5.0
+    tau_decay: float = 0.956
+    seed: int = 0
+    accelerator: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+    threads: int = 0  # CPU threads (0: torch default)
+    resume: bool = False
+    logger: str = "none"  # none | wandb
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    derive: DeriveConfig = field(default_factory=DeriveConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -1,0 +1,442 @@
+"""The search loop: alternating weight (SGD) and architecture (Adam) steps on the 80/20 split, Gumbel
+temperature schedule, metrics, checkpoints every epoch, resume, and derivation of the architecture."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .arch import Arch
+from .config import SearchConfig
+from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .io import append_jsonl, atomic_path, atomic_write_json, sha256_file
+from .objective import LatencyPenalty, make_penalty
+from .space import SearchSpace, load_space
+from .supernet import MODES, Supernet, expected_cost, sample_cost
+
+log = logging.getLogger("fbnas")
+CHECKPOINT = "checkpoints/last.pt"
+
+
+@dataclass
+class SearchResult:
+    arch: Arch
+    out_dir: Path
+    latency_ms: float
+    metrics: list[dict]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"field 'accelerator' is {name!r} but no CUDA device is available; use accelerator=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"field 'accelerator' is {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+class LatencyModel:
+    """The latency table of one (space, device) as tensors: per-layer [L, n_ops, n_wb, n_ab] plus fixed parts."""
+
+    def __init__(self, space: SearchSpace, device_name: str, lut_path: Optional[str]):
+        from .latency import fixed_latency, get_table, latency_matrix
+
+        self.table = get_table(space, device_name, lut_path)
+        self.matrix = latency_matrix(self.table, space)
+        self.fixed_ms = float(fixed_latency(self.table, space))
+        self.device_name = device_name
+        self.path = getattr(self.table, "path", None)
+
+    def of_arch(self, arch: Arch) -> float:
+        from .latency import arch_latency
+
+        return float(arch_latency(self.table, arch))
+
+    def uniform_ms(self, has_bits: torch.Tensor) -> float:
+        """E[LAT] when every op and every bit choice is equally likely (the default reference)."""
+        L, n_ops, n_wb, n_ab = self.matrix.shape
+        ops = torch.full((L, n_ops), 1.0 / n_ops, dtype=torch.float64)
+        ws = torch.full((L, n_ops, n_wb), 1.0 / n_wb, dtype=torch.float64)
+        as_ = torch.full((L, n_ops, n_ab), 1.0 / n_ab, dtype=torch.float64)
+        return float(expected_cost(self.matrix.double(), ops, ws, as_)) + self.fixed_ms
+
+
+class Searcher:
+    def __init__(self, cfg: SearchConfig, out_dir: str | Path):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self._validate()
+        self.device = resolve_device(cfg.accelerator)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.space = load_space(cfg.space)
+        self.latency = LatencyModel(self.space, cfg.device, cfg.lut)
+        self.data = self._load_data()
+        self.supernet = Supernet(self.space, mode=cfg.mode, quantized=cfg.quantized, tau=cfg.tau).to(self.device)
+        self.supernet.seed(cfg.seed)
+        if self.device.type == "cuda" and cfg.channels_last:
+            self.supernet = self.supernet.to(memory_format=torch.channels_last)
+        self.lat_matrix = self.latency.matrix.to(self.device)
+        self.ref_ms = cfg.objective.ref_ms or self.latency.uniform_ms(self.supernet.op_has_bits())
+        o = cfg.objective
+        self.penalty: LatencyPenalty = make_penalty(o.kind, self.ref_ms, o.alpha, o.beta, o.lam, o.limit_ms, o.eta)
+        self.hessian = self._make_hessian_penalty()
+        self.w_loader = make_loader(self.data.train, cfg.data.batch_size, True, cfg.seed, self.data.augment,
+                                    drop_last=True, device=self.device)
+        self.a_loader = make_loader(self.data.arch, cfg.data.batch_size, True, cfg.seed + 7, False,
+                                    drop_last=True, device=self.device)
+        self.steps_per_epoch = len(self.w_loader)
+        if cfg.max_steps_per_epoch > 0:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"field 'data.batch_size' ({cfg.data.batch_size}) is larger than the weight split "
+                              f"({len(self.data.train)} images); lower it or use more data")
+        self.w_opt = torch.optim.SGD(self.supernet.weight_parameters(), lr=cfg.optim.w_lr,
+                                     momentum=cfg.optim.w_momentum, weight_decay=cfg.optim.w_weight_decay)
+        self.w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt,
+                                                                  T_max=max(cfg.epochs * self.steps_per_epoch, 1))
+        self.a_opt = torch.optim.Adam(self.supernet.arch_parameters(), lr=cfg.optim.arch_lr,
+                                      weight_decay=cfg.optim.arch_weight_decay)
+        self.epoch = 0
+        self.step = 0
+        self.metrics: list[dict] = []
+        self.wandb_run = None
+
+    # ------------------------------------------------------------------ set-up
+    def _validate(self) -> None:
+        c = self.cfg
+        if c.mode not in MODES:
+            raise ConfigError(f"field 'mode' is {c.mode!r}; use one of {', '.join(MODES)}")
+        if c.epochs < 1 or c.warmup_epochs < 0:
+            raise ConfigError("fields 'epochs' (>= 1) and 'warmup_epochs' (>= 0) are out of range")
+        if not 0 < c.tau and 0 < c.tau_decay <= 1:
+            raise ConfigError("fields 'tau' (> 0) and 'tau_decay' (in (0, 1]) are out of range")
+        if c.derive.method not in ("argmax", "sample"):
+            raise ConfigError(f"field 'derive.method' is {c.derive.method!r}; use argmax or sample")
+        if c.logger not in ("none", "wandb"):
+            raise ConfigError(f"field 'logger' is {c.logger!r}; use none or wandb")
+        if c.data.batch_size < 1:
+            raise ConfigError("field 'data.batch_size' must be >= 1")
+
+    def _load_data(self) -> DataBundle:
+        d = self.cfg.data
+        bundle = load_dataset(d.name, d.root, d.download, split_arch=d.arch_fraction, train_subset=d.train_subset,
+                              test_subset=d.test_subset, seed=self.cfg.seed, input_size=d.input_size,
+                              synthetic_size=d.synthetic_size, num_classes=d.synthetic_classes,
+                              in_channels=self.space.in_channels)
+        bundle.augment = bundle.augment or d.augment
+        check_matches_space(bundle, self.space.in_channels, self.space.input_size, self.space.num_classes,
+                            self.space.name)
+        return bundle
+
+    def _make_hessian_penalty(self):
+        h = self.cfg.objective.hessian
+        if h.gamma <= 0:
+            return None
+        try:
+            from .hessian import HessianPenalty
+        except ImportError:
+            raise ConfigError("field 'objective.hessian.gamma' > 0 needs fbnas.hessian, which this install lacks") from None
+        return HessianPenalty(gamma=h.gamma, refresh_every=h.refresh_every, target_rel_se=h.target_rel_se,
+                              max_probes=h.max_probes, batches=h.batches)
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and self.cfg.amp
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and self.cfg.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _forward(self, x, y):
+        with self._autocast():
+            logits = self.supernet(self._prep(x))
+        ce = F.cross_entropy(logits.float(), y)
+        lat = sample_cost(self.supernet, self.lat_matrix) + self.latency.fixed_ms
+        return logits, ce, lat
+
+    def _check_finite(self, loss: torch.Tensor, ce: torch.Tensor, lat: torch.Tensor, where: str) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the {where} loss became {loss.item()} at epoch {self.epoch} step {self.step} (CE {ce.item():.4g}, "
+                f"latency {lat.item():.4g} ms); lower optim.w_lr / optim.arch_lr or check the data; the last good "
+                f"checkpoint is {self.out_dir / CHECKPOINT}")
+
+    def weight_step(self, x, y, warmup: bool) -> dict:
+        self.supernet.train()
+        self.w_opt.zero_grad(set_to_none=True)
+        _, ce, lat = self._forward(x, y)
+        loss = ce if warmup else self.penalty(ce, lat)
+        self._check_finite(loss, ce, lat, "weight")
+        loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.supernet.weight_parameters(), self.cfg.optim.grad_clip)
+        self.w_opt.step()
+        self.w_sched.step()
+        return {"ce": ce.item(), "loss": loss.item(), "lat": lat.item()}
+
+    def arch_step(self, x, y) -> dict:
+        self.supernet.train()
+        weights = self.supernet.weight_parameters()
+        for p in weights:
+            p.requires_grad_(False)
+        try:
+            self.a_opt.zero_grad(set_to_none=True)
+            _, ce, lat = self._forward(x, y)
+            loss = self.penalty(ce, lat)
+            if self.hessian is not None:
+                loss = loss + self.hessian(self.supernet)
+            self._check_finite(loss, ce, lat, "architecture")
+            loss.backward()
+            self.a_opt.step()
+            self.penalty.update(lat.item())
+        finally:
+            for p in weights:
+                p.requires_grad_(True)
+        return {"arch_ce": ce.item(), "arch_loss": loss.item(), "arch_lat": lat.item()}
+
+    def _refresh_hessian(self) -> None:
+        if self.hessian is None:
+            return
+        batches = []
+        for i, (x, y) in enumerate(self.a_loader):
+            if i >= self.cfg.objective.hessian.batches:
+                break
+            batches.append((self._prep(x), y))
+        self.hessian.refresh(self.supernet, None, batches)
+
+    # ------------------------------------------------------------------ evaluation and derivation
+    @torch.no_grad()
+    def evaluate_choice(self, choice, batches: int) -> tuple[float, float]:
+        """(mean CE, accuracy) of one architecture run inside the supernet on `batches` arch-split batches."""
+        self.supernet.eval()
+        self.supernet.fix(choice)
+        loader = TensorBatches(self.data.arch, self.cfg.data.eval_batch_size, shuffle=False,
+                               device=self.device) if not isinstance(self.a_loader, torch.utils.data.DataLoader) \
+            else self.a_loader
+        total, correct, loss_sum = 0, 0, 0.0
+        try:
+            for i, (x, y) in enumerate(loader):
+                if i >= batches:
+                    break
+                with self._autocast():
+                    logits = self.supernet(self._prep(x)).float()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                correct += (logits.argmax(1) == y).sum().item()
+                total += len(y)
+        finally:
+            self.supernet.fix(None)
+        return loss_sum / max(total, 1), correct / max(total, 1)
+
+    def derive(self) -> tuple[Arch, dict]:
+        d = self.cfg.derive
+        gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
+        choices = self.supernet.sample_choices(d.k if d.method == "sample" else 1, gen)
+        best, best_key, scored = None, math.inf, []
+        for choice in choices:
+            arch = self.supernet.choice_to_arch(choice)
+            lat = self.latency.of_arch(arch)
+            ce, acc = self.evaluate_choice(choice, d.eval_batches)
+            obj = float(self.penalty(torch.tensor(ce), torch.tensor(lat)))
+            scored.append({"latency_ms": lat, "val_ce": ce, "val_acc": acc, "objective": obj})
+            if obj < best_key:
+                best, best_key = (arch, scored[-1]), obj
+        arch, score = best
+        return arch, {"candidates": scored, **score}
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict:
+        return {
+            "format": "fbnas-search-checkpoint/1",
+            "supernet": self.supernet.state_dict(),
+            "w_opt": self.w_opt.state_dict(), "w_sched": self.w_sched.state_dict(), "a_opt": self.a_opt.state_dict(),
+            "penalty": self.penalty.state_dict(),
+            "hessian": self.hessian.state_dict() if self.hessian is not None else None,
+            "epoch": self.epoch, "step": self.step,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "supernet": self.supernet.generator.get_state(),
+                    "w_loader": getattr(self.w_loader, "state_dict", lambda: None)(),
+                    "a_loader": getattr(self.a_loader, "state_dict", lambda: None)()},
+            "space": self.space.name, "device": self.cfg.device, "config": dataclasses.asdict(self.cfg),
+            "fbnas_version": __version__,
+        }
+
+    def save_checkpoint(self) -> None:
+        with atomic_path(self.out_dir / CHECKPOINT) as tmp:
+            torch.save(self.checkpoint_state(), tmp)
+
+    def load_checkpoint(self) -> None:
+        path = self.out_dir / CHECKPOINT
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no checkpoint to resume; run without resume=true, or point "
+                                  "hydra.run.dir at the run to continue")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}); it is corrupt or "
+                                  "not an fbnas search checkpoint") from None
+        if not isinstance(state, dict) or state.get("format") != "fbnas-search-checkpoint/1":
+            raise CheckpointError(f"{path}: not an fbnas search checkpoint")
+        for key, mine in (("space", self.space.name), ("device", self.cfg.device)):
+            if state[key] != mine:
+                raise CheckpointError(f"{path}: checkpoint was searched with {key}={state[key]}, this run has "
+                                      f"{key}={mine}; resume with the same {key}")
+        try:
+            self.supernet.load_state_dict(state["supernet"])
+        except RuntimeError:
+            raise CheckpointError(f"{path}: the checkpoint's supernet does not match space {self.space.name}") from None
+        self.w_opt.load_state_dict(state["w_opt"])
+        self.w_sched.load_state_dict(state["w_sched"])
+        self.a_opt.load_state_dict(state["a_opt"])
+        self.penalty.load_state_dict(state["penalty"])
+        if self.hessian is not None and state.get("hessian"):
+            self.hessian.load_state_dict(state["hessian"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.supernet.generator.set_state(rng["supernet"].cpu())
+        for loader, key in ((self.w_loader, "w_loader"), (self.a_loader, "a_loader")):
+            if rng.get(key) is not None and hasattr(loader, "load_state_dict"):
+                loader.load_state_dict({"generator": rng[key]["generator"].cpu()})
+        metrics_path = self.out_dir / "metrics.jsonl"
+        if metrics_path.is_file():
+            import json
+
+            self.metrics = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+            self.metrics = [m for m in self.metrics if m.get("epoch", 0) < self.epoch]
+            with atomic_path(metrics_path) as tmp:
+                tmp.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    # ------------------------------------------------------------------ the loop
+    def _log(self, record: dict) -> None:
+        self.metrics.append(record)
+        append_jsonl(self.out_dir / "metrics.jsonl", record)
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=self.step)
+
+    def _start_wandb(self) -> None:
+        if self.cfg.logger != "wandb":
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("logger=wandb needs the wandb package (pip install wandb)") from None
+        w = self.cfg.wandb
+        self.wandb_run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, dir=str(self.out_dir),
+                                    config=dataclasses.asdict(self.cfg), resume="allow",
+                                    id=self.out_dir.name.replace("/", "_"))
+
+    def run(self) -> SearchResult:
+        from tqdm import tqdm
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.resume:
+            self.load_checkpoint()
+        elif (self.out_dir / CHECKPOINT).exists():
+            raise CheckpointError(f"{self.out_dir / CHECKPOINT} exists: pass resume=true to continue that run, or "
+                                  "choose another hydra.run.dir (nothing was overwritten)")
+        self._start_wandb()
+        cfg = self.cfg
+        log.info("search: space %s (%d layers x %d ops, w bits %s, a bits %s), device %s, mode %s, ref %.3f ms",
+                 self.space.name, self.space.num_layers, len(self.space.candidates), self.space.w_bits,
+                 self.space.a_bits, cfg.device, cfg.mode, self.ref_ms)
+        while self.epoch < cfg.epochs:
+            warmup = self.epoch < cfg.warmup_epochs
+            self.supernet.tau = cfg.tau * cfg.tau_decay ** self.epoch
+            if not warmup and self.epoch == cfg.warmup_epochs and self.hessian is not None:
+                self._refresh_hessian()
+            n_arch = len(self.a_loader)
+            arch_every = max(1, self.steps_per_epoch // max(n_arch, 1))
+            a_iter = iter(self.a_loader)
+            sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            t0 = time.time()
+            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}"
+                       + (" (warm-up)" if warmup else ""), disable=not cfg.progress, leave=False)
+            for i, (x, y) in enumerate(self.w_loader):
+                if i >= self.steps_per_epoch:
+                    break
+                stats = self.weight_step(x, y, warmup)
+                if not warmup and i % arch_every == 0:
+                    try:
+                        xa, ya = next(a_iter)
+                    except StopIteration:
+                        a_iter = iter(self.a_loader)
+                        xa, ya = next(a_iter)
+                    stats.update(self.arch_step(xa, ya))
+                    if self.hessian is not None and self.hessian.should_refresh(self.step):
+                        self._refresh_hessian()
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(ce=f"{stats['ce']:.3f}", lat=f"{stats['lat']:.3f}")
+            bar.close()
+            self.epoch += 1
+            choice = self.supernet.argmax_choice()
+            arch = self.supernet.choice_to_arch(choice)
+            val_ce, val_acc = self.evaluate_choice(choice, cfg.derive.eval_batches)
+            record = {"epoch": self.epoch, "step": self.step, "tau": self.supernet.tau, "warmup": warmup,
+                      "lr": self.w_sched.get_last_lr()[0], "seconds": round(time.time() - t0, 2),
+                      **{k: sums[k] / counts[k] for k in sums},
+                      "argmax_latency_ms": self.latency.of_arch(arch), "argmax_val_ce": val_ce,
+                      "argmax_val_acc": val_acc, "argmax_ops": [l.op for l in arch.layers],
+                      "argmax_w_bits": [l.w_bits for l in arch.layers],
+                      "argmax_a_bits": [l.a_bits for l in arch.layers]}
+            if hasattr(self.penalty, "mu"):
+                record["mu"] = self.penalty.mu
+            self._log(record)
+            self.save_checkpoint()
+            log.info("epoch %d/%d: ce %.3f, E[lat] %.3f ms, argmax %.3f ms, val acc %.3f (%.0fs)", self.epoch,
+                     cfg.epochs, record.get("ce", float("nan")), record.get("lat", float("nan")),
+                     record["argmax_latency_ms"], val_acc, record["seconds"])
+        arch, score = self.derive()
+        arch = self.annotate(arch, score)
+        arch.save(self.out_dir / "arch.json")
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({"latency_ms": score["latency_ms"], "val_acc": score["val_acc"]})
+            self.wandb_run.finish()
+        return SearchResult(arch, self.out_dir, score["latency_ms"], self.metrics)
+
+    def annotate(self, arch: Arch, score: dict) -> Arch:
+        lut_path = self.latency.path
+        predicted = {self.cfg.device: {"latency_ms": round(score["latency_ms"], 6), "source": "lut"},
+                     "size_kb": round(arch.size_kb(), 3), "bops": arch.bops(), "macs": arch.macs(),
+                     "params": arch.params(), "val_acc_in_supernet": round(score["val_acc"], 4)}
+        provenance = {"fbnas_version": __version__, "device": self.cfg.device, "space": self.space.name,
+                      "lut": str(lut_path) if lut_path else "built in memory (analytic)",
+                      "lut_sha256": sha256_file(lut_path) if lut_path and Path(lut_path).is_file() else None,
+                      "seed": self.cfg.seed, "derive": self.cfg.derive.method, "config": dataclasses.asdict(self.cfg),
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return dataclasses.replace(arch, predicted=predicted, provenance=provenance)
+
+
+def run_search(cfg: SearchConfig, out_dir: str | Path) -> SearchResult:
+    """Search an architecture and its bits; writes metrics.jsonl, checkpoints/last.pt and arch.json."""
+    return Searcher(cfg, out_dir).run()

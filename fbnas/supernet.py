@@ -1,0 +1,271 @@
+"""The supernet: one MixedLayer per searchable layer, a Gumbel-softmax over candidate ops and, per op,
+distributions over weight and activation bits.
+
+Modes:
+- soft (FBNet): every candidate is computed and the outputs are summed with Gumbel-softmax weights.
+- hard (GDAS-style straight-through): one op per layer is sampled and only it is computed; its output is
+  scaled by a straight-through one-hot (value 1, gradient of the soft relaxation), so gradients reach every
+  op logit. Bits are sampled the same way inside the chosen op.
+- fixed: a given architecture (op and bit indices per layer) runs inside the supernet, no sampling.
+
+One Gumbel sample per layer per forward (per batch, never per image). The weights used in the forward are
+kept in `last_op_weights`, `last_w_weights`, `last_a_weights` (and the soft relaxations in `last_soft_*`)
+so the latency and Hessian terms use exactly the same sample.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .arch import Arch
+from .blocks import build_op
+from .model import Head, make_stem
+from .quant.fake import BitState, QConv2d
+from .space import LayerShape, SearchSpace
+
+MODES = ("soft", "hard")
+_U_EPS = 1e-10
+
+
+def gumbel_noise(shape: Sequence[int], generator: Optional[torch.Generator], device, dtype=torch.float32,
+                 max_tries: int = 8) -> torch.Tensor:
+    """Standard Gumbel noise, -log(-log U), with U kept inside (0, 1); resampled if anything is not finite."""
+    for _ in range(max_tries):
+        u = torch.rand(shape, generator=generator, dtype=torch.float64).clamp_(_U_EPS, 1.0 - _U_EPS)
+        g = -torch.log(-torch.log(u))
+        if torch.isfinite(g).all():
+            return g.to(device=device, dtype=dtype)
+    return torch.zeros(shape, device=device, dtype=dtype)
+
+
+def gumbel_softmax_sample(logits: torch.Tensor, tau: float, hard: bool, generator: Optional[torch.Generator],
+                          ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(weights used in the forward, soft relaxation, sampled index). In hard mode the weights are a
+    straight-through one-hot: value one_hot, gradient of the soft relaxation."""
+    g = gumbel_noise(logits.shape, generator, logits.device, logits.dtype)
+    soft = F.softmax((logits + g) / tau, dim=-1)
+    index = int(torch.argmax(soft.detach()))
+    if not hard:
+        return soft, soft, index
+    one_hot = F.one_hot(torch.tensor(index, device=logits.device), logits.shape[-1]).to(soft.dtype)
+    return one_hot - soft.detach() + soft, soft, index
+
+
+def has_quantized_weights(module: nn.Module) -> bool:
+    return any(isinstance(m, QConv2d) for m in module.modules())
+
+
+class MixedLayer(nn.Module):
+    def __init__(self, shape: LayerShape, candidates: Sequence[str], w_bits: Sequence[int], a_bits: Sequence[int],
+                 quantized: bool = True):
+        super().__init__()
+        self.shape = shape
+        self.op_names = tuple(candidates)
+        self.w_bits, self.a_bits = tuple(w_bits), tuple(a_bits)
+        self.quantized = quantized
+        self.bit_states = [BitState(self.w_bits, self.a_bits, enabled=quantized) for _ in candidates]
+        self.ops = nn.ModuleList(build_op(op, shape.c_in, shape.c_out, shape.stride, bs)
+                                 for op, bs in zip(candidates, self.bit_states))
+        n_ops = len(candidates)
+        self.alpha = nn.Parameter(torch.zeros(n_ops))
+        # bit logits only for ops that have quantized weights (an identity skip has no bits to choose)
+        self.bit_ops = [i for i, op in enumerate(self.ops) if has_quantized_weights(op)] if quantized else []
+        self.beta_w = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.w_bits)))
+        self.beta_a = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.a_bits)))
+        self.last_op_weights: Optional[torch.Tensor] = None
+        self.last_w_weights: Optional[torch.Tensor] = None
+        self.last_a_weights: Optional[torch.Tensor] = None
+        self.last_soft_op: Optional[torch.Tensor] = None
+        self.last_soft_w: Optional[torch.Tensor] = None
+        self.last_soft_a: Optional[torch.Tensor] = None
+        self.last_index: Optional[int] = None
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha, self.beta_w, self.beta_a]
+
+    def _full_bit_rows(self, rows: torch.Tensor, n_bits: int) -> torch.Tensor:
+        """[n_bit_ops, n_bits] -> [n_ops, n_bits]; ops without weights get a constant uniform row."""
+        full = torch.full((len(self.ops), n_bits), 1.0 / n_bits, device=rows.device, dtype=rows.dtype)
+        if self.bit_ops:
+            full = full.index_copy(0, torch.tensor(self.bit_ops, device=rows.device), rows)
+        return full
+
+    def sample(self, tau: float, hard: bool, generator: Optional[torch.Generator]) -> None:
+        """Draw this forward's Gumbel weights for ops and bits and point the ops' BitStates at them."""
+        self.last_op_weights, self.last_soft_op, self.last_index = gumbel_softmax_sample(
+            self.alpha, tau, hard, generator)
+        w_rows, w_soft, w_idx = [], [], []
+        a_rows, a_soft, a_idx = [], [], []
+        for r in range(len(self.bit_ops)):
+            w, ws, wi = gumbel_softmax_sample(self.beta_w[r], tau, hard, generator)
+            a, as_, ai = gumbel_softmax_sample(self.beta_a[r], tau, hard, generator)
+            w_rows.append(w); w_soft.append(ws); w_idx.append(wi)
+            a_rows.append(a); a_soft.append(as_); a_idx.append(ai)
+        nw, na = len(self.w_bits), len(self.a_bits)
+        empty_w, empty_a = self.beta_w.new_zeros(0, nw), self.beta_a.new_zeros(0, na)
+        self.last_w_weights = self._full_bit_rows(torch.stack(w_rows) if w_rows else empty_w, nw)
+        self.last_a_weights = self._full_bit_rows(torch.stack(a_rows) if a_rows else empty_a, na)
+        self.last_soft_w = self._full_bit_rows(torch.stack(w_soft) if w_soft else empty_w, nw)
+        self.last_soft_a = self._full_bit_rows(torch.stack(a_soft) if a_soft else empty_a, na)
+        for r, i in enumerate(self.bit_ops):
+            st = self.bit_states[i]
+            st.w_probs, st.a_probs = w_rows[r], a_rows[r]
+            st.w_index, st.a_index = (w_idx[r], a_idx[r]) if hard else (None, None)
+
+    def fix(self, op_index: int, w_index: int, a_index: int) -> None:
+        """Run one given (op, bits) choice, no sampling (evaluation of a child inside the supernet)."""
+        n_ops = len(self.ops)
+        dev = self.alpha.device
+        self.last_op_weights = F.one_hot(torch.tensor(op_index, device=dev), n_ops).float()
+        self.last_soft_op = self.last_op_weights
+        self.last_index = op_index
+        w1 = F.one_hot(torch.tensor(w_index, device=dev), len(self.w_bits)).float()
+        a1 = F.one_hot(torch.tensor(a_index, device=dev), len(self.a_bits)).float()
+        self.last_w_weights = self.last_soft_w = w1.expand(n_ops, -1)
+        self.last_a_weights = self.last_soft_a = a1.expand(n_ops, -1)
+        st = self.bit_states[op_index]
+        st.w_probs, st.a_probs, st.w_index, st.a_index = w1, a1, w_index, a_index
+
+    def forward(self, x: torch.Tensor, hard: bool) -> torch.Tensor:
+        if hard:
+            i = self.last_index
+            return self.ops[i](x) * self.last_op_weights[i].to(x.dtype)
+        w = self.last_op_weights.to(x.dtype)
+        out = None
+        for i, op in enumerate(self.ops):
+            y = op(x) * w[i]
+            out = y if out is None else out + y
+        return out
+
+
+class Supernet(nn.Module):
+    """All candidate ops of a SearchSpace with Gumbel-softmax choices over ops and bits."""
+
+    def __init__(self, space: SearchSpace, mode: str = "soft", quantized: bool = True, tau: float = 5.0):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.space = space
+        self.mode = mode
+        self.quantized = quantized
+        self.tau = tau
+        fixed = BitState.fixed(space.fixed_w_bits, space.fixed_a_bits) if quantized else BitState.float()
+        self.stem = make_stem(space.in_channels, space.stem_channels, space.stem_kernel, space.stem_stride, fixed)
+        self.mixed_layers = nn.ModuleList(MixedLayer(s, space.candidates, space.w_bits, space.a_bits, quantized)
+                                          for s in space.layers())
+        head_bits = BitState.fixed(space.fixed_w_bits, space.fixed_a_bits) if quantized else BitState.float()
+        self.head = Head(space.last_stage_channels, space.head_channels, space.num_classes, head_bits)
+        self.generator = torch.Generator().manual_seed(0)
+        self._fixed: Optional[list[tuple[int, int, int]]] = None
+
+    # ------------------------------------------------------------------ parameters
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.mixed_layers for p in layer.arch_parameters()]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    @property
+    def bit_states(self) -> list[list[BitState]]:
+        return [layer.bit_states for layer in self.mixed_layers]
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    # ------------------------------------------------------------------ sampling and forward
+    def sample(self) -> None:
+        hard = self.mode == "hard"
+        for layer in self.mixed_layers:
+            layer.sample(self.tau, hard, self.generator)
+
+    def fix(self, choice: Optional[Sequence[tuple[int, int, int]]]) -> None:
+        """Evaluate a given architecture (op, w_bits, a_bits indices per layer) until fix(None)."""
+        self._fixed = list(choice) if choice is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fixed is not None:
+            for layer, (i, wi, ai) in zip(self.mixed_layers, self._fixed):
+                layer.fix(i, wi, ai)
+            hard = True
+        else:
+            self.sample()
+            hard = self.mode == "hard"
+        x = self.stem(x)
+        for layer in self.mixed_layers:
+            x = layer(x, hard)
+        return self.head(x)
+
+    # ------------------------------------------------------------------ the sample as tensors
+    def sample_weights(self, soft: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stacked weights of the current sample: ops [L, n_ops], w bits [L, n_ops, n_wb], a bits [L, n_ops, n_ab]."""
+        layers = self.mixed_layers
+        if soft:
+            return (torch.stack([l.last_soft_op for l in layers]), torch.stack([l.last_soft_w for l in layers]),
+                    torch.stack([l.last_soft_a for l in layers]))
+        return (torch.stack([l.last_op_weights for l in layers]), torch.stack([l.last_w_weights for l in layers]),
+                torch.stack([l.last_a_weights for l in layers]))
+
+    def probabilities(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """softmax(theta), without noise: ops [L, n_ops], w bits [L, n_ops, n_wb], a bits [L, n_ops, n_ab]."""
+        ops = torch.stack([F.softmax(l.alpha, -1) for l in self.mixed_layers])
+        ws = torch.stack([l._full_bit_rows(F.softmax(l.beta_w, -1), len(l.w_bits)) for l in self.mixed_layers])
+        as_ = torch.stack([l._full_bit_rows(F.softmax(l.beta_a, -1), len(l.a_bits)) for l in self.mixed_layers])
+        return ops, ws, as_
+
+    # ------------------------------------------------------------------ derivation
+    def choice_to_arch(self, choice: Sequence[tuple[int, int, int]]) -> Arch:
+        ops = [self.space.candidates[i] for i, _, _ in choice]
+        wb = [self.space.w_bits[w] for _, w, _ in choice]
+        ab = [self.space.a_bits[a] for _, _, a in choice]
+        return Arch.from_space(self.space, ops, wb, ab)
+
+    def argmax_choice(self) -> list[tuple[int, int, int]]:
+        ops, ws, as_ = self.probabilities()
+        out = []
+        for l in range(len(self.mixed_layers)):
+            i = int(ops[l].argmax())
+            out.append((i, int(ws[l, i].argmax()), int(as_[l, i].argmax())))
+        return out
+
+    def sample_choices(self, k: int, generator: torch.Generator) -> list[list[tuple[int, int, int]]]:
+        """k architectures drawn from softmax(theta) (no temperature), the argmax first."""
+        ops, ws, as_ = (t.detach().cpu().double() for t in self.probabilities())
+        choices = [self.argmax_choice()]
+        for _ in range(max(k - 1, 0)):
+            c = []
+            for l in range(ops.shape[0]):
+                i = int(torch.multinomial(ops[l], 1, generator=generator))
+                c.append((i, int(torch.multinomial(ws[l, i], 1, generator=generator)),
+                          int(torch.multinomial(as_[l, i], 1, generator=generator))))
+            choices.append(c)
+        return choices
+
+    def op_has_bits(self) -> torch.Tensor:
+        """[L, n_ops] bool: whether an op has quantized weights (and so bit choices)."""
+        m = torch.zeros(len(self.mixed_layers), len(self.space.candidates), dtype=torch.bool)
+        for l, layer in enumerate(self.mixed_layers):
+            m[l, layer.bit_ops] = True
+        return m
+
+
+def expected_cost(table: torch.Tensor, ops: torch.Tensor, ws: torch.Tensor, as_: torch.Tensor) -> torch.Tensor:
+    """sum_l sum_i m_li sum_{b,c} p_w[l,i,b] p_a[l,i,c] table[l,i,b,c]."""
+    return torch.einsum("li,lib,lic,libc->", ops, ws, as_, table.to(ops.dtype))
+
+
+def sample_cost(supernet: Supernet, table: torch.Tensor) -> torch.Tensor:
+    """The cost (e.g. latency) of the current sample, computed from the same Gumbel weights as the forward.
+
+    Soft mode: the expectation under the soft weights. Hard mode: the value is the sampled architecture's cost
+    and the gradient is that of the soft relaxation (straight-through), so every op and bit logit gets one."""
+    hard_val = expected_cost(table, *supernet.sample_weights(soft=False))
+    if supernet.mode == "soft" or supernet._fixed is not None:
+        return hard_val
+    soft_val = expected_cost(table, *supernet.sample_weights(soft=True))
+    return hard_val.detach() + soft_val - soft_val.detach()
