@@ -91,9 +91,12 @@ def _write_csv(path, rows):
 
 
 def test_export_ops_writes_runnable_models_and_manifest(tmp_path):
+    import dataclasses
+
     import onnxruntime as ort
 
-    space = load_space("fmnist")
+    full = load_space("fmnist")
+    space = dataclasses.replace(full, stages=full.stages[:2])  # 3 layers: every op kind, fewer shapes
     manifest = json.loads(export_ops(space, tmp_path).read_text())
     assert manifest["format"] == "fbnas-ops/1" and manifest["space"] == "fmnist"
     shapes = {parse_key(k).shape_key for k in space_keys(space)}
@@ -116,15 +119,18 @@ def test_export_ops_writes_runnable_models_and_manifest(tmp_path):
 
 
 def test_import_by_shape_key_fills_bits_and_identities(tmp_path, fmnist):
-    manifest = json.loads(export_ops(fmnist, tmp_path / "ops").read_text())
-    rows = [[o["shape_key"], 0.1 + i * 0.01, 0.09 + i * 0.01, 0.12 + i * 0.01, 30] for i, o in enumerate(manifest["ops"])]
+    sigs = space_signatures(fmnist)
+    shapes = sorted({s.shape_key for s in sigs.values() if s.kernels()})
+    rows = [[k, 0.1 + i * 0.01, 0.09 + i * 0.01, 0.12 + i * 0.01, 30] for i, k in enumerate(shapes)]
     _write_csv(tmp_path / "m.csv", rows)
     table = import_csv(tmp_path / "m.csv", fmnist, "myphone")
     assert table.source == "imported" and table.check(fmnist) == []
-    first = manifest["ops"][0]
-    assert all(table.entries[k].p50 == pytest.approx(0.1) and table.entries[k].n == 30 for k in first["keys"])
-    ident = manifest["identity_ops_zero_ms"][0]
-    assert table.entries[f"{ident}|w8a8"].p50 == 0.0
+    i = next(i for i, k in enumerate(shapes) if k.startswith("ir_"))
+    first = [k for k, s in sigs.items() if s.shape_key == shapes[i]]
+    assert len(first) == 6
+    assert all(table.entries[k].p50 == pytest.approx(0.1 + i * 0.01) and table.entries[k].n == 30 for k in first)
+    ident = next(k for k, s in sigs.items() if not s.kernels())
+    assert table.entries[ident].p50 == 0.0
 
 
 @pytest.mark.parametrize("rows,match", [
