@@ -39,7 +39,7 @@ def main() -> int:
         unit = "" if "rank" in r.name or "/" in r.name else " ms"
         print(f"{r.name:<44} {r.value:>9.3f}{unit:<3} {r.goal:<40} {'PASS' if r.ok else 'FAIL'} {r.detail}")
     if args.out:
-        atomic_write_json(args.out, {"results": [asdict(r) for r in results], "archs": args.archs, "seed": args.seed})
+        atomic_write_json(args.out, {"results": [{**asdict(r), "value": float(r.value), "ok": bool(r.ok)} for r in results], "archs": args.archs, "seed": args.seed})
     return 0 if all(r.ok for r in results) else 1
 
 
