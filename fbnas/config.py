@@ -3,7 +3,7 @@ them directly: `run_search(SearchConfig(space="fmnist", epochs=2), "runs/x")`.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -70,7 +70,8 @@ class WandbConfig:
 @dataclass
 class SearchConfig:
     space: str = "fmnist"
-    device: str = "sd835"  # the target device of the latency table
+    device: Any = "sd835"  # the target device: a name in conf/device/, or its mapping (the Hydra group)
+    device_file: Optional[str] = None  # a device YAML elsewhere (device=path.yaml sets this)
     lut: Optional[str] = None  # a latency-table path; default latency_tables/<space>__<device>.json
     mode: str = "hard"  # hard (straight-through, one path) | soft (FBNet, all paths)
     quantized: bool = True

@@ -64,3 +64,23 @@ def output_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def device_overrides(rest: list[str]) -> list[str]:
+    """`device=<path.yaml>` -> `device_file=<path>`; an unknown device name (also inside a -m sweep list) -> one-line
+    error instead of Hydra's 'no match in the defaults list'. The device is the config group conf/device/."""
+    from ..latency.devices import known_devices
+
+    out = []
+    for tok in rest:
+        if tok.startswith("device="):
+            val = tok.split("=", 1)[1]
+            if val.endswith((".yaml", ".yml")):
+                out.append(f"device_file={val}")
+                continue
+            for name in val.split(","):
+                if name not in known_devices():
+                    fail(f"unknown device {name!r}; known devices: {', '.join(known_devices())} "
+                         f"(or device=path/to/device.yaml)")
+        out.append(tok)
+    return out

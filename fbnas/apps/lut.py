@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..errors import ConfigError, LatencyTableError
-from .common import CONF_DIR, fail, run_hydra, split_subcommand, user_errors
+from .common import CONF_DIR, device_overrides, fail, run_hydra, split_subcommand, user_errors
 
 ACTIONS = ("build", "check", "show", "predict", "export-ops", "import", "devices")
 
@@ -187,31 +187,13 @@ def _app(cfg: DictConfig) -> None:
     HANDLERS[cfg.action](cfg)
 
 
-def _device_overrides(rest: list[str]) -> list[str]:
-    """device=<path.yaml> -> device_file=<path>; an unknown device name -> one-line error (not Hydra's)."""
-    from ..latency.devices import known_devices
-
-    out = []
-    for tok in rest:
-        if tok.startswith("device="):
-            val = tok.split("=", 1)[1]
-            if val.endswith((".yaml", ".yml")):
-                out.append(f"device_file={val}")
-                continue
-            if val not in known_devices():
-                fail(f"unknown device {val!r}; known devices: {', '.join(known_devices())} "
-                     f"(or device=path/to/device.yaml)")
-        out.append(tok)
-    return out
-
-
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
     try:
         action, rest = split_subcommand(argv, ACTIONS, "lut")
-        overrides = [f"action={action}"] + _device_overrides(rest)
+        overrides = [f"action={action}"] + device_overrides(rest)
     except SystemExit as exc:  # fail(): the one-line message is printed already
         return exc.code if isinstance(exc.code, int) else 2
     return run_hydra(_app, "fbnas lut", overrides)
