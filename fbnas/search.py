@@ -329,7 +329,7 @@ class Searcher:
             import json
 
             self.metrics = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-            self.metrics = [m for m in self.metrics if m.get("epoch", 0) < self.epoch]
+            self.metrics = [m for m in self.metrics if m.get("epoch", 0) <= self.epoch]
             with atomic_path(metrics_path) as tmp:
                 tmp.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
         log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
