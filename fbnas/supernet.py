@@ -43,17 +43,18 @@ def gumbel_noise(shape: Sequence[int], generator: Optional[torch.Generator], dev
     return torch.zeros(shape, device=device, dtype=dtype)
 
 
-def gumbel_softmax_sample(logits: torch.Tensor, tau: float, hard: bool, generator: Optional[torch.Generator],
-                          ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(weights used in the forward, soft relaxation, sampled index). In hard mode the weights are a
-    straight-through one-hot: value one_hot, gradient of the soft relaxation."""
+def gumbel_softmax_rows(logits: torch.Tensor, tau: float, hard: bool, generator: Optional[torch.Generator],
+                        ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Gumbel-softmax over the last dim of [R, n] logits: (weights used in the forward, soft relaxation, sampled
+    index per row). In hard mode the weights are straight-through one-hots: value one_hot, gradient of the soft
+    relaxation. One noise draw and one host sync for all rows."""
     g = gumbel_noise(logits.shape, generator, logits.device, logits.dtype)
     soft = F.softmax((logits + g) / tau, dim=-1)
-    index = int(torch.argmax(soft.detach()))
+    index = soft.detach().argmax(-1)
     if not hard:
-        return soft, soft, index
-    one_hot = F.one_hot(torch.tensor(index, device=logits.device), logits.shape[-1]).to(soft.dtype)
-    return one_hot - soft.detach() + soft, soft, index
+        return soft, soft, index.tolist()
+    one_hot = F.one_hot(index, logits.shape[-1]).to(soft.dtype)
+    return one_hot - soft.detach() + soft, soft, index.tolist()
 
 
 def has_quantized_weights(module: nn.Module) -> bool:
@@ -75,6 +76,7 @@ class MixedLayer(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(n_ops))
         # bit logits only for ops that have quantized weights (an identity skip has no bits to choose)
         self.bit_ops = [i for i, op in enumerate(self.ops) if has_quantized_weights(op)] if quantized else []
+        self.register_buffer("bit_op_index", torch.tensor(self.bit_ops, dtype=torch.long), persistent=False)
         self.beta_w = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.w_bits)))
         self.beta_a = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.a_bits)))
         self.last_op_weights: Optional[torch.Tensor] = None
@@ -92,26 +94,21 @@ class MixedLayer(nn.Module):
         """[n_bit_ops, n_bits] -> [n_ops, n_bits]; ops without weights get a constant uniform row."""
         full = torch.full((len(self.ops), n_bits), 1.0 / n_bits, device=rows.device, dtype=rows.dtype)
         if self.bit_ops:
-            full = full.index_copy(0, torch.tensor(self.bit_ops, device=rows.device), rows)
+            full = full.index_copy(0, self.bit_op_index, rows)
         return full
 
-    def sample(self, tau: float, hard: bool, generator: Optional[torch.Generator]) -> None:
-        """Draw this forward's Gumbel weights for ops and bits and point the ops' BitStates at them."""
-        self.last_op_weights, self.last_soft_op, self.last_index = gumbel_softmax_sample(
-            self.alpha, tau, hard, generator)
-        w_rows, w_soft, w_idx = [], [], []
-        a_rows, a_soft, a_idx = [], [], []
-        for r in range(len(self.bit_ops)):
-            w, ws, wi = gumbel_softmax_sample(self.beta_w[r], tau, hard, generator)
-            a, as_, ai = gumbel_softmax_sample(self.beta_a[r], tau, hard, generator)
-            w_rows.append(w); w_soft.append(ws); w_idx.append(wi)
-            a_rows.append(a); a_soft.append(as_); a_idx.append(ai)
+    def set_sample(self, op_w: torch.Tensor, op_soft: torch.Tensor, index: int, w_rows: torch.Tensor,
+                   w_soft: torch.Tensor, w_idx: Sequence[int], a_rows: torch.Tensor, a_soft: torch.Tensor,
+                   a_idx: Sequence[int], hard: bool) -> None:
+        """Install this forward's Gumbel weights (drawn for all layers at once by Supernet.sample)."""
+        self.last_op_weights, self.last_soft_op, self.last_index = op_w, op_soft, index
         nw, na = len(self.w_bits), len(self.a_bits)
-        empty_w, empty_a = self.beta_w.new_zeros(0, nw), self.beta_a.new_zeros(0, na)
-        self.last_w_weights = self._full_bit_rows(torch.stack(w_rows) if w_rows else empty_w, nw)
-        self.last_a_weights = self._full_bit_rows(torch.stack(a_rows) if a_rows else empty_a, na)
-        self.last_soft_w = self._full_bit_rows(torch.stack(w_soft) if w_soft else empty_w, nw)
-        self.last_soft_a = self._full_bit_rows(torch.stack(a_soft) if a_soft else empty_a, na)
+        self.last_w_weights = self._full_bit_rows(w_rows, nw)
+        self.last_a_weights = self._full_bit_rows(a_rows, na)
+        self.last_soft_w = self._full_bit_rows(w_soft, nw)
+        self.last_soft_a = self._full_bit_rows(a_soft, na)
+        for st in self.bit_states:
+            st.clear()
         for r, i in enumerate(self.bit_ops):
             st = self.bit_states[i]
             st.w_probs, st.a_probs = w_rows[r], a_rows[r]
@@ -180,9 +177,21 @@ class Supernet(nn.Module):
 
     # ------------------------------------------------------------------ sampling and forward
     def sample(self) -> None:
+        """Draw one Gumbel sample for every layer's op and bit choices (batched across layers)."""
         hard = self.mode == "hard"
-        for layer in self.mixed_layers:
-            layer.sample(self.tau, hard, self.generator)
+        layers = list(self.mixed_layers)
+        op_w, op_soft, op_idx = gumbel_softmax_rows(torch.stack([l.alpha for l in layers]), self.tau, hard,
+                                                    self.generator)
+        w_w, w_soft, w_idx = gumbel_softmax_rows(torch.cat([l.beta_w for l in layers]), self.tau, hard,
+                                                 self.generator)
+        a_w, a_soft, a_idx = gumbel_softmax_rows(torch.cat([l.beta_a for l in layers]), self.tau, hard,
+                                                 self.generator)
+        r = 0
+        for li, layer in enumerate(layers):
+            n = len(layer.bit_ops)
+            layer.set_sample(op_w[li], op_soft[li], op_idx[li], w_w[r:r + n], w_soft[r:r + n], w_idx[r:r + n],
+                             a_w[r:r + n], a_soft[r:r + n], a_idx[r:r + n], hard)
+            r += n
 
     def fix(self, choice: Optional[Sequence[tuple[int, int, int]]]) -> None:
         """Evaluate a given architecture (op, w_bits, a_bits indices per layer) until fix(None)."""

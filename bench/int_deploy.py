@@ -1,0 +1,87 @@
+"""Integer-only deployment on Fashion-MNIST: FP32 vs W8A8 integer-only vs an ILP mixed 2/4/8-bit allocation at
+<= `--bops-ratio` of the W8A8 bit-operations, plus the integer-vs-fake and onnxruntime checks.
+Writes a markdown table to --out (default bench/results/int_deploy.md).
+
+    python bench/int_deploy.py --device cuda --epochs 15 --fold-epochs 3      # H100, a few minutes
+    python bench/int_deploy.py --train-subset 512 --test-subset 256 --epochs 1 --fold-epochs 1 --steps 2  # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fbnas import Arch, load_space
+from fbnas.data import load_dataset
+from fbnas.ilp import allocate_bits, bops_cost, weight_perturbation
+from fbnas.io import atomic_write_text
+from fbnas.quant.artifacts import load_folded
+from fbnas.quant.integer import to_integer
+from fbnas.quant.onnx_export import check_with_onnxruntime
+from fbnas.train import TrainSettings, train
+
+OPS = "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ops", default=OPS)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--fold-epochs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=0, help="steps per epoch (0 = whole epochs)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--bops-ratio", type=float, default=0.6)
+    ap.add_argument("--train-subset", type=int, default=0)
+    ap.add_argument("--test-subset", type=int, default=0)
+    ap.add_argument("--ort-samples", type=int, default=1000)
+    ap.add_argument("--runs", default="/tmp/fbnas_int_deploy")
+    ap.add_argument("--out", default="bench/results/int_deploy.md")
+    a = ap.parse_args()
+    space = load_space("fmnist")
+    arch8 = Arch.from_space(space, a.ops.split(","), 8, 8)
+    data = load_dataset("fashion_mnist", train_subset=a.train_subset, test_subset=a.test_subset)
+    base = dict(epochs=a.epochs, fold_epochs=a.fold_epochs, steps_per_epoch=a.steps, batch_size=a.batch_size,
+                lr=a.lr, device=a.device)
+    runs = Path(a.runs)
+    t0 = time.time()
+    fp32 = train(arch8, data, TrainSettings(**base, quantized=False), runs / "fp32")
+    w8 = train(arch8, data, TrainSettings(**base), runs / "w8a8")
+    folded = load_folded(runs / "w8a8" / "model.safetensors")
+    omega = weight_perturbation(folded, len(arch8.layers), space.w_bits)
+    ilp = allocate_bits(arch8, omega, space.w_bits, space.a_bits, {"bops": a.bops_ratio * arch8.bops()},
+                        {"bops": bops_cost})
+    ilp.arch.save(runs / "arch_ilp.json")
+    mixed = train(ilp.arch, data, TrainSettings(**base), runs / "mixed")
+    x = data.test.x[:a.ort_samples]
+    ort = {k: check_with_onnxruntime(to_integer(load_folded(runs / k / "model.safetensors")), x)
+           for k in ("w8a8", "mixed")}
+    rows = [("FP32", arch8, fp32.get("acc_float"), None, None, None),
+            ("W8A8", arch8, w8["acc_integer"], w8["acc_fake_quant"], w8["integer_vs_fake_top1_disagreements"], ort["w8a8"]),
+            ("ILP mixed", ilp.arch, mixed["acc_integer"], mixed["acc_fake_quant"],
+             mixed["integer_vs_fake_top1_disagreements"], ort["mixed"])]
+    lines = [f"# Integer-only deployment, Fashion-MNIST ({len(data.test)} test images), arch {a.ops}",
+             "", f"device {a.device}; epochs {a.epochs} + {a.fold_epochs} folded; steps/epoch {a.steps or 'all'}; "
+             f"wall {time.time() - t0:.0f} s", "",
+             "| model | bits (w/a per layer) | BOPs vs W8A8 | acc (integer-only; FP32: float) | acc fake-quant | "
+             "int vs fake top-1 disagreements | ORT accumulator mismatches | ORT logits identical |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, ar, acc, fq, dis, o in rows:
+        bits = " ".join(f"{l.w_bits}/{l.a_bits}" for l in ar.layers) if name != "FP32" else "32"
+        lines.append(f"| {name} | {bits} | {ar.bops() / arch8.bops():.3f} | {acc:.2f} | "
+                     f"{'' if fq is None else f'{fq:.2f}'} | {'' if dis is None else dis} | "
+                     f"{'' if o is None else o['accumulator_mismatches']} | {'' if o is None else o['logits_identical']} |")
+    lines += ["", f"W8A8 integer - FP32: {w8['acc_integer'] - fp32['acc_float']:+.2f} points; "
+                  f"mixed - W8A8: {mixed['acc_integer'] - w8['acc_integer']:+.2f} points"]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(a.out, text)
+    print(text)
+    print(json.dumps({"fp32": fp32.get("acc_float"), "w8a8": w8["acc_integer"], "mixed": mixed["acc_integer"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""One search step (forward, loss, backward, weight SGD + arch Adam updates) of the fbnet_cifar100 supernet:
+fbnas soft and hard modes with bit choices vs an all-paths fp32 FBNet-style reference supernet (soft Gumbel,
+every candidate computed, no quantization, no AMP), all measured in this run. Each configuration runs in its
+own process so peak memory is its own. Prints images/s, peak memory and the ratios to the reference.
+
+    python bench/supernet_step.py --device cuda --batch 256          # the H100 target run
+    python bench/supernet_step.py --device cpu --batch 32 --steps 3  # a quick CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CONFIGS = {
+    # name: (mode, quantized, amp + channels_last)
+    "reference_fp32_all_paths": ("soft", False, False),
+    "fbnas_soft_bits": ("soft", True, True),
+    "fbnas_hard_bits": ("hard", True, True),
+}
+
+
+def measure(name: str, args: dict, queue) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from fbnas import load_space
+    from fbnas.latency import fixed_latency, get_table, latency_matrix
+    from fbnas.objective import MultiplicativePenalty
+    from fbnas.supernet import Supernet, sample_cost
+
+    mode, quantized, fast = CONFIGS[name]
+    dev = torch.device(args["device"])
+    torch.manual_seed(0)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    space = load_space(args["space"])
+    table = get_table(space, args["lut_device"])
+    lat_m, lat_fixed = latency_matrix(table, space).to(dev), fixed_latency(table, space)
+    net = Supernet(space, mode=mode, quantized=quantized).to(dev)
+    channels_last = fast and dev.type == "cuda"
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    w_opt = torch.optim.SGD(net.weight_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    a_opt = torch.optim.Adam(net.arch_parameters(), lr=0.01, weight_decay=5e-4)
+    penalty = MultiplicativePenalty(ref_ms=float(lat_m.mean(dim=(1, 2, 3)).sum()) + lat_fixed)
+    b, size = args["batch"], space.input_size
+    x = torch.randn(b, space.in_channels, size, size, device=dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, space.num_classes, (b,), device=dev)
+
+    def step():
+        w_opt.zero_grad(set_to_none=True)
+        a_opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=fast and dev.type == "cuda"):
+            logits = net(x)
+        loss = penalty(F.cross_entropy(logits.float(), y), sample_cost(net, lat_m) + lat_fixed)
+        loss.backward()
+        w_opt.step()
+        a_opt.step()
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args["warmup"]):
+        step()
+    sync()
+    if args["profile"]:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        print(f"--- profile of {name} (3 steps) ---\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+              + "\n" + prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args["steps"]):
+        step()
+    sync()
+    dt = time.perf_counter() - t0
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        mem_kind = "cuda max_memory_allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        mem_kind = "process max RSS"
+    queue.put({"config": name, "mode": mode, "quantized": quantized, "amp_channels_last": channels_last,
+               "images_per_s": args["steps"] * b / dt, "step_ms": 1000 * dt / args["steps"],
+               "peak_mem_gib": peak, "memory": mem_kind})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--space", default="fbnet_cifar100")
+    ap.add_argument("--lut-device", default="sd835")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per configuration")
+    args = vars(ap.parse_args())
+    ctx = mp.get_context("spawn")
+    results = []
+    for name in args["configs"].split(","):
+        q = ctx.Queue()
+        p = ctx.Process(target=measure, args=(name, args, q))
+        p.start()
+        p.join()
+        if p.exitcode != 0:
+            print(f"{name}: failed (exit {p.exitcode})", file=sys.stderr)
+            continue
+        results.append(q.get())
+    ref = next((r for r in results if r["config"] == "reference_fp32_all_paths"), None)
+    print(f"space {args['space']}, batch {args['batch']}, device {args['device']}, {args['steps']} timed steps")
+    print(f"{'config':<26} {'images/s':>10} {'step ms':>9} {'peak GiB':>9} {'speed x':>8} {'mem x':>7}")
+    for r in results:
+        if ref:
+            r["speedup_vs_reference"] = r["images_per_s"] / ref["images_per_s"]
+            r["memory_vs_reference"] = r["peak_mem_gib"] / ref["peak_mem_gib"]
+        print(f"{r['config']:<26} {r['images_per_s']:>10.1f} {r['step_ms']:>9.1f} {r['peak_mem_gib']:>9.2f} "
+              f"{r.get('speedup_vs_reference', float('nan')):>8.2f} {r.get('memory_vs_reference', float('nan')):>7.3f}")
+    if args["out"]:
+        from fbnas.io import atomic_write_json
+
+        import torch
+
+        env = {"torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name(0) if args["device"].startswith("cuda") else "cpu"}
+        atomic_write_json(args["out"], {"settings": args, "environment": env, "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""`fbnas quantize convert|compare|ilp`: the integer-only model of a trained run, its dump-and-compare check,
+and HAWQ-V3 ILP bit allocation."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from ..arch import load_arch
+from ..errors import ConfigError
+from ..io import atomic_write_text
+from .common import CONF_DIR, run_hydra, split_subcommand, user_errors
+
+ACTIONS = ("convert", "compare", "ilp", "onnx")
+
+
+@dataclass
+class QuantizeData:
+    name: str = "fashion_mnist"
+    root: Optional[str] = None
+
+
+@dataclass
+class QuantizeConfig:
+    action: str = ""
+    run: str = ""  # a `fbnas train` run directory
+    weights: str = ""  # folded model (default: <run>/model.safetensors)
+    arch: str = ""  # arch.json (default: the one stored in the weights)
+    out: str = ""  # convert: output dir; compare: markdown report; ilp: new arch.json; onnx: .onnx path
+    rounding: str = "half_even"
+    samples: int = 256  # compare/onnx: test images
+    bits: list = field(default_factory=lambda: [8, 4])  # compare: naive-vs-integer at these w/a bits
+    data: QuantizeData = field(default_factory=QuantizeData)
+    hessian: str = ""  # ilp: fbnas-hessian/1 traces (else weight perturbation of `weights`)
+    size_kb: float = 0.0
+    bops: float = 0.0
+    latency_ms: float = 0.0
+    size_ratio: float = 0.0  # limits relative to the W8A8 version of the architecture
+    bops_ratio: float = 0.0
+    latency_ratio: float = 0.0
+    device: str = "bitfusion"  # ilp: latency table device
+    opset: int = 21
+
+
+ConfigStore.instance().store(name="quantize_schema", node=QuantizeConfig)
+
+
+def _weights(cfg) -> Path:
+    if cfg.weights:
+        return Path(cfg.weights)
+    if cfg.run:
+        return Path(cfg.run) / "model.safetensors"
+    raise ConfigError("give run=<train run dir> or weights=<model.safetensors>")
+
+
+def _arch(cfg):
+    return load_arch(cfg.arch) if cfg.arch else None
+
+
+def _test_images(cfg, n: int) -> torch.Tensor:
+    from ..data import load_dataset
+
+    bundle = load_dataset(cfg.data.name, root=cfg.data.root, test_subset=n)
+    return bundle.test.x[:n]
+
+
+def _convert(cfg) -> None:
+    from ..quant.artifacts import load_folded, save_integer
+    from ..quant.integer import to_integer
+
+    folded = load_folded(_weights(cfg), _arch(cfg), cfg.arch)
+    folded.set_rounding(cfg.rounding)
+    out = Path(cfg.out or (cfg.run or "."))
+    save_integer(out, to_integer(folded))
+    print(f"wrote {out / 'integer.safetensors'} and {out / 'quant_params.json'}")
+
+
+def _compare(cfg) -> None:
+    from ..quant.artifacts import load_folded, load_unfolded
+    from ..quant.compare import compare_models, format_comparison, naive_vs_integer
+    from ..quant.integer import to_integer
+
+    x = _test_images(cfg, cfg.samples)
+    folded = load_folded(_weights(cfg), _arch(cfg), cfg.arch)
+    folded.set_rounding(cfg.rounding)
+    res = compare_models(folded, to_integer(folded), x)
+    text = ["## integer-only vs folded fake-quant (every tensor, integer domain)", "", format_comparison(res)]
+    bn_path = Path(cfg.run) / "model_bn.safetensors" if cfg.run else None
+    if bn_path is not None and bn_path.is_file():
+        bn = load_unfolded(bn_path, _arch(cfg), cfg.arch)
+        calib = [x[: len(x) // 2], x[len(x) // 2:]]
+        for b in cfg.bits:
+            r = naive_vs_integer(bn, int(b), calib, x, cfg.rounding)
+            text += ["", f"## naive fake quant (float BN, float residuals) vs integer-only, W{b}A{b} (post-training fold)",
+                     "", "| block | rel. L2 |", "|---|---:|"]
+            text += [f"| {blk['block']} | {blk['rel_l2_naive_vs_integer']:.4g} |" for blk in r["blocks"]]
+    report = "\n".join(text) + "\n"
+    if cfg.out:
+        atomic_write_text(cfg.out, report)
+    print(report)
+    if res["first_mismatch"]:
+        raise SystemExit(1)
+
+
+def _ilp(cfg) -> None:
+    from ..ilp import allocate_bits, bops_cost, read_hessian, size_cost, weight_perturbation
+    from ..space import load_space
+
+    if not cfg.arch:
+        raise ConfigError("ilp needs arch=<arch.json>")
+    arch = load_arch(cfg.arch)
+    space = load_space(arch.space)
+    if cfg.hessian:
+        omega = read_hessian(cfg.hessian)
+        source = f"hessian {cfg.hessian}"
+    else:
+        from ..quant.artifacts import load_folded
+
+        folded = load_folded(_weights(cfg), arch, cfg.arch)
+        omega = weight_perturbation(folded, len(arch.layers), space.w_bits)
+        source = f"weight perturbation of {_weights(cfg)}"
+    costs = {"size_kb": size_cost, "bops": bops_cost}
+    w8 = arch.with_bits(8, 8)
+    ref = {"size_kb": w8.size_kb(), "bops": w8.bops()}
+    limits = {}
+    for key, ratio_key in (("size_kb", "size_ratio"), ("bops", "bops_ratio"), ("latency_ms", "latency_ratio")):
+        val, ratio = float(cfg[key]), float(cfg[ratio_key])
+        if not (val or ratio):
+            continue
+        if key == "latency_ms":
+            raise ConfigError("latency limits need the LUT engine (fbnas.latency), not merged in this version")
+        limits[key] = val if val else ratio * ref[key]
+    res = allocate_bits(arch, omega, space.w_bits, space.a_bits, limits, costs)
+    new = res.arch
+    new_arch = type(new)(**{**new.__dict__, "predicted": {**res.totals},
+                            "provenance": {**arch.provenance, "ilp": {"source": source, "limits": res.limits,
+                                                                        "objective": res.objective,
+                                                                        "from": str(cfg.arch)}}})
+    out = cfg.out or str(Path(cfg.arch).with_name("arch_ilp.json"))
+    new_arch.save(out)
+    bits = " ".join(f"w{w}a{a}" for w, a in res.choices)
+    print(f"wrote {out}: {bits}; " + ", ".join(f"{k} {v:.6g} (limit {res.limits[k]:.6g})" for k, v in res.totals.items()))
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="quantize")
+@user_errors
+def _app(cfg: DictConfig) -> None:
+    from ..quant.dyadic import check_rounding
+
+    check_rounding(cfg.rounding)
+    if cfg.action == "convert":
+        _convert(cfg)
+    elif cfg.action == "compare":
+        _compare(cfg)
+    elif cfg.action == "ilp":
+        _ilp(cfg)
+    elif cfg.action == "onnx":
+        from ..quant.onnx_export import onnx_command
+
+        onnx_command(cfg, _weights(cfg), _arch(cfg), _test_images)
+    else:
+        raise ConfigError(f"unknown action {cfg.action!r}")
+
+
+def main(argv: list[str]) -> int:
+    sub, rest = split_subcommand(argv, ACTIONS, "quantize")
+    return run_hydra(_app, "fbnas quantize", [f"action={sub}"] + rest)

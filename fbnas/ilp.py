@@ -1,0 +1,151 @@
+"""HAWQ-V3 bit allocation as an integer linear program over a found architecture.
+
+One binary variable x[i, o] per searchable layer i and bit option o = (w_bits, a_bits); exactly one option per
+layer. Minimise sum_i Omega_i(w_bits) subject to any of: model size (KB), bit-operations, and the latency of
+a LUT on a chosen device. Omega_i(b) = (Tr(H_i)/n_i) * ||Q_b(W_i) - W_i||^2 from hessian.json (fbnas-hessian/1),
+or, without traces, the weight perturbation ||Q_b(W_i) - W_i||^2 alone. Like HAWQ-V3, whose sensitivity
+measures weights only, an option's activation bits follow its weight bits (`a_bits_for`, default: the smallest
+activation choice >= w_bits, else the largest). Solved exactly with scipy.optimize.milp (HiGHS).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from .arch import Arch
+from .blocks import KernelSpec
+from .errors import ConfigError
+from .quant.fake import quant_error_sq
+
+HESSIAN_FORMAT = "fbnas-hessian/1"
+
+# cost of one part at (w_bits, a_bits): part name, its kernels, bits -> cost
+PartCost = Callable[[str, list, int, int], float]
+
+
+@dataclass
+class IlpResult:
+    arch: Arch
+    objective: float
+    totals: dict  # constraint name -> value of the chosen allocation
+    limits: dict  # constraint name -> limit
+    choices: list[tuple[int, int]]  # (w_bits, a_bits) per layer
+    omega: dict = field(default_factory=dict)  # layer -> {bits: omega}
+
+
+def size_cost(name: str, kernels: Sequence[KernelSpec], w_bits: int, a_bits: int) -> float:
+    """KB of weights at w_bits plus 32-bit biases (BN folded), as Arch.size_kb counts them."""
+    return sum(k.weight_count * w_bits + k.c_out * 32 for k in kernels if k.has_weights) / 8 / 1024
+
+
+def bops_cost(name: str, kernels: Sequence[KernelSpec], w_bits: int, a_bits: int) -> float:
+    return float(sum(k.macs * w_bits * a_bits for k in kernels))
+
+
+def default_a_bits_for(w_choices: Sequence[int], a_choices: Sequence[int]) -> dict[int, int]:
+    a_sorted = sorted(a_choices)
+    return {w: next((a for a in a_sorted if a >= w), a_sorted[-1]) for w in w_choices}
+
+
+# ------------------------------------------------------------------------------------------ sensitivity
+
+def read_hessian(path: str | Path) -> dict[str, dict[int, float]]:
+    """layer group -> {bits: omega} from an fbnas-hessian/1 file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: Hessian trace file not found (field 'hessian')")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: malformed JSON at line {exc.lineno} ({exc.msg})") from None
+    if not isinstance(raw, dict) or raw.get("format") != HESSIAN_FORMAT:
+        raise ConfigError(f"{path}: field 'format' is {raw.get('format') if isinstance(raw, dict) else None!r}; "
+                          f"expected {HESSIAN_FORMAT!r}")
+    groups = raw.get("groups")
+    if not isinstance(groups, dict):
+        raise ConfigError(f"{path}: field 'groups' must be an object of layer groups")
+    out = {}
+    for name, g in groups.items():
+        om = g.get("omega") if isinstance(g, dict) else None
+        if not isinstance(om, dict):
+            raise ConfigError(f"{path}: field 'groups.{name}.omega' must map bit-widths to numbers")
+        try:
+            out[name] = {int(b): float(v) for b, v in om.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: field 'groups.{name}.omega' must map bit-widths to numbers") from None
+    return out
+
+
+def weight_perturbation(model: torch.nn.Module, n_layers: int, bits: Sequence[int]) -> dict[str, dict[int, float]]:
+    """Omega without traces: sum over layer i's conv/linear weights of ||Q_b(W) - W||^2.
+
+    Works on an FbnasNet (`layers.{i}.*.weight` of convs) or a FoldedNet (`nodes.layers/{i}/...weight`)."""
+    out: dict[str, dict[int, float]] = {}
+    params = dict(model.named_parameters())
+    for i in range(n_layers):
+        prefixes = (f"layers.{i}.", f"nodes.layers/{i}/")
+        ws = [p for n, p in params.items() if n.startswith(prefixes) and n.endswith("weight") and p.dim() > 1]
+        with torch.no_grad():
+            out[f"layers.{i}"] = {b: float(sum(quant_error_sq(w, b) for w in ws)) if ws else 0.0 for b in bits}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ ILP
+
+def allocate_bits(arch: Arch, omega: dict[str, dict[int, float]], w_choices: Sequence[int],
+                  a_choices: Sequence[int], limits: dict[str, float], costs: dict[str, PartCost],
+                  a_bits_for: Optional[dict[int, int]] = None) -> IlpResult:
+    """Solve the ILP. `limits`/`costs` share keys (e.g. size_kb, bops, latency_ms); a cost is summed over every
+    part of the network (fixed parts at their fixed bits count as constants)."""
+    if not limits:
+        raise ConfigError("the ILP needs at least one limit (size_kb, bops or latency_ms, absolute or *_ratio)")
+    a_map = a_bits_for or default_a_bits_for(w_choices, a_choices)
+    options = [(w, a_map[w]) for w in sorted(w_choices)]
+    parts = arch.parts()
+    layer_parts = {name: (ks, wb, ab) for name, ks, wb, ab in parts if name.startswith("layers.")}
+    n = len(arch.layers)
+    n_opt = len(options)
+    c = np.zeros(n * n_opt)
+    for i in range(n):
+        om = omega.get(f"layers.{i}")
+        if om is None:
+            raise ConfigError(f"sensitivity has no group 'layers.{i}'; the Hessian file must come from this architecture")
+        for o, (w, a) in enumerate(options):
+            if w not in om:
+                raise ConfigError(f"sensitivity of 'layers.{i}' has no omega for {w} bits (has {sorted(om)})")
+            c[i * n_opt + o] = om[w]
+    rows, lbs, ubs = [], [], []
+    for i in range(n):  # one option per layer
+        r = np.zeros(n * n_opt)
+        r[i * n_opt:(i + 1) * n_opt] = 1
+        rows.append(r), lbs.append(1), ubs.append(1)
+    fixed_totals = {}
+    for key, limit in limits.items():
+        cost = costs[key]
+        fixed = sum(cost(name, ks, wb, ab) for name, ks, wb, ab in parts if not name.startswith("layers."))
+        r = np.zeros(n * n_opt)
+        for i in range(n):
+            ks = layer_parts[f"layers.{i}"][0]
+            for o, (w, a) in enumerate(options):
+                r[i * n_opt + o] = cost(f"layers.{i}", ks, w, a)
+        rows.append(r), lbs.append(-np.inf), ubs.append(limit - fixed)
+        fixed_totals[key] = (fixed, r)
+    res = milp(c, constraints=LinearConstraint(np.array(rows), np.array(lbs), np.array(ubs)),
+               integrality=np.ones(n * n_opt), bounds=Bounds(0, 1))
+    if res.status != 0 or res.x is None:
+        lows = {k: fixed + sum(min(r[i * n_opt:(i + 1) * n_opt]) for i in range(n))
+                for k, (fixed, r) in fixed_totals.items()}
+        bad = [f"{k} <= {limits[k]:.6g} (lowest reachable {lows[k]:.6g})" for k in limits if lows[k] > limits[k]]
+        detail = "; ".join(bad) if bad else "the limits cannot all hold at once"
+        raise ConfigError(f"the bit-allocation ILP is infeasible: {detail}; relax the limits")
+    x = np.round(res.x).reshape(n, n_opt)
+    choices = [options[int(np.argmax(x[i]))] for i in range(n)]
+    new_arch = arch.with_bits([w for w, _ in choices], [a for _, a in choices])
+    totals = {k: float(fixed + r @ np.round(res.x)) for k, (fixed, r) in fixed_totals.items()}
+    return IlpResult(new_arch, float(c @ np.round(res.x)), totals, dict(limits), choices, omega)

@@ -1,0 +1,293 @@
+"""Training of a found architecture: FP32, or quantization-aware training at its per-layer bits.
+
+QAT has two phases (HAWQ-V3): (1) fake quantization with float BN, (2) BN folded with its running statistics
+into the convs (`FoldedNet`: quantized exactly where the integer model quantizes, dyadic rescaling), the
+activation ranges frozen for the last epoch. Then the integer-only model is derived and evaluated. timm
+provides the optimizer, the scheduler and the weight EMA. Every epoch ends with an atomic checkpoint;
+`resume=True` continues from it (same phase, epoch, optimizer, scheduler, EMA, data order and RNG).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+from .arch import Arch
+from .data import DataBundle, make_loader
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .io import append_jsonl, atomic_path, atomic_write_json
+from .model import FbnasNet, build_model
+from .quant.artifacts import load_supernet_into, save_integer, save_state
+from .quant.dyadic import check_rounding
+from .quant.fake import BitState, QConv2d, QLinear
+from .quant.fold import FoldedNet, fold_model
+from .quant.integer import IntegerNet, to_integer
+
+log = logging.getLogger("fbnas")
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 8  # phase 1 (fake quant with BN; the whole run when quantized=False)
+    fold_epochs: int = 2  # phase 2 (BN folded); the last one with frozen activation ranges
+    batch_size: int = 128
+    opt: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    sched: str = "cosine"
+    warmup_epochs: int = 1
+    min_lr: float = 1e-5
+    fold_lr_scale: float = 0.1  # phase-2 learning rate = lr * fold_lr_scale
+    label_smoothing: float = 0.0
+    ema: bool = True
+    ema_decay: float = 0.998
+    quantized: bool = True
+    init: str = "scratch"  # scratch | supernet
+    supernet: str = ""  # search checkpoint (key 'supernet') when init=supernet
+    rounding: str = "half_even"
+    calib_batches: int = 8
+    steps_per_epoch: int = 0  # 0 = whole epochs (a limit is for smoke tests)
+    eval_batch_size: int = 500
+    seed: int = 0
+    device: str = "cpu"
+
+    def check(self) -> None:
+        check_rounding(self.rounding)
+        if self.init not in ("scratch", "supernet"):
+            raise ConfigError(f"field 'init' is {self.init!r}; choose scratch or supernet")
+        if self.init == "supernet" and not self.supernet:
+            raise ConfigError("init=supernet needs field 'supernet' (a search checkpoint path)")
+        if self.epochs < 0 or self.fold_epochs < 0 or self.epochs + self.fold_epochs == 0:
+            raise ConfigError("fields 'epochs'/'fold_epochs' must be >= 0 and not both 0")
+        if self.batch_size <= 0:
+            raise ConfigError("field 'batch_size' must be positive")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device) -> float:
+    """Top-1 accuracy in percent."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was)
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, loader, device: torch.device) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x.to(device)).argmax(1).cpu() for x, _ in loader])
+
+
+def set_quantization(net: nn.Module, enabled: bool) -> None:
+    """Turn the fake quantizers of an FbnasNet on or off (the float accuracy of QAT weights)."""
+    for m in net.modules():
+        if isinstance(m, (QConv2d, QLinear)):
+            m.bit_state.enabled = enabled
+
+
+def _phases(s: TrainSettings) -> list[tuple[str, int]]:
+    if not s.quantized:
+        return [("float", s.epochs + s.fold_epochs)]
+    return [p for p in (("bn", s.epochs), ("folded", s.fold_epochs)) if p[1] > 0]
+
+
+class _PhaseRun:
+    """Optimizer, scheduler, EMA and data order of one training phase."""
+
+    def __init__(self, model: nn.Module, s: TrainSettings, n_epochs: int, lr: float, steps: int, data, seed: int,
+                 device: torch.device):
+        self.model = model
+        self.optimizer = create_optimizer_v2(model, opt=s.opt, lr=lr, weight_decay=s.weight_decay,
+                                             momentum=s.momentum)
+        self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=s.sched, num_epochs=n_epochs,
+                                                warmup_epochs=min(s.warmup_epochs, max(n_epochs - 1, 0)),
+                                                min_lr=s.min_lr, warmup_lr=lr * 0.1, step_on_epochs=False,
+                                                updates_per_epoch=steps)
+        self.ema = ModelEmaV3(model, decay=s.ema_decay, use_warmup=True) if s.ema else None
+        self.loader = make_loader(data, s.batch_size, shuffle=True, seed=seed, augment=False, drop_last=True,
+                                  device=device)
+        self.steps = steps
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        if self.ema is not None and st.get("ema") is not None:
+            self.ema.load_state_dict(st["ema"])
+        self.loader.load_state_dict(st["loader"])
+
+
+def _train_epoch(run: _PhaseRun, epoch: int, s: TrainSettings, device: torch.device) -> dict:
+    model = run.model
+    model.train()
+    total_loss, n, correct, t0 = 0.0, 0, 0, time.time()
+    for i, (x, y) in enumerate(run.loader):
+        if i >= run.steps:
+            break
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch} step {i}; lower field 'lr'")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        step = epoch * run.steps + i + 1
+        run.scheduler.step_update(step)
+        if run.ema is not None:
+            run.ema.update(model, step=step)
+        total_loss += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return {"loss": total_loss / max(n, 1), "train_acc": 100.0 * correct / max(n, 1), "seconds": time.time() - t0}
+
+
+def _save_checkpoint(path: Path, phase: str, next_epoch: int, run: _PhaseRun, extra: dict) -> None:
+    state = {"phase": phase, "epoch": next_epoch, "run": run.state_dict(), "extra": extra,
+             "rng": torch.get_rng_state()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0][:120]}); delete it "
+                              "or set resume=false") from None
+
+
+# --------------------------------------------------------------------------------------------- train
+
+def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, resume: bool = False,
+          on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train `arch` on `data` and write model.safetensors, integer.safetensors, quant_params.json, metrics.json,
+    metrics.jsonl and checkpoints/last.pt into out_dir. Returns the final metrics."""
+    s.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(s.device)
+    if device.type == "cuda":  # TF32 would make float convs on integer-valued tensors inexact
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(s.seed)
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    ckpt = _load_checkpoint(ckpt_path) if resume else None
+    if not resume and ckpt_path.exists():
+        raise CheckpointError(f"{ckpt_path} exists: pass resume=true to continue that run or use a new run directory")
+    arch.save(out_dir / "arch.json")
+
+    eval_loader = make_loader(data.test, s.eval_batch_size, shuffle=False, device=device)
+    n_train = len(data.train)
+    steps = n_train // s.batch_size if s.steps_per_epoch <= 0 else min(s.steps_per_epoch, n_train // s.batch_size)
+    if steps == 0:
+        raise ConfigError(f"field 'batch_size' ({s.batch_size}) is larger than the training set ({n_train})")
+    metrics: dict = dict(ckpt["extra"]) if ckpt else {}
+    phases = _phases(s)
+    names = [p for p, _ in phases]
+    start_phase = names.index(ckpt["phase"]) if ckpt else 0
+    if ckpt:
+        torch.set_rng_state(ckpt["rng"])
+
+    net: nn.Module = build_model(arch, quantized=s.quantized).to(device)
+    if s.init == "supernet" and not ckpt:
+        load_supernet_into(net, arch, s.supernet)
+    for p_idx in range(start_phase, len(phases)):
+        phase, n_epochs = phases[p_idx]
+        if phase == "folded":
+            net = _folded_from(net, ckpt if (ckpt and ckpt["phase"] == "folded") else None, data, s, device)
+        lr = s.lr * (s.fold_lr_scale if phase == "folded" else 1.0)
+        run = _PhaseRun(net, s, n_epochs, lr, steps, data.train, s.seed + p_idx, device)
+        first_epoch = 0
+        if ckpt and ckpt["phase"] == phase:
+            run.load_state_dict(ckpt["run"])
+            first_epoch = ckpt["epoch"]
+            ckpt = None
+        for epoch in range(first_epoch, n_epochs):
+            if phase == "folded" and epoch == n_epochs - 1 and n_epochs > 1:
+                for m in (run.model, run.eval_model):
+                    m.freeze_ranges(True)
+            rec = _train_epoch(run, epoch, s, device)
+            rec.update(phase=phase, epoch=epoch, lr=run.optimizer.param_groups[0]["lr"],
+                       test_acc=evaluate(run.eval_model, eval_loader, device))
+            append_jsonl(out_dir / "metrics.jsonl", rec)
+            log.info("%s epoch %d/%d loss %.4f train %.2f test %.2f (%.0fs)", phase, epoch + 1, n_epochs,
+                     rec["loss"], rec["train_acc"], rec["test_acc"], rec["seconds"])
+            if on_epoch:
+                on_epoch(rec)
+            _save_checkpoint(ckpt_path, phase, epoch + 1, run, metrics)
+        net = run.eval_model
+        if phase == "bn":
+            save_state(out_dir / "model_bn.safetensors", net, arch, "bn")  # before folding: for `quantize compare`
+            metrics["acc_fake_quant_bn"] = evaluate(net, eval_loader, device)
+            set_quantization(net, False)
+            metrics["acc_float_of_qat_weights"] = evaluate(net, eval_loader, device)
+            set_quantization(net, True)
+        elif phase == "float":
+            metrics["acc_float"] = evaluate(net, eval_loader, device)
+    if s.quantized and not isinstance(net, FoldedNet):  # fold_epochs == 0: fold and calibrate only
+        net = _folded_from(net, None, data, s, device)
+    metrics.update(_finish(net, arch, eval_loader, out_dir, s, device))
+    metrics["settings"] = asdict(s)
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _folded_from(net: nn.Module, ckpt: Optional[dict], data: DataBundle, s: TrainSettings,
+                 device: torch.device) -> FoldedNet:
+    """Fold the BN of the phase-1 model (or rebuild the folded model a checkpoint holds) and calibrate."""
+    if ckpt is not None:
+        folded = fold_model(build_model(net.arch).to(device), s.rounding).to(device)
+        return folded  # weights and ranges come from the checkpoint
+    net.eval()
+    folded = fold_model(net, s.rounding).to(device)
+    loader = make_loader(data.train, s.batch_size, shuffle=True, seed=s.seed + 100, device=device)
+    folded.calibrate(x for i, (x, _) in zip(range(s.calib_batches), loader))
+    return folded
+
+
+def _finish(model: nn.Module, arch: Arch, eval_loader, out_dir: Path, s: TrainSettings,
+            device: torch.device) -> dict:
+    out: dict = {}
+    if isinstance(model, FoldedNet):
+        model.eval()
+        integer = to_integer(model).to(device)
+        out["acc_fake_quant"] = evaluate(model, eval_loader, device)
+        p_fake, p_int = predictions(model, eval_loader, device), predictions(integer, eval_loader, device)
+        out["acc_integer"] = evaluate(integer, eval_loader, device)
+        out["integer_vs_fake_top1_disagreements"] = int((p_fake != p_int).sum())
+        save_state(out_dir / "model.safetensors", model, arch, "folded", {"rounding": s.rounding})
+        save_integer(out_dir, integer)
+    else:
+        save_state(out_dir / "model.safetensors", model, arch, "float")
+    out.update(size_kb=arch.size_kb(), bops=arch.bops(), macs=arch.macs())
+    return out

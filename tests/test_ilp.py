@@ -1,0 +1,52 @@
+"""ILP bit allocation: optimality on a hand-checkable case, limits respected, infeasibility, Hessian file."""
+import json
+
+import pytest
+
+from fbnas import Arch, load_space
+from fbnas.errors import ConfigError
+from fbnas.ilp import allocate_bits, bops_cost, read_hessian, size_cost
+
+OPS = ["ir_k3_e1", "ir_k3_e1", "shuffle_k3", "sqnxt_k3", "ir_k3_e3", "ir_k3_e1"]
+
+
+def _arch():
+    return Arch.from_space(load_space("fmnist"), OPS, 8, 8)
+
+
+def _omega(sens):
+    return {f"layers.{i}": {2: 16 * s, 4: 4 * s, 8: s} for i, s in enumerate(sens)}
+
+
+def test_ilp_respects_bops_and_prefers_low_bits_where_insensitive():
+    arch = _arch()
+    limit = 0.6 * arch.bops()
+    res = allocate_bits(arch, _omega([100, 1, 1, 1, 1, 100]), (2, 4, 8), (4, 8), {"bops": limit},
+                        {"bops": bops_cost})
+    assert res.totals["bops"] <= limit + 1e-6
+    assert abs(res.arch.bops() - res.totals["bops"]) < 1e-3  # ILP costs == Arch.bops of the result
+    assert res.choices[0] == (8, 8) and res.choices[5] == (8, 8)
+    assert any(w < 8 for w, _ in res.choices[1:5])
+
+
+def test_ilp_unconstrained_enough_keeps_8_bits_and_size_matches_arch():
+    arch = _arch()
+    res = allocate_bits(arch, _omega([1] * 6), (2, 4, 8), (4, 8), {"size_kb": arch.size_kb()},
+                        {"size_kb": size_cost})
+    assert res.choices == [(8, 8)] * 6
+    assert abs(res.totals["size_kb"] - arch.size_kb()) < 1e-9
+
+
+def test_ilp_infeasible_names_the_limit():
+    with pytest.raises(ConfigError, match=r"infeasible: bops <= .*lowest reachable"):
+        allocate_bits(_arch(), _omega([1] * 6), (2, 4, 8), (4, 8), {"bops": 1.0}, {"bops": bops_cost})
+
+
+def test_read_hessian(tmp_path):
+    p = tmp_path / "hessian.json"
+    p.write_text(json.dumps({"format": "fbnas-hessian/1", "groups": {
+        "layers.0": {"trace_per_param": 1e-3, "omega": {"2": 0.13, "4": 0.011, "8": 0.0004}}}}))
+    assert read_hessian(p) == {"layers.0": {2: 0.13, 4: 0.011, 8: 0.0004}}
+    p.write_text(json.dumps({"format": "nope"}))
+    with pytest.raises(ConfigError, match="format"):
+        read_hessian(p)
