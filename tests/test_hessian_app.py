@@ -12,7 +12,7 @@ from fbnas.errors import ConfigError
 from fbnas.hessian.report import load_hessian
 from fbnas.supernet import Supernet
 
-FAST = ["data=synthetic", "batches=1", "batch_size=8", "max_probes=8", "min_probes=4", "method=loop", "threads=1"]
+FAST = ["dataset=synthetic", "batches=1", "batch_size=8", "max_probes=8", "min_probes=4", "method=loop", "threads=1"]
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +89,15 @@ def test_bad_input_is_one_line_and_writes_nothing(child, capsys):
     assert "do not match" in one_line_error(capsys, [f"arch={d / 'arch.json'}",
                                                     f"weights={d / 'partial.safetensors'}"] + FAST)
     assert not (d / "hessian.json").exists()
+
+
+def test_accelerator_that_is_missing_is_a_clear_error(child, capsys):
+    d, _ = child
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    err = one_line_error(capsys, [f"arch={d / 'arch.json'}", f"weights={d / 'model.safetensors'}", "accelerator=cuda"]
+                         + FAST)
+    assert "accelerator" in err and "CUDA is not available" in err
 
 
 def test_load_hessian_names_the_bad_field(tmp_path):

@@ -26,7 +26,7 @@ class HessianRunConfig:
     arch: Optional[str] = None  # or an arch.json ...
     weights: Optional[str] = None  # ... and its model.safetensors
     out_dir: Optional[str] = None  # default: the folder of the weights (the run folder for a checkpoint)
-    data: Optional[str] = None  # dataset name; default from the space (fmnist -> fashion_mnist, ...)
+    dataset: Optional[str] = None  # fashion_mnist | cifar10 | cifar100 | imagefolder | synthetic; default from the space
     data_root: Optional[str] = None
     batches: int = 4
     batch_size: int = 128
@@ -35,7 +35,7 @@ class HessianRunConfig:
     min_probes: int = DEFAULT_MIN_PROBES
     seed: int = 0
     method: str = "auto"  # auto | loop | batched[:K] | func[:K]
-    device: str = "auto"  # auto | cpu | cuda[:i]
+    accelerator: str = "auto"  # auto | cpu | cuda[:i]
     bits: Optional[list] = None  # bit-widths for omega; default: the space's weight bits
     plot: bool = True
     threads: int = 0  # >0: torch.set_num_threads
@@ -45,7 +45,7 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"field 'device' is {name!r} but CUDA is not available; use device=cpu")
+        raise ConfigError(f"field 'accelerator' is {name!r} but CUDA is not available; use accelerator=cpu")
     return torch.device(name)
 
 
@@ -96,15 +96,19 @@ def _load_supernet(cfg: HessianRunConfig) -> tuple[nn.Module, str, dict]:
     return net, state["space"], conf
 
 
+def _dataset_name(cfg: HessianRunConfig, space_name: str, search_conf: dict) -> Optional[str]:
+    return cfg.dataset or (search_conf.get("data") or {}).get("name") or SPACE_DATASETS.get(space_name)
+
+
 def _batches(cfg: HessianRunConfig, space_name: str, search_conf: dict, device: torch.device) -> list:
     from ..data import load_dataset, make_loader
     from ..space import load_space
 
     data_conf = search_conf.get("data") or {}
-    name = cfg.data or data_conf.get("name") or SPACE_DATASETS.get(space_name)
+    name = _dataset_name(cfg, space_name, search_conf)
     if not name:
-        raise ConfigError(f"field 'data' is missing: space {space_name!r} has no default dataset; "
-                          "give data=fashion_mnist|cifar10|cifar100|imagefolder|synthetic")
+        raise ConfigError(f"field 'dataset' is missing: space {space_name!r} has no default dataset; "
+                          "give dataset=fashion_mnist|cifar10|cifar100|imagefolder|synthetic")
     space = load_space(space_name)
     bundle = load_dataset(name, cfg.data_root or data_conf.get("root"), seed=cfg.seed,
                           input_size=space.input_size, num_classes=space.num_classes, in_channels=space.in_channels)
@@ -128,7 +132,7 @@ def run_hessian(cfg: HessianRunConfig) -> tuple[dict, list[Path], TraceResult]:
         raise ConfigError("fields 'batches' and 'batch_size' must be >= 1")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
+    device = _device(cfg.accelerator)
     search_conf: dict = {}
     if cfg.checkpoint:
         model, space_name, search_conf = _load_supernet(cfg)
@@ -154,7 +158,8 @@ def run_hessian(cfg: HessianRunConfig) -> tuple[dict, list[Path], TraceResult]:
         result = hutchinson_traces(model, None, batches, groups, **kw)
     settings = {"target_rel_se": cfg.target_rel_se, "max_probes": cfg.max_probes, "min_probes": cfg.min_probes,
                 "seed": cfg.seed, "batches": cfg.batches, "batch_size": cfg.batch_size,
-                "device": str(device), "bits": [int(b) for b in bits]}
+                "dataset": _dataset_name(cfg, space_name, search_conf), "device": str(device),
+                "bits": [int(b) for b in bits]}
     source = {"arch": cfg.arch, "weights": cfg.weights, "checkpoint": cfg.checkpoint}
     record = hessian_record(result, groups, bits, source, settings)
     paths = write_hessian(cfg.out_dir or default_out, record, plot=cfg.plot)
