@@ -26,7 +26,7 @@ class HessianRunConfig:
     arch: Optional[str] = None  # or an arch.json ...
     weights: Optional[str] = None  # ... and its model.safetensors
     out_dir: Optional[str] = None  # default: the folder of the weights (the run folder for a checkpoint)
-    dataset: Optional[str] = None  # fashion_mnist | cifar10 | cifar100 | imagefolder | synthetic; default from the space
+    dataset: Optional[str] = None  # fashion_mnist | cifar10 | cifar100 | imagefolder | synthetic (default: by space)
     data_root: Optional[str] = None
     batches: int = 4
     batch_size: int = 128
