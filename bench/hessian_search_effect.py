@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--refresh-every", type=int, default=40)
     ap.add_argument("--hessian-probes", type=int, default=32)
+    ap.add_argument("--trace-probes", type=int, default=200, help="probe cap of the per-layer traces of each result")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST idx files (default: the system copy)")
     ap.add_argument("--accelerator", default="cpu")
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         res = run_search(cfg, run_dir)
         seconds = time.time() - t0
-        layers = layer_traces(run_dir, res.arch, cfg, device, args.seed, 200)
+        layers = layer_traces(run_dir, res.arch, cfg, device, args.seed, args.trace_probes)
         idx = sorted(layers)
         tr = [layers[i]["trace_per_param"] for i in idx]
         bits = [layers[i]["w_bits"] for i in idx]
