@@ -25,7 +25,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fbnas.config import HessianConfig, SearchConfig  # noqa: E402
 from fbnas.data import load_dataset, make_loader  # noqa: E402
-from fbnas.hessian import hutchinson_traces, quantized_weights  # noqa: E402
+from fbnas.hessian import hutchinson_traces, quantized_weights, supernet_traces  # noqa: E402
 from fbnas.io import atomic_write_json, atomic_write_text  # noqa: E402
 from fbnas.search import run_search  # noqa: E402
 from fbnas.space import load_space  # noqa: E402
@@ -54,6 +54,31 @@ def layer_traces(run_dir: Path, arch, cfg: SearchConfig, device, seed: int, max_
         k.split(".")[1])].op, "w_bits": arch.layers[int(k.split(".")[1])].w_bits} for k, g in res.groups.items()}
 
 
+def op_level(run_dir: Path, cfg: SearchConfig, device, seed: int, max_probes: int) -> dict:
+    """Every op with weights in the final supernet: its trace (measured with it chosen) and the expected weight
+    bits of its learned bit distribution, sum_b softmax(beta_w)_b * b (continuous: no ties, defined at gamma 0)."""
+    space = load_space(cfg.space)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    net = Supernet(space, mode=cfg.mode, quantized=cfg.quantized)
+    net.load_state_dict(state["supernet"])
+    net.to(device)
+    bundle = load_dataset(cfg.data.name, cfg.data.root, seed=seed, train_subset=cfg.data.train_subset)
+    loader = make_loader(bundle.train, 128, shuffle=True, seed=seed + 99, drop_last=True, device=device)
+    batches = [b for _, b in zip(range(2), loader)]
+    res = supernet_traces(net, None, batches, target_rel_se=0.1, max_probes=max_probes, min_probes=16, seed=seed)
+    with torch.no_grad():
+        _, ws, _ = net.probabilities()
+        bits = torch.tensor(space.w_bits, dtype=ws.dtype, device=ws.device)
+        expected = (ws * bits).sum(-1).cpu()
+    out = {}
+    for name, g in res.groups.items():
+        l, i = int(name.split(".")[1]), int(name.split(".")[3])
+        out[name] = {"trace_per_param": g.trace_per_param, "rel_se": g.rel_se, "expected_w_bits": float(expected[l, i])}
+    tr = [v["trace_per_param"] for v in out.values()]
+    eb = [v["expected_w_bits"] for v in out.values()]
+    return {"spearman": float(spearmanr(tr, eb).statistic), "ops": out}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", default="fmnist")
@@ -67,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--refresh-every", type=int, default=40)
     ap.add_argument("--hessian-probes", type=int, default=32)
     ap.add_argument("--trace-probes", type=int, default=200, help="probe cap of the per-layer traces of each result")
+    ap.add_argument("--op-trace-probes", type=int, default=64, help="probe cap of the per-op traces of the supernet")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST idx files (default: the system copy)")
     ap.add_argument("--accelerator", default="cpu")
@@ -96,18 +122,23 @@ def main(argv=None) -> int:
         tr = [layers[i]["trace_per_param"] for i in idx]
         bits = [layers[i]["w_bits"] for i in idx]
         rho = spearmanr(tr, bits).statistic if len(set(bits)) > 1 and len(set(tr)) > 1 else float("nan")
+        ops = op_level(run_dir, cfg, device, args.seed, args.op_trace_probes)
         results[gamma] = {"spearman": rho, "layers": layers, "seconds": seconds, "latency_ms": res.latency_ms,
-                          "val_acc": res.arch.predicted.get("val_acc_in_supernet"), "run_dir": str(run_dir)}
-        print(f"gamma={gamma:g}: Spearman(trace, w_bits) = {rho:.3f} over {len(idx)} layers, bits {bits} "
-              f"({seconds:.0f} s)", flush=True)
+                          "val_acc": res.arch.predicted.get("val_acc_in_supernet"), "run_dir": str(run_dir),
+                          "op_spearman": ops["spearman"], "ops": ops["ops"]}
+        print(f"gamma={gamma:g}: Spearman(trace, w_bits) = {rho:.3f} over {len(idx)} layers, bits {bits}; over "
+              f"{len(ops['ops'])} supernet ops, Spearman(trace, E[w bits]) = {ops['spearman']:.3f} "
+              f"({seconds:.0f} s search)", flush=True)
     lines = [f"# Effect of the Hessian penalty on the searched bits ({args.space}, latency device {args.device})", "",
              f"Search: {args.epochs} epochs ({args.warmup_epochs} warm-up), <= {args.steps or 'all'} steps/epoch, "
              f"{args.train_subset or 'all'} training images, batch {args.batch_size}, seed {args.seed}; penalty "
              f"refreshed every {args.refresh_every} steps with <= {args.hessian_probes} probes per op.", "",
-             "| gamma | Spearman(layer trace, chosen w bits) | supernet val acc | latency (ms) |", "|---|---|---|---|"]
+             "| gamma | Spearman(layer trace, chosen w bits) of the derived arch | Spearman(op trace, expected w bits) "
+             "over all supernet ops | supernet val acc | latency (ms) |", "|---|---|---|---|---|"]
     for gamma, r in results.items():
         rho = "undefined (all layers same bits)" if math.isnan(r["spearman"]) else f"{r['spearman']:.3f}"
-        lines.append(f"| {gamma:g} | {rho} | {r['val_acc']} | {r['latency_ms']:.4f} |")
+        lines.append(f"| {gamma:g} | {rho} | {r['op_spearman']:.3f} ({len(r['ops'])} ops) | {r['val_acc']} | "
+                     f"{r['latency_ms']:.4f} |")
     for gamma, r in results.items():
         lines += ["", f"gamma = {gamma:g}:", "", "| layer | op | Tr(H)/n | rel SE | w bits |", "|---|---|---|---|---|"]
         for i, l in sorted(r["layers"].items()):

@@ -372,8 +372,9 @@ def hutchinson_traces(model: nn.Module, loss_fn: Optional[LossFn], batches: Sequ
         raise ConfigError("hutchinson_traces needs at least one batch")
     if not 0 < target_rel_se:
         raise ConfigError(f"target_rel_se must be > 0, got {target_rel_se}")
-    if max_probes < 2 or min_probes > max_probes:
-        raise ConfigError(f"need 2 <= max_probes and min_probes <= max_probes, got {min_probes}, {max_probes}")
+    if max_probes < 2:
+        raise ConfigError(f"max_probes must be >= 2 (a standard error needs two probes), got {max_probes}")
+    min_probes = min(min_probes, max_probes)
     model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device) if device is not None else model_device
     if device.type != model_device.type:
