@@ -88,6 +88,8 @@ class Searcher:
         self.out_dir = Path(out_dir)
         self._validate()
         self.device = resolve_device(cfg.accelerator)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # shapes repeat over thousands of steps
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -113,12 +115,13 @@ class Searcher:
         if self.steps_per_epoch == 0:
             raise ConfigError(f"field 'data.batch_size' ({cfg.data.batch_size}) is larger than the weight split "
                               f"({len(self.data.train)} images); lower it or use more data")
+        fused = self.device.type == "cuda"
         self.w_opt = torch.optim.SGD(self.supernet.weight_parameters(), lr=cfg.optim.w_lr,
-                                     momentum=cfg.optim.w_momentum, weight_decay=cfg.optim.w_weight_decay)
+                                     momentum=cfg.optim.w_momentum, weight_decay=cfg.optim.w_weight_decay, fused=fused)
         self.w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt,
                                                                   T_max=max(cfg.epochs * self.steps_per_epoch, 1))
         self.a_opt = torch.optim.Adam(self.supernet.arch_parameters(), lr=cfg.optim.arch_lr,
-                                      weight_decay=cfg.optim.arch_weight_decay)
+                                      weight_decay=cfg.optim.arch_weight_decay, fused=fused)
         self.epoch = 0
         self.step = 0
         self.metrics: list[dict] = []

@@ -43,18 +43,17 @@ def gumbel_noise(shape: Sequence[int], generator: Optional[torch.Generator], dev
     return torch.zeros(shape, device=device, dtype=dtype)
 
 
-def gumbel_softmax_rows(logits: torch.Tensor, tau: float, hard: bool, generator: Optional[torch.Generator],
-                        ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Gumbel-softmax over the last dim of [R, n] logits: (weights used in the forward, soft relaxation, sampled
-    index per row). In hard mode the weights are straight-through one-hots: value one_hot, gradient of the soft
-    relaxation. One noise draw and one host sync for all rows."""
-    g = gumbel_noise(logits.shape, generator, logits.device, logits.dtype)
-    soft = F.softmax((logits + g) / tau, dim=-1)
-    index = soft.detach().argmax(-1)
+def gumbel_softmax_rows(logits: torch.Tensor, noise: torch.Tensor, index: list[int], tau: float, hard: bool,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gumbel-softmax over the last dim of [R, n] logits with given noise and sampled indices: (weights used in
+    the forward, soft relaxation). In hard mode the weights are straight-through one-hots: value one_hot,
+    gradient of the soft relaxation."""
+    soft = F.softmax((logits + noise) / tau, dim=-1)
     if not hard:
-        return soft, soft, index.tolist()
-    one_hot = F.one_hot(index, logits.shape[-1]).to(soft.dtype)
-    return one_hot - soft.detach() + soft, soft, index.tolist()
+        return soft, soft
+    one_hot = torch.zeros_like(soft)
+    one_hot[torch.arange(len(index)), index] = 1.0
+    return one_hot - soft.detach() + soft, soft
 
 
 def has_quantized_weights(module: nn.Module) -> bool:
@@ -180,12 +179,18 @@ class Supernet(nn.Module):
         """Draw one Gumbel sample for every layer's op and bit choices (batched across layers)."""
         hard = self.mode == "hard"
         layers = list(self.mixed_layers)
-        op_w, op_soft, op_idx = gumbel_softmax_rows(torch.stack([l.alpha for l in layers]), self.tau, hard,
-                                                    self.generator)
-        w_w, w_soft, w_idx = gumbel_softmax_rows(torch.cat([l.beta_w for l in layers]), self.tau, hard,
-                                                 self.generator)
-        a_w, a_soft, a_idx = gumbel_softmax_rows(torch.cat([l.beta_a for l in layers]), self.tau, hard,
-                                                 self.generator)
+        logits = [torch.stack([l.alpha for l in layers]), torch.cat([l.beta_w for l in layers]),
+                  torch.cat([l.beta_a for l in layers])]
+        # one noise draw (CPU generator: the same samples on every device), one copy each way
+        sizes = [t.numel() for t in logits]
+        noise_cpu = gumbel_noise((sum(sizes),), self.generator, "cpu")
+        flat_cpu = torch.cat([t.detach().reshape(-1) for t in logits]).float().cpu()
+        noise = noise_cpu.to(logits[0].device, non_blocking=True).split(sizes)
+        op_idx, w_idx, a_idx = (p.view_as(t).argmax(-1).tolist()
+                                for t, p in zip(logits, (flat_cpu + noise_cpu).split(sizes)))
+        (op_w, op_soft), (w_w, w_soft), (a_w, a_soft) = (
+            gumbel_softmax_rows(t, n.view_as(t).to(t.dtype), idx, self.tau, hard)
+            for t, n, idx in zip(logits, noise, (op_idx, w_idx, a_idx)))
         r = 0
         for li, layer in enumerate(layers):
             n = len(layer.bit_ops)
