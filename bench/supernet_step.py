@@ -51,7 +51,7 @@ def measure(name: str, args: dict, queue) -> None:
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     fused = dev.type == "cuda"
-    w_opt = torch.optim.SGD(net.weight_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, fused=fused)
+    w_opt = torch.optim.SGD(net.weight_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)  # unsampled ops have no grad: no fused SGD
     a_opt = torch.optim.Adam(net.arch_parameters(), lr=0.01, weight_decay=5e-4, fused=fused)
     penalty = MultiplicativePenalty(ref_ms=float(lat_m.mean(dim=(1, 2, 3)).sum()) + lat_fixed)
     b, size = args["batch"], space.input_size

@@ -117,7 +117,7 @@ class Searcher:
                               f"({len(self.data.train)} images); lower it or use more data")
         fused = self.device.type == "cuda"
         self.w_opt = torch.optim.SGD(self.supernet.weight_parameters(), lr=cfg.optim.w_lr,
-                                     momentum=cfg.optim.w_momentum, weight_decay=cfg.optim.w_weight_decay, fused=fused)
+                                     momentum=cfg.optim.w_momentum, weight_decay=cfg.optim.w_weight_decay)
         self.w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt,
                                                                   T_max=max(cfg.epochs * self.steps_per_epoch, 1))
         self.a_opt = torch.optim.Adam(self.supernet.arch_parameters(), lr=cfg.optim.arch_lr,
