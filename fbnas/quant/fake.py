@@ -41,6 +41,12 @@ class BitState:
     w_index: Optional[int] = None
     a_index: Optional[int] = None
     enabled: bool = True
+    factor: Optional[torch.Tensor] = None  # hard mode: w_probs[w_index] * a_probs[a_index], computed once per op
+
+    def straight_through_factor(self) -> torch.Tensor:
+        if self.factor is None:
+            self.factor = self.w_probs[self.w_index] * self.a_probs[self.a_index]
+        return self.factor
 
     @classmethod
     def fixed(cls, w_bits: int, a_bits: int) -> "BitState":
@@ -53,6 +59,7 @@ class BitState:
     def clear(self) -> None:
         self.w_probs = self.a_probs = None
         self.w_index = self.a_index = None
+        self.factor = None
 
 
 # ------------------------------------------------------------------------------- weight quantization
@@ -266,7 +273,7 @@ class QConv2d(nn.Conv2d):
         if st.a_index is not None:
             # hard mode: the straight-through factors of the sampled bits (value 1, gradient to their
             # probabilities) ride on the small weight tensor; the conv is bilinear in input and weight
-            w = w * (st.w_probs[st.w_index] * st.a_probs[st.a_index])
+            w = w * st.straight_through_factor()
         return self._conv_forward(xq, w, self.bias)
 
 
