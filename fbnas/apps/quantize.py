@@ -34,7 +34,8 @@ class QuantizeConfig:
     arch: str = ""  # arch.json (default: the one stored in the weights)
     out: str = ""  # convert: output dir; compare: markdown report; ilp: new arch.json; onnx: .onnx path
     rounding: str = "half_even"
-    samples: int = 256  # compare/onnx: test images
+    samples: int = 256  # compare/onnx: test images (onnx: 0 = the whole test set)
+    mode: str = "qlinear"  # onnx: qlinear | qdq | accumulators
     bits: list = field(default_factory=lambda: [8, 4])  # compare: naive-vs-integer at these w/a bits
     data: QuantizeData = field(default_factory=QuantizeData)
     hessian: str = ""  # ilp: fbnas-hessian/1 traces (else weight perturbation of `weights`)
@@ -67,7 +68,7 @@ def _test_images(cfg, n: int) -> torch.Tensor:
     from ..data import load_dataset
 
     bundle = load_dataset(cfg.data.name, root=cfg.data.root, test_subset=n)
-    return bundle.test.x[:n]
+    return bundle.test.x[:n] if n > 0 else bundle.test.x
 
 
 def _convert(cfg) -> None:
