@@ -108,14 +108,14 @@ def check_with_onnxruntime(integer: IntegerNet, x: torch.Tensor, opset: int = 21
 
 @torch.no_grad()
 def check_graph(integer: IntegerNet, x: torch.Tensor, mode: str = "qlinear", batch_size: int = 250,
-                threads: int = 1) -> dict:
+                threads: int = 1, exact_branches: bool = False) -> dict:
     """Run the whole-model `mode` graph (qlinear | qdq) of `integer` in onnxruntime over x (in batches) and compare
     every tensor with the integer model's, end to end. Returns per-tensor counts, the totals over the quantized
     conv outputs, the logits' top-1 agreement and `passed`."""
     if mode == "qlinear":
-        model, debug, _ = qlinear_graph(integer, debug_outputs=True)
+        model, debug, _ = qlinear_graph(integer, debug_outputs=True, exact_branches=exact_branches)
     elif mode == "qdq":
-        model, debug = qdq_graph(integer, debug_outputs=True)
+        model, debug = qdq_graph(integer, debug_outputs=True, exact_branches=exact_branches)
     else:
         raise ConfigError(f"field 'mode' is {mode!r}; choose one of {', '.join(CHECK_MODES)}")
     sess = ort_session(model, threads=threads)
@@ -145,7 +145,7 @@ def check_graph(integer: IntegerNet, x: torch.Tensor, mode: str = "qlinear", bat
     frac = conv_bad / max(conv_el, 1)
     top1 = agree / max(n, 1)
     within = frac <= MAX_MISMATCH_FRACTION and conv_max <= MAX_LSB
-    return {"mode": mode, "images": n, "tensors": stats, "conv_elements": conv_el, "conv_mismatches": conv_bad,
+    return {"mode": mode, "exact_branches": exact_branches, "images": n, "tensors": stats, "conv_elements": conv_el, "conv_mismatches": conv_bad,
             "conv_mismatch_fraction": frac, "conv_max_abs_diff": conv_max, "top1_agreement": top1,
             "within_lsb_bounds": within,
             "passed": top1 >= MIN_TOP1_AGREEMENT and (within or mode == "qdq")}
@@ -153,7 +153,7 @@ def check_graph(integer: IntegerNet, x: torch.Tensor, mode: str = "qlinear", bat
 
 def format_graph_check(res: dict) -> str:
     kind = "QLinearConv" if res["mode"] == "qlinear" else "quantized conv"
-    return (f"onnxruntime {res['mode']} graph on {res['images']} images: {kind} outputs differ on "
+    return (f"onnxruntime {res['mode']}{' (exact branches)' if res['exact_branches'] else ''} graph on {res['images']} images: {kind} outputs differ on "
             f"{res['conv_mismatches']} of {res['conv_elements']} elements ({res['conv_mismatch_fraction']:.2e}; "
             f"bound {MAX_MISMATCH_FRACTION:g}), max {res['conv_max_abs_diff']} LSB (bound {MAX_LSB}); top-1 agreement "
             f"{100 * res['top1_agreement']:.3f}% (bound {100 * MIN_TOP1_AGREEMENT:.1f}%"
@@ -182,9 +182,9 @@ def onnx_command(cfg, weights, arch, test_images) -> None:
         failed = bool(res["accumulator_mismatches"]) or not res["logits_identical"]
     else:
         if cfg.out:
-            save_onnx(export_graph(cfg.mode, integer=integer), cfg.out)
+            save_onnx(export_graph(cfg.mode, integer=integer, exact_branches=cfg.exact_branches), cfg.out)
             print(f"wrote {cfg.out}")
-        res = check_graph(integer, x, cfg.mode)
+        res = check_graph(integer, x, cfg.mode, exact_branches=cfg.exact_branches)
         print(format_graph_check(res))
         failed = not res["passed"]
     if failed:

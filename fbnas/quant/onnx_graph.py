@@ -4,20 +4,25 @@ fake-quant and the integer-only models run, in three forms:
   fp32     the float network with BN folded (Conv, Relu, Add, Concat, Slice, shuffle, GlobalAveragePool, Gemm)
   qdq      QuantizeLinear/DequantizeLinear around float ops (opset 21): per-channel weight scales (int8 weights;
            int4 for w_bits <= 4), int32 bias at S_w*S_in, activations uint8 (8-bit) or uint4 (<= 4-bit) with zero
-           point 0 (unsigned) or the mid level (signed). onnxruntime fuses the 8-bit patterns into QLinearConv etc.
-           Residual adds keep the integer model's arithmetic: each branch is requantized to the output scale on its
-           own (Q/DQ into int16), then added and quantized; concat and pool likewise requantize per input.
-  qlinear  an integer graph: QLinearConv (uint8 activations, int8 per-channel weights, int32 bias) for every conv
-           with a quantized output, ConvInteger + int32 bias for accumulators that feed an add/concat,
-           MatMulInteger for the classifier; requantization outside QLinearConv (adds, concats, pool, input) is
-           the integer model's: acc * (m / 2^c) in float64, which is exact for these magnitudes, then Round (half
-           to even), Clip and Cast. Activations of <= 4 bits travel in uint8 with a Clip to their levels.
+           point 0 (unsigned levels) or the mid level (signed). onnxruntime fuses the 8-bit patterns into
+           QLinearConv, QLinearAdd, QLinearGlobalAveragePool.
+  qlinear  an integer graph: QLinearConv (uint8 activations, int8 per-channel weights, int32 bias) for every conv,
+           QLinearAdd / QLinearConcat (com.microsoft) for residual adds and concats, MatMulInteger for the
+           classifier; the input quantizer and the pool use the integer model's exact arithmetic (float64
+           multiply by m / 2^c, exact at these magnitudes, Round half to even, Clip, Cast). Activations of <= 4 bits
+           travel in uint8 with a Clip to their levels.
 
-Integer tensors are uint8 with zero point 0 (unsigned levels) or 128 (signed levels) in the qlinear graph.
-The only deliberate difference from the integer model is QLinearConv's requantization, which onnxruntime does
-with a float32 multiplier x_scale*w_scale/y_scale instead of our 31-bit dyadic one (1 LSB at rare near-ties), and
-in the qdq graph also float convs/sums before each quantizer. `half_away` rounding is exported for the qlinear
-requantizations we control; onnxruntime's own kernels round half to even.
+Residual adds. The integer model keeps a conv's int32 accumulator when an add/concat consumes it and requantizes
+each branch to the output scale on its own. Both graphs express that as the conv quantized straight to the
+merge's output scale (a uint8 branch tensor, zero point 0 when a ReLU is pending, else 128), so onnxruntime
+fuses it; then QLinearAdd adds an integer to the other branch's rounding, the same two roundings as ours. The
+branch tensor saturates at [-128, 127] (or [0, 255]) output levels where ours does not; `exact_branches=True`
+removes that (qlinear: ConvInteger + exact requantization; qdq: int16 Q/DQ) at the price of un-fused kernels.
+
+The remaining differences from the integer model: onnxruntime requantizes in QLinearConv/QLinearAdd/QLinearConcat
+with a float32 multiplier (x_scale*w_scale/y_scale) instead of our 31-bit dyadic one (1 LSB at rare near-ties);
+the qdq graph also quantizes its input and runs un-fused (4-bit) layers in float32. `half_away` rounding is
+exported for the requantizations we write; onnxruntime's own kernels round half to even.
 """
 from __future__ import annotations
 
@@ -81,7 +86,8 @@ class _Graph:
         for out_name, elem, shape in extra_outputs or []:
             outputs.append(helper.make_tensor_value_info(out_name, elem, ["N"] + list(shape)))
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid("com.microsoft", 1)],
                                   producer_name="fbnas")
         model.ir_version = ONNX_IR_VERSION
         return model
@@ -199,9 +205,22 @@ def _w_bits(weight: torch.Tensor) -> int:
     return 4 if m <= 7 else 8
 
 
+def raw_branches(integer: IntegerNet) -> dict[str, tuple[str, bool]]:
+    """raw accumulator tensor -> (the add/concat output it feeds, whether its ReLU is pending)."""
+    raw = {st.output for st in integer.steps if st.kind == "conv" and integer.nodes[node_key(st.name)].raw}
+    out = {}
+    for st in integer.steps:
+        if st.kind in ("add", "concat"):
+            merge = integer.nodes[node_key(st.name)]
+            for t, relu in zip(st.inputs, merge.relus):
+                if t in raw:
+                    out[t] = (st.output, bool(relu))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ qdq
 
-def qdq_graph(integer: IntegerNet, debug_outputs: bool = False):
+def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: bool = False):
     """The QDQ form of `integer` (see the module docstring). With debug_outputs, every quantized tensor is also
     a graph output; returns (model, {tensor: (output name, zero point, scale)}) (see `debug_codes`)."""
     from onnx import TensorProto
@@ -228,12 +247,19 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False):
             debug_names[t] = (dq, 0, float(_f32(s)))
         return dq
 
-    def requant_int16(real: str, s_out: torch.Tensor, base: str) -> str:
-        """A branch requantized on its own to the output scale (int16: never saturates), dequantized."""
-        sc = g.const(f"{base}.scale", _f32(s_out).reshape(()))
-        z = g.const(f"{base}.zero_point", np.array(0, np.int16))
-        return g.op("DequantizeLinear", [g.op("QuantizeLinear", [real, sc, z], f"{base}.q16"), sc, z], f"{base}.dq")
+    def quantize_branch(t: str, real: str, base: str) -> str:
+        """A raw accumulator requantized on its own to the scale of the add/concat that consumes it (uint8, zero
+        point 0 when a ReLU is pending, so that saturation is the ReLU, else 128), dequantized."""
+        merge, relu = branches[t]
+        sc = g.const(f"{base}.scale", _f32(integer.scales[merge]).reshape(()))
+        if exact_branches:  # int16 never saturates; onnxruntime then runs this conv in float
+            z = g.const(f"{base}.zero_point", np.array(0, np.int16))
+            real = g.op("Relu", [real], base) if relu else real
+        else:
+            z = g.const(f"{base}.zero_point", np.array(0 if relu else 128, np.uint8))
+        return g.op("DequantizeLinear", [g.op("QuantizeLinear", [real, sc, z], f"{base}.q"), sc, z], f"{base}.dq")
 
+    branches = raw_branches(integer)
     for st in integer.steps:
         key = node_key(st.name)
         node = integer.nodes[key] if key in integer.nodes else None
@@ -260,15 +286,10 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False):
                 g.nodes.append(_gemm(g, x, w_dq, b_dq, st.name, "logits"))
                 continue
             y = g.op("Conv", [x, w_dq, b_dq], st.name, **_conv_attrs(node))
-            # a ReLU is the quantizer's saturation at zero point 0 (levels [0, hi]); a raw accumulator's pending
-            # ReLU is applied by the merge that consumes it
-            env[st.output] = y if node.raw else quantize(st.output, y, st.name)
+            # a ReLU is the quantizer's saturation at zero point 0 (levels [0, hi])
+            env[st.output] = quantize_branch(st.output, y, st.name) if node.raw else quantize(st.output, y, st.name)
         elif st.kind in ("add", "concat"):
-            s_out = integer.scales[st.output]
-            parts = []
-            for i, t in enumerate(st.inputs):
-                v = g.op("Relu", [env[t]], f"{st.name}.in{i}") if node.relus[i] else env[t]
-                parts.append(requant_int16(v, s_out, f"{st.name}.in{i}") if st.kind == "add" else v)
+            parts = [env[t] for t in st.inputs]
             y = g.op("Add", parts, st.name) if st.kind == "add" else g.op("Concat", parts, st.name, axis=1)
             env[st.output] = quantize(st.output, y, st.name)
         elif st.kind == "split":
@@ -285,18 +306,19 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False):
 
 # -------------------------------------------------------------------------------------------- qlinear
 
-def qlinear_graph(integer: IntegerNet, debug_outputs: bool = False):
-    """The integer (QOperator) form of `integer` (see the module docstring). With debug_outputs, every program
-    tensor is also a graph output (uint8 codes or int32 accumulators); returns (model, {tensor: (output name,
-    zero point, None)}, names of the tensors QLinearConv produces)."""
+def qlinear_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: bool = False):
+    """The integer (QOperator) form of `integer` (see the module docstring). With debug_outputs, every quantized
+    program tensor is also a graph output (uint8 codes); returns (model, {tensor: (output name, zero point,
+    None)}, names of the tensors that QLinearConv produces)."""
     from onnx import TensorProto
 
     arch = integer.arch
     x_shape = [arch.in_channels, arch.input_size, arch.input_size]
     shapes = _tensor_shapes(integer, x_shape)
     g = _Graph()
-    env: dict[str, tuple[str, int]] = {}  # tensor -> (name, zero point); zero point None for int32 accumulators
+    env: dict[str, tuple[str, int, torch.Tensor]] = {}  # tensor -> (uint8 name, zero point, scale)
     rounding = integer.rounding
+    branches = raw_branches(integer)
     extra: list = []
     debug: dict[str, tuple[str, int, Optional[float]]] = {}
     qlinear_tensors: list[str] = []
@@ -317,17 +339,19 @@ def qlinear_graph(integer: IntegerNet, debug_outputs: bool = False):
             c = g.op("Add", [c, g.const(f"{base}.zp", np.array(zp, np.float64))], base)
         return g.op("Cast", [c], base, to=TensorProto.UINT8)
 
-    def as_double(t: str, base: str) -> str:
-        name, zp = env[t]
-        v = g.op("Cast", [name], base, to=TensorProto.DOUBLE)
-        if zp:
-            v = g.op("Sub", [v, g.const(f"{base}.zp", np.array(zp, np.float64))], base)
-        return v
+    def clip_levels(y: str, levels: tuple[int, int], zp: int, base: str) -> str:
+        """Levels narrower than uint8 (<= 4-bit, or signed 8-bit's -127): a Clip on the codes."""
+        if (levels[0] + zp, levels[1] + zp) == (0, 255):
+            return y
+        return g.op("Clip", [y, g.const(f"{base}.lo", np.array(levels[0] + zp, np.uint8)),
+                             g.const(f"{base}.hi", np.array(levels[1] + zp, np.uint8))], base)
+
+    def qparams(base: str, scale: torch.Tensor, zp: int) -> list[str]:
+        return [g.const(f"{base}.scale", _f32(scale).reshape(())), g.const(f"{base}.zp", np.array(zp, np.uint8))]
 
     def dyadic_mul(v: str, m: torch.Tensor, c: torch.Tensor, base: str) -> str:
         mult = torch.ldexp(m.double().cpu(), -c.double().cpu()).numpy()  # m / 2^c, exact in float64
-        return round_(g.op("Mul", [v, g.const(f"{base}.mult", _per_channel_4d(mult) if mult.ndim else mult)],
-                           base), base)
+        return round_(g.op("Mul", [v, g.const(f"{base}.mult", mult)], base), base)
 
     for st in integer.steps:
         key = node_key(st.name)
@@ -337,72 +361,93 @@ def qlinear_graph(integer: IntegerNet, debug_outputs: bool = False):
             _, zp, _ = _container((lo, hi), four_bit=False)
             v = g.op("Cast", ["input"], "input", to=TensorProto.DOUBLE)
             v = g.op("Div", [v, g.const("input.scale", _f64(node.scale).reshape(()))], "input")
-            env[st.output] = (to_codes(round_(v, "input"), (lo, hi), zp, "input"), zp)
+            env[st.output] = (to_codes(round_(v, "input"), (lo, hi), zp, "input"), zp, integer.scales[st.output])
         elif st.kind == "conv":
-            x, zp_in = env[st.inputs[0]]
-            w = g.const(f"{st.name}.weight_q", node.weight.cpu().numpy().astype(np.int8))
-            if node.raw:
-                acc = g.op("ConvInteger", [x, w, g.const(f"{st.name}.x_zp", np.array(zp_in, np.uint8))], st.name,
+            x, zp_in, s_in = env[st.inputs[0]]
+            s_acc = integer.acc_scales[st.name]
+            if node.raw and exact_branches:  # int32 accumulator, requantized exactly by the merge
+                acc = g.op("ConvInteger", [x, g.const(f"{st.name}.weight_q", node.weight.cpu().numpy().astype(np.int8)),
+                                           g.const(f"{st.name}.x_zp", np.array(zp_in, np.uint8))], st.name,
                            **_conv_attrs(node))
-                acc = g.op("Add", [acc, g.const(f"{st.name}.bias_q", node.bias.cpu().numpy().astype(np.int32)
-                                                .reshape(1, -1, 1, 1))], st.name)
-                env[st.output] = (acc, None)
+                bias = node.bias.cpu().numpy().astype(np.int32).reshape(1, -1, 1, 1)
+                env[st.output] = (g.op("Add", [acc, g.const(f"{st.name}.bias_q", bias)], st.name), None, s_acc)
+                continue
+            if node.raw:  # requantized on its own to the consuming add/concat's scale (zero point 0 = its ReLU)
+                merge, relu = branches[st.output]
+                s_out, zp, levels = integer.scales[merge], (0 if relu else 128), None
             else:
-                s_in, s_acc = integer.scales[st.inputs[0]], integer.acc_scales[st.name]
-                levels = (node.lo, node.hi)
+                s_out, levels = integer.scales[st.output], (node.lo, node.hi)
                 _, zp, _ = _container(levels, four_bit=False)
-                s_w = (s_acc / s_in.double()).reshape(-1)
-                y = g.op("QLinearConv", [x, g.const(f"{st.name}.x_scale", _f32(s_in).reshape(())),
-                                         g.const(f"{st.name}.x_zp", np.array(zp_in, np.uint8)), w,
-                                         g.const(f"{st.name}.w_scale", _f32(s_w)),
-                                         g.const(f"{st.name}.w_zp", np.zeros(len(s_w), np.int8)),
-                                         g.const(f"{st.name}.y_scale", _f32(integer.scales[st.output]).reshape(())),
-                                         g.const(f"{st.name}.y_zp", np.array(zp, np.uint8)),
-                                         g.const(f"{st.name}.bias_q", node.bias.cpu().numpy().astype(np.int32))],
-                         st.name, **_conv_attrs(node))
-                if (levels[0] + zp, levels[1] + zp) != (0, 255):
-                    y = g.op("Clip", [y, g.const(f"{st.name}.lo", np.array(levels[0] + zp, np.uint8)),
-                                      g.const(f"{st.name}.hi", np.array(levels[1] + zp, np.uint8))], st.name)
-                env[st.output] = (y, zp)
+            y = g.op("QLinearConv", [x, *qparams(f"{st.name}.x", s_in, zp_in),
+                                     g.const(f"{st.name}.weight_q", node.weight.cpu().numpy().astype(np.int8)),
+                                     g.const(f"{st.name}.w_scale", _f32((s_acc / s_in.double()).reshape(-1))),
+                                     g.const(f"{st.name}.w_zp", np.zeros(node.weight.shape[0], np.int8)),
+                                     *qparams(f"{st.name}.y", s_out, zp),
+                                     g.const(f"{st.name}.bias_q", node.bias.cpu().numpy().astype(np.int32))],
+                     st.name, **_conv_attrs(node))
+            if levels is not None:
+                y = clip_levels(y, levels, zp, st.name)
                 qlinear_tensors.append(st.output)
-        elif st.kind in ("add", "concat"):
+            env[st.output] = (y, zp, s_out)
+        elif st.kind in ("add", "concat") and exact_branches:
             parts = []
             for i, t in enumerate(st.inputs):
-                v = as_double(t, f"{st.name}.in{i}")
-                v = dyadic_mul(v, getattr(node, f"m{i}"), getattr(node, f"c{i}"), f"{st.name}.in{i}")
-                parts.append(g.op("Relu", [v], f"{st.name}.in{i}") if node.relus[i] else v)
+                name, zp_in, _ = env[t]
+                v = g.op("Cast", [name], f"{st.name}.in{i}", to=TensorProto.DOUBLE)
+                if zp_in:
+                    v = g.op("Sub", [v, g.const(f"{st.name}.in{i}.zp", np.array(zp_in, np.float64))], st.name)
+                m, c = getattr(node, f"m{i}"), getattr(node, f"c{i}")
+                mult = torch.ldexp(m.double().cpu(), -c.double().cpu()).numpy()
+                v = round_(g.op("Mul", [v, g.const(f"{st.name}.in{i}.mult", _per_channel_4d(mult))], st.name),
+                           st.name)
+                parts.append(g.op("Relu", [v], st.name) if node.relus[i] else v)
             y = g.op("Add", parts, st.name) if st.kind == "add" else g.op("Concat", parts, st.name, axis=1)
             _, zp, _ = _container((node.lo, node.hi), four_bit=False)
-            env[st.output] = (to_codes(y, (node.lo, node.hi), zp, st.name), zp)
+            env[st.output] = (to_codes(y, (node.lo, node.hi), zp, st.name), zp, integer.scales[st.output])
+        elif st.kind in ("add", "concat"):
+            s_out = integer.scales[st.output]
+            levels = (node.lo, node.hi)
+            _, zp, _ = _container(levels, four_bit=False)
+            ins = [[env[t][0], *qparams(f"{st.name}.in{i}", env[t][2], env[t][1])] for i, t in enumerate(st.inputs)]
+            if st.kind == "add":
+                y = g.op("QLinearAdd", ins[0] + ins[1] + qparams(f"{st.name}.y", s_out, zp), st.name,
+                         domain="com.microsoft")
+            else:
+                y = g.op("QLinearConcat", qparams(f"{st.name}.y", s_out, zp) + [n for i in ins for n in i], st.name,
+                         domain="com.microsoft", axis=1)
+            env[st.output] = (clip_levels(y, levels, zp, st.name), zp, s_out)
         elif st.kind == "split":
-            name, zp = env[st.inputs[0]]
-            env[st.output] = (_slice(g, name, *st.attrs["channels"], st.name), zp)
+            name, zp, sc = env[st.inputs[0]]
+            env[st.output] = (_slice(g, name, *st.attrs["channels"], st.name), zp, sc)
         elif st.kind == "shuffle":
-            name, zp = env[st.inputs[0]]
-            env[st.output] = (_shuffle(g, name, shapes[st.inputs[0]], st.attrs["groups"], st.name), zp)
-        elif st.kind == "pool":
-            v = as_double(st.inputs[0], st.name)
+            name, zp, sc = env[st.inputs[0]]
+            env[st.output] = (_shuffle(g, name, shapes[st.inputs[0]], st.attrs["groups"], st.name), zp, sc)
+        elif st.kind == "pool":  # exact: int sum then the dyadic multiplier (one small tensor)
+            name, zp_in, _ = env[st.inputs[0]]
+            v = g.op("Cast", [name], st.name, to=TensorProto.DOUBLE)
+            if zp_in:
+                v = g.op("Sub", [v, g.const(f"{st.name}.x_zp", np.array(zp_in, np.float64))], st.name)
             total = g.op("ReduceSum", [v, g.const(f"{st.name}.axes", np.array([2, 3], np.int64))], st.name,
                          keepdims=0)
             _, zp, _ = _container((node.lo, node.hi), four_bit=False)
             env[st.output] = (to_codes(dyadic_mul(total, node.m, node.c, st.name), (node.lo, node.hi), zp, st.name),
-                              zp)
+                              zp, integer.scales[st.output])
         elif st.kind == "linear":
-            x, zp_in = env[st.inputs[0]]
+            from onnx import helper
+
+            x, zp_in, _ = env[st.inputs[0]]
             acc = g.op("MatMulInteger", [x, g.const(f"{st.name}.weight_q", np.ascontiguousarray(
                 node.weight.cpu().numpy().astype(np.int8).T)), g.const(f"{st.name}.x_zp", np.array(zp_in, np.uint8))],
                        st.name)
             acc = g.op("Add", [acc, g.const(f"{st.name}.bias_q", node.bias.cpu().numpy().astype(np.int32))], st.name)
             v = g.op("Mul", [g.op("Cast", [acc], st.name, to=TensorProto.DOUBLE),
                              g.const(f"{st.name}.dequant_scale", _f64(node.deq_scale))], st.name)
-            from onnx import helper
-
             g.nodes.append(helper.make_node("Cast", [v], ["logits"], name=g.fresh(f"{st.name}:Cast"),
                                             to=TensorProto.FLOAT))
-        if debug_outputs and st.kind != "linear" and st.output in env:
-            name, zp = env[st.output]
-            debug[st.output] = (name, zp or 0, None)
-            extra.append((name, TensorProto.UINT8 if zp is not None else TensorProto.INT32, shapes[st.output]))
+        if debug_outputs and st.output in env and st.output not in branches:
+            name, zp, _ = env[st.output]
+            debug[st.output] = (name, zp, None)
+            extra.append((name, TensorProto.UINT8, shapes[st.output]))
     model = g.model("fbnas_qlinear", x_shape, arch.num_classes, extra if debug_outputs else None)
     if debug_outputs:
         return model, debug, qlinear_tensors
@@ -418,15 +463,16 @@ def debug_codes(value: np.ndarray, zero_point: int, scale: Optional[float]) -> n
     return np.rint(value.astype(np.float64) / scale).astype(np.int64)
 
 
-def export_graph(mode: str, integer: Optional[IntegerNet] = None, folded: Optional[FoldedNet] = None):
+def export_graph(mode: str, integer: Optional[IntegerNet] = None, folded: Optional[FoldedNet] = None,
+                 exact_branches: bool = False):
     """The ONNX ModelProto of one form: fp32 needs `folded` (any FoldedNet, calibrated or not), qdq and qlinear
     need `integer`."""
     if mode == "fp32":
         return fp32_graph(folded)
     if mode == "qdq":
-        return qdq_graph(integer)
+        return qdq_graph(integer, exact_branches=exact_branches)
     if mode == "qlinear":
-        return qlinear_graph(integer)
+        return qlinear_graph(integer, exact_branches=exact_branches)
     raise ConfigError(f"field 'mode' is {mode!r}; choose one of {', '.join(EXPORT_MODES)}")
 
 
