@@ -46,7 +46,8 @@ class QuantizeConfig:
     size_ratio: float = 0.0  # limits relative to the W8A8 version of the architecture
     bops_ratio: float = 0.0
     latency_ratio: float = 0.0
-    device: str = "bitfusion"  # ilp: latency table device
+    device: str = "bitfusion"  # ilp: latency table device ("" = no latency costs)
+    lut: str = ""  # ilp: latency table file (default latency_tables/<space>__<device>.json, else built analytically)
     opset: int = 21
 
 
@@ -111,7 +112,7 @@ def _compare(cfg) -> None:
 
 
 def _ilp(cfg) -> None:
-    from ..ilp import allocate_bits, bops_cost, read_hessian, size_cost, weight_perturbation
+    from ..ilp import LIMIT_KEYS, ilp_arch, read_hessian, weight_perturbation
     from ..space import load_space
 
     if not cfg.arch:
@@ -127,25 +128,17 @@ def _ilp(cfg) -> None:
         folded = load_folded(_weights(cfg), arch, cfg.arch)
         omega = weight_perturbation(folded, len(arch.layers), space.w_bits)
         source = f"weight perturbation of {_weights(cfg)}"
-    costs = {"size_kb": size_cost, "bops": bops_cost}
-    w8 = arch.with_bits(8, 8)
-    ref = {"size_kb": w8.size_kb(), "bops": w8.bops()}
-    limits = {}
-    for key, ratio_key in (("size_kb", "size_ratio"), ("bops", "bops_ratio"), ("latency_ms", "latency_ratio")):
-        val, ratio = float(cfg[key]), float(cfg[ratio_key])
-        if not (val or ratio):
-            continue
-        if key == "latency_ms":
-            raise ConfigError("latency limits need the LUT engine (fbnas.latency), not merged in this version")
-        limits[key] = val if val else ratio * ref[key]
-    res = allocate_bits(arch, omega, space.w_bits, space.a_bits, limits, costs)
-    new = res.arch
-    new_arch = type(new)(**{**new.__dict__, "predicted": {**res.totals},
-                            "provenance": {**arch.provenance, "ilp": {"source": source, "limits": res.limits,
-                                                                        "objective": res.objective,
-                                                                        "from": str(cfg.arch)}}})
+    table = None
+    if cfg.device:
+        from ..latency import get_table
+
+        table = get_table(space, cfg.device, cfg.lut or None)
+    res = ilp_arch(arch, omega, space.w_bits, space.a_bits,
+                   limits={k: float(cfg[k]) for k in LIMIT_KEYS},
+                   ratios={k: float(cfg[k.split("_")[0] + "_ratio"]) for k in LIMIT_KEYS},
+                   table=table, device=cfg.device, source=source)
     out = cfg.out or str(Path(cfg.arch).with_name("arch_ilp.json"))
-    new_arch.save(out)
+    res.arch.save(out)
     bits = " ".join(f"w{w}a{a}" for w, a in res.choices)
     print(f"wrote {out}: {bits}; " + ", ".join(f"{k} {v:.6g} (limit {res.limits[k]:.6g})" for k, v in res.totals.items()))
 
