@@ -50,7 +50,8 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, offset: int = 0) -> torch.Tenso
     n = b.shape[1]
     a8 = (a.to(torch.int32) - offset).to(torch.int8) if offset else a.to(torch.int8)
     b8 = b.to(torch.int8)
-    a8 = _pad_to(_pad_to(a8, 0, 17), 1, max(_round_up(k, 8), 16)).contiguous()
+    # 17 zero rows always (M > 16 without a shape-dependent branch, so torch.export keeps the batch dynamic)
+    a8 = F.pad(_pad_to(a8, 1, max(_round_up(k, 8), 16)), (0, 0, 0, 17)).contiguous()
     b8 = _pad_to(_pad_to(b8, 0, a8.shape[1]), 1, max(_round_up(n, 8), 16)).contiguous()
     out = torch._int_mm(a8, b8)[:m, :n]
     if offset:

@@ -106,13 +106,31 @@ def _per_channel_4d(v: np.ndarray) -> np.ndarray:
 
 
 def _tensor_shapes(model: torch.nn.Module, x_shape: list) -> dict[str, tuple]:
-    """Per-sample shape of every program tensor (from one forward on zeros)."""
-    record: dict = {}
-    dev = next(iter(model.buffers()), torch.zeros(())).device
-    with torch.no_grad():
-        model.eval()
-        model(torch.zeros([1] + list(x_shape), device=dev), record=record)
-    return {k: tuple((v[0] if isinstance(v, tuple) else v).shape[1:]) for k, v in record.items()}
+    """Per-sample shape of every program tensor, by shape arithmetic over the steps (no forward pass, so an
+    uncalibrated FoldedNet works too)."""
+    shapes: dict[str, tuple] = {}
+    for st in model.steps:
+        key = node_key(st.name)
+        node = model.nodes[key] if key in model.nodes else None
+        src = shapes[st.inputs[0]] if st.inputs else None
+        if st.kind == "input":
+            shapes[st.output] = tuple(x_shape)
+        elif st.kind == "conv":
+            co, _, kh, kw = node.weight.shape
+            (sh, sw), (ph, pw) = node.stride, node.padding
+            shapes[st.output] = (co, (src[1] + 2 * ph - kh) // sh + 1, (src[2] + 2 * pw - kw) // sw + 1)
+        elif st.kind == "concat":
+            shapes[st.output] = (sum(shapes[t][0] for t in st.inputs),) + src[1:]
+        elif st.kind == "split":
+            a, b = st.attrs["channels"]
+            shapes[st.output] = (b - a,) + src[1:]
+        elif st.kind == "pool":
+            shapes[st.output] = (src[0],)
+        elif st.kind == "linear":
+            shapes[st.output] = (node.weight.shape[0],)
+        else:  # add, shuffle
+            shapes[st.output] = src
+    return shapes
 
 
 def _shuffle(g: _Graph, t: str, shape: tuple, groups: int, base: str) -> str:
