@@ -38,6 +38,7 @@ def test_qlinear_graph_within_one_lsb(models):
     res = check_graph(integer, x, "qlinear", batch_size=4, exact_branches=True)
     assert res["conv_elements"] > 100_000
     assert res["conv_max_abs_diff"] <= 1 and res["conv_mismatch_fraction"] <= 1e-4
+    assert res["isolated"]["elements"] > 10_000 and res["isolated"]["max_abs_diff"] <= 1
     assert res["top1_agreement"] == 1.0 and res["passed"]
     ops = {n.op_type for n in qlinear_graph(integer, exact_branches=True).graph.node}
     assert {"QLinearConv", "ConvInteger", "MatMulInteger"} <= ops and "Conv" not in ops

@@ -6,8 +6,10 @@ accumulators  every integer conv and the classifier run as single ONNX `ConvInte
               requantization. Pass: every accumulator bit-exact and the chained logits identical.
 qlinear/qdq   the whole-model graph of `onnx_graph` runs end to end in onnxruntime (all optimisations), every
               program tensor is compared with the integer model's. Pass: the top-1 predictions agree on >= 99.9%
-              of the images, and (qlinear) the QLinearConv outputs differ on at most 1e-4 of their elements and
-              by at most 1 LSB. The qdq graph computes its un-fused parts (input quantizer, int16 branch
+              of the images, and (qlinear) the QLinearConv outputs differ on at most 1e-4 of their elements end
+              to end, and each QLinearConv run alone on the integer model's input codes (first batch) is within
+              1 LSB on at most 1e-4 of its elements (end to end, a 1-LSB difference upstream can grow
+              downstream, so the end-to-end maximum is reported, not bounded). The qdq graph computes its un-fused parts (input quantizer, int16 branch
               requantization, 4-bit layers) in float32, so its LSB statistics are reported, not bounded.
 """
 from __future__ import annotations
@@ -124,11 +126,13 @@ def check_graph(integer: IntegerNet, x: torch.Tensor, mode: str = "qlinear", bat
                     if st.kind == "conv" and not integer.nodes[node_key(st.name)].raw}
     stats = {t: {"elements": 0, "mismatches": 0, "max_abs_diff": 0} for t in debug}
     agree = n = 0
-    cpu = copy.deepcopy(integer).cpu().eval()
+    integer.eval()
+    dev = next(integer.buffers()).device  # our model runs where it lives (CUDA is bit-identical to CPU)
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size].cpu()
         rec: dict = {}
-        ours = cpu(xb, record=rec)
+        ours = integer(xb.to(dev), record=rec).cpu()
+        rec = {k: v.cpu() for k, v in rec.items()}
         res = dict(zip(names, sess.run(None, {"input": xb.numpy().astype(np.float32)})))
         agree += int((torch.from_numpy(res["logits"]).argmax(1) == ours.argmax(1)).sum())
         n += len(xb)
@@ -144,18 +148,55 @@ def check_graph(integer: IntegerNet, x: torch.Tensor, mode: str = "qlinear", bat
     conv_max = max((stats[t]["max_abs_diff"] for t in conv_tensors), default=0)
     frac = conv_bad / max(conv_el, 1)
     top1 = agree / max(n, 1)
-    within = frac <= MAX_MISMATCH_FRACTION and conv_max <= MAX_LSB
-    return {"mode": mode, "exact_branches": exact_branches, "images": n, "tensors": stats, "conv_elements": conv_el, "conv_mismatches": conv_bad,
-            "conv_mismatch_fraction": frac, "conv_max_abs_diff": conv_max, "top1_agreement": top1,
-            "within_lsb_bounds": within,
-            "passed": top1 >= MIN_TOP1_AGREEMENT and (within or mode == "qdq")}
+    within = frac <= MAX_MISMATCH_FRACTION
+    out = {"mode": mode, "exact_branches": exact_branches, "images": n, "tensors": stats, "conv_elements": conv_el,
+           "conv_mismatches": conv_bad, "conv_mismatch_fraction": frac, "conv_max_abs_diff": conv_max,
+           "top1_agreement": top1}
+    if mode == "qlinear":
+        iso = isolated_conv_check(integer, model, debug, x[:batch_size], conv_tensors)
+        out["isolated"] = iso
+        within = within and iso["max_abs_diff"] <= MAX_LSB and iso["mismatch_fraction"] <= MAX_MISMATCH_FRACTION
+    out["within_lsb_bounds"] = within
+    out["passed"] = top1 >= MIN_TOP1_AGREEMENT and (within or mode == "qdq")
+    return out
+
+
+@torch.no_grad()
+def isolated_conv_check(integer: IntegerNet, model, debug: dict, x: torch.Tensor, conv_tensors: set) -> dict:
+    """Each QLinearConv (with its level Clip) alone, fed the integer model's own input codes: the kernel's
+    requantization against ours, without upstream differences propagating."""
+    import onnx.utils
+
+    integer.eval()
+    dev = next(integer.buffers()).device
+    rec: dict = {}
+    integer(x.to(dev), record=rec)
+    extractor = onnx.utils.Extractor(model)
+    total = bad = worst = 0
+    for st in integer.steps:
+        if st.output not in conv_tensors:
+            continue
+        (in_name, zp_in, _), (out_name, zp_out, _) = debug[st.inputs[0]], debug[st.output]
+        sub = extractor.extract_model([in_name], [out_name])
+        sess = ort_session(sub)
+        codes = (rec[st.inputs[0]].cpu().to(torch.int64) + zp_in).numpy().astype(np.uint8)
+        theirs = sess.run(None, {in_name: codes})[0].astype(np.int64) - zp_out
+        diff = np.abs(theirs - rec[st.output].cpu().numpy().astype(np.int64))
+        total += diff.size
+        bad += int((diff > 0).sum())
+        worst = max(worst, int(diff.max()))
+    return {"elements": total, "mismatches": bad, "mismatch_fraction": bad / max(total, 1), "max_abs_diff": worst}
 
 
 def format_graph_check(res: dict) -> str:
     kind = "QLinearConv" if res["mode"] == "qlinear" else "quantized conv"
+    iso = res.get("isolated")
+    alone = (f"; each QLinearConv alone on our inputs: {iso['mismatches']} of {iso['elements']} elements differ "
+             f"({iso['mismatch_fraction']:.2e}), max {iso['max_abs_diff']} LSB (bound {MAX_LSB})") if iso else ""
     return (f"onnxruntime {res['mode']}{' (exact branches)' if res['exact_branches'] else ''} graph on {res['images']} images: {kind} outputs differ on "
-            f"{res['conv_mismatches']} of {res['conv_elements']} elements ({res['conv_mismatch_fraction']:.2e}; "
-            f"bound {MAX_MISMATCH_FRACTION:g}), max {res['conv_max_abs_diff']} LSB (bound {MAX_LSB}); top-1 agreement "
+            f"{res['conv_mismatches']} of {res['conv_elements']} elements end to end ({res['conv_mismatch_fraction']:.2e}; "
+            f"bound {MAX_MISMATCH_FRACTION:g}; max {res['conv_max_abs_diff']} LSB, differences propagate){alone}; "
+            f"top-1 agreement "
             f"{100 * res['top1_agreement']:.3f}% (bound {100 * MIN_TOP1_AGREEMENT:.1f}%"
             f"{'' if res['mode'] == 'qlinear' else '; LSB bounds not applied to qdq'}): "
             f"{'PASS' if res['passed'] else 'FAIL'}")
