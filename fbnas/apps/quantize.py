@@ -46,7 +46,7 @@ class QuantizeConfig:
     size_ratio: float = 0.0  # limits relative to the W8A8 version of the architecture
     bops_ratio: float = 0.0
     latency_ratio: float = 0.0
-    device: str = "bitfusion"  # ilp: latency table device ("" = no latency costs)
+    lut_device: str = "bitfusion"  # ilp: latency table device ("" = no latency costs); `device=` on the command line
     lut: str = ""  # ilp: latency table file (default latency_tables/<space>__<device>.json, else built analytically)
     opset: int = 21
 
@@ -129,14 +129,14 @@ def _ilp(cfg) -> None:
         omega = weight_perturbation(folded, len(arch.layers), space.w_bits)
         source = f"weight perturbation of {_weights(cfg)}"
     table = None
-    if cfg.device:
+    if cfg.lut_device:
         from ..latency import get_table
 
-        table = get_table(space, cfg.device, cfg.lut or None)
+        table = get_table(space, cfg.lut_device, cfg.lut or None)
     res = ilp_arch(arch, omega, space.w_bits, space.a_bits,
                    limits={k: float(cfg[k]) for k in LIMIT_KEYS},
                    ratios={k: float(cfg[k.split("_")[0] + "_ratio"]) for k in LIMIT_KEYS},
-                   table=table, device=cfg.device, source=source)
+                   table=table, device=cfg.lut_device, source=source)
     out = cfg.out or str(Path(cfg.arch).with_name("arch_ilp.json"))
     res.arch.save(out)
     bits = " ".join(f"w{w}a{a}" for w, a in res.choices)
@@ -165,4 +165,6 @@ def _app(cfg: DictConfig) -> None:
 
 def main(argv: list[str]) -> int:
     sub, rest = split_subcommand(argv, ACTIONS, "quantize")
+    # conf/device/ is a Hydra config group, so Hydra refuses a plain `device=` override; accept it as lut_device
+    rest = [f"lut_device={a.split('=', 1)[1]}" if a.startswith("device=") else a for a in rest]
     return run_hydra(_app, "fbnas quantize", [f"action={sub}"] + rest)
