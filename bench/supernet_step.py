@@ -73,6 +73,17 @@ def measure(name: str, args: dict, queue) -> None:
     for _ in range(args["warmup"]):
         step()
     sync()
+    if args["profile"]:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        print(f"--- profile of {name} (3 steps) ---\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+              + "\n" + prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -101,6 +112,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per configuration")
     args = vars(ap.parse_args())
     ctx = mp.get_context("spawn")
     results = []

@@ -3,7 +3,7 @@ them directly: `run_search(SearchConfig(space="fmnist", epochs=2), "runs/x")`.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -12,7 +12,7 @@ class DataConfig:
     root: Optional[str] = None
     download: bool = False
     arch_fraction: float = 0.2  # held-out share of train for the architecture steps (FBNet: 20%)
-    train_subset: int = 0  # >0: a fixed random subset of train (quick runs)
+    train_subset: int = 24000  # >0: a fixed random subset of train (the default keeps a CPU search in minutes; 0: all)
     test_subset: int = 0
     batch_size: int = 128
     eval_batch_size: int = 512
@@ -70,11 +70,12 @@ class WandbConfig:
 @dataclass
 class SearchConfig:
     space: str = "fmnist"
-    device: str = "sd835"  # the target device of the latency table
+    device: Any = "sd835"  # the target device: a name in conf/device/, or its mapping (the Hydra group)
+    device_file: Optional[str] = None  # a device YAML elsewhere (device=path.yaml sets this)
     lut: Optional[str] = None  # a latency-table path; default latency_tables/<space>__<device>.json
     mode: str = "hard"  # hard (straight-through, one path) | soft (FBNet, all paths)
     quantized: bool = True
-    epochs: int = 8
+    epochs: int = 6
     warmup_epochs: int = 2
     max_steps_per_epoch: int = 0  # >0: cap the weight steps per epoch
     tau: float = 5.0

@@ -35,6 +35,7 @@ class SearchResult:
     out_dir: Path
     latency_ms: float
     metrics: list[dict]
+    device: str
 
 
 def seed_everything(seed: int) -> None:
@@ -57,13 +58,14 @@ def resolve_device(name: str) -> torch.device:
 class LatencyModel:
     """The latency table of one (space, device) as tensors: per-layer [L, n_ops, n_wb, n_ab] plus fixed parts."""
 
-    def __init__(self, space: SearchSpace, device_name: str, lut_path: Optional[str]):
-        from .latency import fixed_latency, get_table, latency_matrix
+    def __init__(self, space: SearchSpace, device: Any, lut_path: Optional[str]):
+        from .latency import fixed_latency, get_table, latency_matrix, load_device
 
-        self.table = get_table(space, device_name, lut_path)
+        self.device = load_device(device)
+        self.table = get_table(space, self.device, lut_path)
         self.matrix = latency_matrix(self.table, space)
         self.fixed_ms = float(fixed_latency(self.table, space))
-        self.device_name = device_name
+        self.device_name = self.device.name
         self.path = getattr(self.table, "path", None)
 
     def of_arch(self, arch: Arch) -> float:
@@ -90,7 +92,7 @@ class Searcher:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.space = load_space(cfg.space)
-        self.latency = LatencyModel(self.space, cfg.device, cfg.lut)
+        self.latency = LatencyModel(self.space, cfg.device_file or cfg.device, cfg.lut)
         self.data = self._load_data()
         self.supernet = Supernet(self.space, mode=cfg.mode, quantized=cfg.quantized, tau=cfg.tau).to(self.device)
         self.supernet.seed(cfg.seed)
@@ -279,7 +281,7 @@ class Searcher:
                     "supernet": self.supernet.generator.get_state(),
                     "w_loader": getattr(self.w_loader, "state_dict", lambda: None)(),
                     "a_loader": getattr(self.a_loader, "state_dict", lambda: None)()},
-            "space": self.space.name, "device": self.cfg.device, "config": dataclasses.asdict(self.cfg),
+            "space": self.space.name, "device": self.latency.device_name, "config": dataclasses.asdict(self.cfg),
             "fbnas_version": __version__,
         }
 
@@ -299,7 +301,7 @@ class Searcher:
                                   "not an fbnas search checkpoint") from None
         if not isinstance(state, dict) or state.get("format") != "fbnas-search-checkpoint/1":
             raise CheckpointError(f"{path}: not an fbnas search checkpoint")
-        for key, mine in (("space", self.space.name), ("device", self.cfg.device)):
+        for key, mine in (("space", self.space.name), ("device", self.latency.device_name)):
             if state[key] != mine:
                 raise CheckpointError(f"{path}: checkpoint was searched with {key}={state[key]}, this run has "
                                       f"{key}={mine}; resume with the same {key}")
@@ -327,7 +329,7 @@ class Searcher:
             import json
 
             self.metrics = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-            self.metrics = [m for m in self.metrics if m.get("epoch", 0) < self.epoch]
+            self.metrics = [m for m in self.metrics if m.get("epoch", 0) <= self.epoch]
             with atomic_path(metrics_path) as tmp:
                 tmp.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
         log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
@@ -364,7 +366,7 @@ class Searcher:
         cfg = self.cfg
         log.info("search: space %s (%d layers x %d ops, w bits %s, a bits %s), device %s, mode %s, ref %.3f ms",
                  self.space.name, self.space.num_layers, len(self.space.candidates), self.space.w_bits,
-                 self.space.a_bits, cfg.device, cfg.mode, self.ref_ms)
+                 self.space.a_bits, self.latency.device_name, cfg.mode, self.ref_ms)
         while self.epoch < cfg.epochs:
             warmup = self.epoch < cfg.warmup_epochs
             self.supernet.tau = cfg.tau * cfg.tau_decay ** self.epoch
@@ -422,14 +424,14 @@ class Searcher:
         if self.wandb_run is not None:
             self.wandb_run.summary.update({"latency_ms": score["latency_ms"], "val_acc": score["val_acc"]})
             self.wandb_run.finish()
-        return SearchResult(arch, self.out_dir, score["latency_ms"], self.metrics)
+        return SearchResult(arch, self.out_dir, score["latency_ms"], self.metrics, self.latency.device_name)
 
     def annotate(self, arch: Arch, score: dict) -> Arch:
         lut_path = self.latency.path
-        predicted = {self.cfg.device: {"latency_ms": round(score["latency_ms"], 6), "source": "lut"},
+        predicted = {self.latency.device_name: {"latency_ms": round(score["latency_ms"], 6), "source": "lut"},
                      "size_kb": round(arch.size_kb(), 3), "bops": arch.bops(), "macs": arch.macs(),
                      "params": arch.params(), "val_acc_in_supernet": round(score["val_acc"], 4)}
-        provenance = {"fbnas_version": __version__, "device": self.cfg.device, "space": self.space.name,
+        provenance = {"fbnas_version": __version__, "device": self.latency.device_name, "space": self.space.name,
                       "lut": str(lut_path) if lut_path else "built in memory (analytic)",
                       "lut_sha256": sha256_file(lut_path) if lut_path and Path(lut_path).is_file() else None,
                       "seed": self.cfg.seed, "derive": self.cfg.derive.method, "config": dataclasses.asdict(self.cfg),

@@ -76,6 +76,7 @@ class MixedLayer(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(n_ops))
         # bit logits only for ops that have quantized weights (an identity skip has no bits to choose)
         self.bit_ops = [i for i, op in enumerate(self.ops) if has_quantized_weights(op)] if quantized else []
+        self.register_buffer("bit_op_index", torch.tensor(self.bit_ops, dtype=torch.long), persistent=False)
         self.beta_w = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.w_bits)))
         self.beta_a = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.a_bits)))
         self.last_op_weights: Optional[torch.Tensor] = None
@@ -93,7 +94,7 @@ class MixedLayer(nn.Module):
         """[n_bit_ops, n_bits] -> [n_ops, n_bits]; ops without weights get a constant uniform row."""
         full = torch.full((len(self.ops), n_bits), 1.0 / n_bits, device=rows.device, dtype=rows.dtype)
         if self.bit_ops:
-            full = full.index_copy(0, torch.tensor(self.bit_ops, device=rows.device), rows)
+            full = full.index_copy(0, self.bit_op_index, rows)
         return full
 
     def set_sample(self, op_w: torch.Tensor, op_soft: torch.Tensor, index: int, w_rows: torch.Tensor,

@@ -19,13 +19,33 @@ def fail(msg: str) -> None:
     raise SystemExit(2)
 
 
+def _remove_if_only_hydra_files() -> None:
+    """After a user error, remove the run directory Hydra made for this job if it holds nothing but Hydra's
+    own files (.hydra/, *.log): a failed start leaves no output behind. A directory with anything else (a
+    checkpoint of a run being resumed, results) is never touched."""
+    import shutil
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        return
+    if not out.is_dir() or out.resolve() == Path.cwd().resolve():
+        return
+    if all(p.name == ".hydra" or (p.is_file() and p.suffix == ".log") for p in out.iterdir()):
+        logging.shutdown()
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Decorate a Hydra task function: FbnasError -> one line on stderr, exit 2, no traceback."""
+    """Decorate a Hydra task function: FbnasError -> one line on stderr, exit 2, no traceback, no output."""
 
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except FbnasError as exc:
+            _remove_if_only_hydra_files()
             fail(str(exc))
         except KeyboardInterrupt:
             print("fbnas: interrupted", file=sys.stderr)
@@ -64,3 +84,23 @@ def output_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def device_overrides(rest: list[str]) -> list[str]:
+    """`device=<path.yaml>` -> `device_file=<path>`; an unknown device name (also inside a -m sweep list) -> one-line
+    error instead of Hydra's 'no match in the defaults list'. The device is the config group conf/device/."""
+    from ..latency.devices import known_devices
+
+    out = []
+    for tok in rest:
+        if tok.startswith("device="):
+            val = tok.split("=", 1)[1]
+            if val.endswith((".yaml", ".yml")):
+                out.append(f"device_file={val}")
+                continue
+            for name in val.split(","):
+                if name not in known_devices():
+                    fail(f"unknown device {name!r}; known devices: {', '.join(known_devices())} "
+                         f"(or device=path/to/device.yaml)")
+        out.append(tok)
+    return out

@@ -8,7 +8,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import SearchConfig
-from .common import CONF_DIR, output_dir, run_hydra, user_errors
+from .common import CONF_DIR, device_overrides, output_dir, run_hydra, user_errors
 
 ConfigStore.instance().store(name="search_schema", node=SearchConfig)
 log = logging.getLogger("fbnas")
@@ -25,9 +25,13 @@ def _app(cfg: DictConfig) -> None:
     arch = result.arch
     print(arch.summary())
     pred = arch.predicted
-    print(f"predicted latency on {config.device}: {result.latency_ms:.4f} ms | size {pred['size_kb']:.1f} KB | "
+    print(f"predicted latency on {result.device}: {result.latency_ms:.4f} ms | size {pred['size_kb']:.1f} KB | "
           f"{pred['bops'] / 1e9:.3f} GBOPs | arch: {out / 'arch.json'}")
 
 
 def main(argv: list[str]) -> int:
-    return run_hydra(_app, "fbnas search", argv)
+    try:
+        overrides = device_overrides(argv)
+    except SystemExit as exc:  # fail(): the one-line message is printed already
+        return exc.code if isinstance(exc.code, int) else 2
+    return run_hydra(_app, "fbnas search", overrides)

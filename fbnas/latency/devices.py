@@ -66,7 +66,7 @@ def device_types() -> list[str]:
 
 
 def _ensure_types() -> None:
-    from . import analytic  # noqa: F401  (register the built-in device types)
+    from . import analytic, measured  # noqa: F401  (register the built-in device types)
 
 
 @dataclass(frozen=True)
@@ -201,9 +201,9 @@ def device_from_dict(raw: Any, source: str = "<device>") -> Device:
     threads = raw.get("threads", 1)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise err("threads", f"must be a positive integer, got {threads!r}")
-    params_raw = raw.get("params")
+    params_raw = raw.get("params", {})
     if not isinstance(params_raw, dict):
-        raise err("params", "is missing or not a mapping")
+        raise err("params", "must be a mapping of the device type's parameters")
     params = _parse_params(_TYPES[dtype].params, params_raw, err)
     return Device(name=name, type=dtype, description=str(raw.get("description", "")), threads=threads,
                   params=params, source=source, raw=raw)
@@ -245,3 +245,24 @@ def describe_devices() -> list[tuple[str, str]]:
         except ConfigError as exc:
             out.append((name, f"(invalid: {exc})"))
     return out
+
+
+@dataclass(frozen=True)
+class ImportedParams:
+    """A device whose table comes from `fbnas lut import` (timed elsewhere); nothing to configure."""
+
+
+class ImportedDevice(DeviceModel):
+    analytic = False
+
+    def __init__(self, device: Device):
+        self.device = device
+
+    def build_table(self, space, signatures, device, **_):
+        raise ConfigError(f"{device.source}: device {device.name!r} is of type 'imported': its table comes from "
+                          f"timing `fbnas lut export-ops space={space.name}` on the device and "
+                          f"`fbnas lut import space={space.name} device={device.name} csv=<measurements.csv>`")
+
+
+register_device_type("imported", ImportedParams, ImportedDevice, analytic=False,
+                     doc="a device timed elsewhere; its table is imported from a CSV")

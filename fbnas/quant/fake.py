@@ -127,17 +127,13 @@ def act_levels(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
-def act_scale(lo_val: torch.Tensor, hi_val: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    if signed:
-        return (torch.maximum(lo_val.abs(), hi_val.abs()) / qmax_signed(bits)).clamp_min(_EPS)
-    return (hi_val / (2 ** bits - 1)).clamp_min(_EPS)
-
 
 class _STEAct(torch.autograd.Function):
-    """Q(x) = clamp(round(x/s), lo, hi) * s; gradient passes where x is inside the range (clipped STE)."""
+    """Q(x) = clamp(round(x/s), lo, hi) * s; gradient passes where x is inside the range (clipped STE).
+    s, lo, hi are 0-d tensors, so no value ever travels to the host (no GPU sync)."""
 
     @staticmethod
-    def forward(ctx, x, scale, lo: int, hi: int):
+    def forward(ctx, x, scale, lo, hi):
         xs = x / scale
         inside = (xs >= lo) & (xs <= hi)
         ctx.save_for_backward(inside)
@@ -150,32 +146,34 @@ class _STEAct(torch.autograd.Function):
 
 
 class _MixedAct(torch.autograd.Function):
-    """sum_b p_b Q_b(x), saving only x and p; the per-option Q_b(x) are recomputed in backward."""
+    """sum_b p_b Q_b(x), saving only x and p; the per-option Q_b(x) are recomputed in backward.
+    scales, los, his: [n_options] tensors."""
 
     @staticmethod
     def forward(ctx, x, probs, scales, los, his):
         out = torch.zeros_like(x)
-        for i in range(len(los)):
+        for i in range(len(probs)):
             out += probs[i] * torch.clamp(torch.round(x / scales[i]), los[i], his[i]) * scales[i]
-        ctx.save_for_backward(x, probs, scales)
-        ctx.los, ctx.his = los, his
+        ctx.save_for_backward(x, probs, scales, los, his)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, probs, scales = ctx.saved_tensors
+        x, probs, scales, los, his = ctx.saved_tensors
         gx = torch.zeros_like(x)
         gp = torch.zeros_like(probs)
-        for i in range(len(ctx.los)):
+        for i in range(len(probs)):
             xs = x / scales[i]
-            q = torch.clamp(torch.round(xs), ctx.los[i], ctx.his[i]) * scales[i]
+            q = torch.clamp(torch.round(xs), los[i], his[i]) * scales[i]
             gp[i] = (grad * q).sum()
-            gx += probs[i] * ((xs >= ctx.los[i]) & (xs <= ctx.his[i]))
+            gx += probs[i] * ((xs >= los[i]) & (xs <= his[i]))
         return grad * gx, gp, None, None, None
 
 
 class ActQuantizer(nn.Module):
-    """Activation fake-quantizer with an EMA min/max range; unsigned when the observed min is >= 0."""
+    """Activation fake-quantizer with an EMA min/max range; unsigned while the observed min is >= 0.
+
+    The forward path keeps every decision (first observation, signedness) on the device: no host sync."""
 
     def __init__(self, momentum: float = EMA_MOMENTUM):
         super().__init__()
@@ -192,20 +190,27 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = x.detach().amin().float(), x.detach().amax().float()
-        if not bool(self.initialized):
-            self.running_min.copy_(lo)
-            self.running_max.copy_(hi)
-            self.initialized.fill_(True)
-        else:
-            self.running_min.lerp_(lo, self.momentum)
-            self.running_max.lerp_(hi, self.momentum)
+        first = ~self.initialized
+        self.running_min.copy_(torch.where(first, lo, torch.lerp(self.running_min, lo, self.momentum)))
+        self.running_max.copy_(torch.where(first, hi, torch.lerp(self.running_max, hi, self.momentum)))
+        self.initialized.fill_(True)
+
+    def qparams(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, lo, hi) as 0-d tensors for `bits`, signed or unsigned by the observed range."""
+        signed = self.running_min < 0
+        qs, qu = float(qmax_signed(bits)), float(2 ** bits - 1)
+        span = torch.maximum(self.running_min.abs(), self.running_max.abs())
+        scale = torch.where(signed, span / qs, self.running_max / qu).clamp_min(_EPS)
+        lo = torch.where(signed, torch.full_like(scale, -qs), torch.zeros_like(scale))
+        hi = torch.where(signed, torch.full_like(scale, qs), torch.full_like(scale, qu))
+        return scale, lo, hi
 
     def scale(self, bits: int) -> torch.Tensor:
-        return act_scale(self.running_min, self.running_max, bits, self.signed)
+        return self.qparams(bits)[0]
 
     def quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
-        lo, hi = act_levels(bits, self.signed)
-        return _STEAct.apply(x, self.scale(bits).to(x.dtype), lo, hi)
+        scale, lo, hi = self.qparams(bits)
+        return _STEAct.apply(x, scale.to(x.dtype), lo.to(x.dtype), hi.to(x.dtype))
 
     def forward(self, x: torch.Tensor, state: BitState) -> torch.Tensor:
         if not state.enabled:
@@ -216,11 +221,9 @@ class ActQuantizer(nn.Module):
             return self.quantize(x, state.a_choices[state.a_index])
         if state.a_probs is None:
             return self.quantize(x, state.a_choices[0])
-        signed = self.signed
-        levels = [act_levels(b, signed) for b in state.a_choices]
-        scales = torch.stack([self.scale(b) for b in state.a_choices]).to(x.dtype)
-        return _MixedAct.apply(x, state.a_probs.to(x.dtype), scales, [lv[0] for lv in levels],
-                               [lv[1] for lv in levels])
+        params = [self.qparams(b) for b in state.a_choices]
+        scales, los, his = (torch.stack(t).to(x.dtype) for t in zip(*params))
+        return _MixedAct.apply(x, state.a_probs.to(x.dtype), scales, los, his)
 
 
 # ------------------------------------------------------------------------------------ quantized layers

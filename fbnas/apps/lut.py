@@ -1,0 +1,199 @@
+"""`fbnas lut <action> [key=value ...]`: build, check, show and use latency tables.
+
+  build       write latency_tables/<space>__<device>.json (analytic model or measured on this machine)
+  check       coverage of a table against a space
+  show        the table as rows: op, shape, bits, latency, MACs, bytes, arithmetic intensity
+  predict     whole-model latency of each architecture in archs=<file>, one number (ms) per line
+  export-ops  every op of the space as a standalone ONNX micro-model plus manifest.json (out_dir=...)
+  import      a CSV of measurements (key, p50[, p10, p90, n]) into a validated table
+  devices     the known devices
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from ..errors import ConfigError, LatencyTableError
+from .common import CONF_DIR, device_overrides, fail, run_hydra, split_subcommand, user_errors
+
+ACTIONS = ("build", "check", "show", "predict", "export-ops", "import", "devices")
+
+
+@dataclass
+class LutConfig:
+    action: str = "check"
+    space: str = "fmnist"
+    device: Any = None                # the conf/device group node (device=<name>)
+    device_file: Optional[str] = None  # a device YAML elsewhere (device=path.yaml sets this)
+    table: Optional[str] = None        # table file to read (default latency_tables/<space>__<device>.json)
+    out: Optional[str] = None          # table file to write (build, import)
+    force: bool = False                # build: replace a measured/imported table
+    repeats: Optional[int] = None      # measured build: override the device's repeats / warmup
+    warmup: Optional[int] = None
+    archs: Optional[str] = None        # predict: arch.json, or lines of arch.json paths / ops per layer
+    w_bits: Optional[int] = None       # predict: bits of ops given without bits (default: the space's max)
+    a_bits: Optional[int] = None
+    filter: str = ""                   # show: only keys containing this text
+    limit: int = 0                     # show: at most this many rows (0: all)
+    out_dir: Optional[str] = None      # export-ops: default lut_ops/<space>
+    csv: Optional[str] = None          # import: the measurements
+
+
+ConfigStore.instance().store(name="lut_schema", node=LutConfig)
+
+
+def _device(cfg):
+    from ..latency import load_device
+
+    return load_device(cfg.device_file or cfg.device)
+
+
+def _read_table(cfg, space, device):
+    from ..latency import get_table, load_table
+
+    return load_table(cfg.table) if cfg.table else get_table(space, device)
+
+
+def do_build(cfg) -> None:
+    from ..latency import build_table, load_table, table_path
+
+    space, device = _space(cfg), _device(cfg)
+    out = Path(cfg.out) if cfg.out else table_path(space.name, device.name)
+    if out.is_file() and not cfg.force:
+        old = load_table(out)
+        if old.source != "analytic":
+            raise LatencyTableError(f"{out}: holds a {old.source} table; building would replace it. Pass force=true "
+                                    f"or out=<another file>")
+
+    def progress(i: int, n: int, key: str) -> None:
+        print(f"\r  timed {i}/{n} op shapes ({key})".ljust(100), end="", file=sys.stderr, flush=True)
+
+    opts = {k: v for k, v in (("repeats", cfg.repeats), ("warmup", cfg.warmup)) if v is not None}
+    if not device.analytic:
+        opts["progress"] = progress
+    table = build_table(space, device, **opts)
+    if not device.analytic:
+        print(file=sys.stderr)
+    table.save(out)
+    print(f"wrote {out}: {len(table)} entries, {table.source} on {device.name} "
+          f"({device.description}), space {space.name}")
+
+
+def do_check(cfg) -> None:
+    space, device = _space(cfg), _device(cfg)
+    from ..latency import load_table, space_keys, table_path
+
+    path = Path(cfg.table) if cfg.table else table_path(space.name, device.name)
+    if not path.is_file():
+        raise LatencyTableError(f"{path}: latency table not found; build it with "
+                                f"`fbnas lut build space={space.name} device={device.name}`")
+    table = load_table(path)
+    keys = space_keys(space)
+    missing = table.check(space)
+    print(f"{path}: {len(keys) - len(missing)}/{len(keys)} keys of space {space.name} covered "
+          f"({table.source}, device {table.device}, created {table.created})")
+    if missing:
+        raise table.missing_error(missing, space.name)
+
+
+def do_show(cfg) -> None:
+    from ..latency.keys import parse_key
+
+    space, device = _space(cfg), _device(cfg)
+    table = _read_table(cfg, space, device)
+    rows = []
+    for key in sorted(table.entries):
+        if cfg.filter and cfg.filter not in key:
+            continue
+        e, sig = table.entries[key], parse_key(key)
+        intensity = 2 * e.macs / e.bytes if e.macs is not None and e.bytes else float("nan")
+        rows.append((sig.op, f"{sig.h}x{sig.w} {sig.c_in}->{sig.c_out} s{sig.stride}", f"w{sig.w_bits}a{sig.a_bits}",
+                     e.p50, e.p10, e.p90, e.macs, e.bytes, intensity))
+    if cfg.limit:
+        rows = rows[:cfg.limit]
+    print(f"# {table.path or 'in-memory table'}: {table.source} on {table.device}, threads {table.threads}, "
+          f"{len(table)} entries, unit ms; intensity = FLOPs (2 x MACs) / bytes")
+    print(f"{'op':<14} {'shape':<24} {'bits':<6} {'p50 ms':>9} {'p10':>9} {'p90':>9} {'MACs':>11} {'bytes':>10} "
+          f"{'FLOP/B':>7}")
+    for op, shape, bits, p50, p10, p90, macs, nbytes, ai in rows:
+        print(f"{op:<14} {shape:<24} {bits:<6} {p50:>9.4f} {p10:>9.4f} {p90:>9.4f} "
+              f"{'' if macs is None else macs:>11} {'' if nbytes is None else int(nbytes):>10} {ai:>7.2f}")
+
+
+def do_predict(cfg) -> None:
+    from ..latency import arch_latency
+    from ..latency.archfile import read_archs
+
+    if not cfg.archs:
+        raise ConfigError("field 'archs' is required: archs=<arch.json or a file of architectures, one per line>")
+    space, device = _space(cfg), _device(cfg)
+    table = _read_table(cfg, space, device)
+    archs = read_archs(cfg.archs, space, cfg.w_bits or max(space.w_bits), cfg.a_bits or max(space.a_bits))
+    for arch in archs:
+        print(f"{arch_latency(table, arch):.4f}")
+
+
+def do_export_ops(cfg) -> None:
+    from ..latency.transfer import export_ops
+
+    space = _space(cfg)
+    out_dir = Path(cfg.out_dir or f"lut_ops/{space.name}")
+    manifest = export_ops(space, out_dir)
+    print(f"wrote {manifest} and the ONNX micro-models of space {space.name} in {out_dir}; time them on the device, "
+          f"fill {out_dir / 'measurements.csv'}, then `fbnas lut import space={space.name} device=<name> "
+          f"csv={out_dir / 'measurements.csv'}`")
+
+
+def do_import(cfg) -> None:
+    from ..latency import table_path
+    from ..latency.transfer import import_csv
+
+    if not cfg.csv:
+        raise ConfigError("field 'csv' is required: csv=<measurements.csv with key,p50[,p10,p90,n]>")
+    space, device = _space(cfg), _device(cfg)
+    table = import_csv(cfg.csv, space, device.name, threads=device.threads)
+    table.device_config = device.to_dict()
+    out = Path(cfg.out) if cfg.out else table_path(space.name, device.name)
+    table.save(out)
+    print(f"wrote {out}: {len(table)} entries imported from {cfg.csv} for device {device.name}, space {space.name}")
+
+
+def do_devices(cfg) -> None:
+    from ..latency.devices import describe_devices
+
+    for name, desc in describe_devices():
+        print(f"{name:<12} {desc}")
+
+
+def _space(cfg):
+    from ..space import load_space
+
+    return load_space(cfg.space)
+
+
+HANDLERS = {"build": do_build, "check": do_check, "show": do_show, "predict": do_predict,
+            "export-ops": do_export_ops, "import": do_import, "devices": do_devices}
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="lut")
+@user_errors
+def _app(cfg: DictConfig) -> None:
+    HANDLERS[cfg.action](cfg)
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        action, rest = split_subcommand(argv, ACTIONS, "lut")
+        overrides = [f"action={action}"] + device_overrides(rest)
+    except SystemExit as exc:  # fail(): the one-line message is printed already
+        return exc.code if isinstance(exc.code, int) else 2
+    return run_hydra(_app, "fbnas lut", overrides)

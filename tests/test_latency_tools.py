@@ -1,0 +1,211 @@
+"""Latency tools: the `fbnas lut` command, ONNX op export + CSV import, measured backends, calibration."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from fbnas.arch import Arch
+from fbnas.cli import main as cli
+from fbnas.errors import LatencyTableError
+from fbnas.latency import arch_latency, build_table, get_table, load_table, space_keys
+from fbnas.latency.keys import parse_key, space_signatures
+from fbnas.latency.measured import exportable, signature_module, time_module
+from fbnas.latency.transfer import export_ops, import_csv
+from fbnas.space import load_space
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_space("fmnist")
+
+
+def _run(capsys, *args):
+    code = cli(["lut", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def test_cli_build_check_show(tmp_path, capsys, fmnist):
+    out_file = tmp_path / "t.json"
+    code, out, _ = _run(capsys, "build", "space=fmnist", "device=sd835_4t", f"out={out_file}")
+    assert code == 0 and "292 entries" in out
+    table = load_table(out_file)
+    assert table.threads == 4 and table.device == "sd835_4t" and table.check(fmnist) == []
+    code, out, _ = _run(capsys, "check", "space=fmnist", "device=sd835_4t", f"table={out_file}")
+    assert code == 0 and "292/292 keys" in out
+    code, out, _ = _run(capsys, "show", "space=fmnist", "device=bitfusion", "filter=ir_k3_e6|14x14", "limit=3")
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 5 and "FLOP/B" in lines[1] and lines[2].startswith("ir_k3_e6")
+
+
+def test_cli_predict_matches_library(tmp_path, capsys, fmnist):
+    table = get_table(fmnist, "sd835")
+    a = Arch.from_space(fmnist, ["ir_k3_e6"] * fmnist.num_layers, 4, 8)
+    a.save(tmp_path / "a.json")
+    n = fmnist.num_layers
+    lines = tmp_path / "archs.txt"
+    lines.write_text(f"# two archs as ops, one as a file\n{' '.join(['0'] * n)}\n"
+                     f"{','.join(['ir_k3_e6:w4a8'] * n)}\na.json\n")
+    code, out, err = _run(capsys, "predict", "space=fmnist", "device=sd835", f"archs={lines}")
+    assert code == 0, err
+    got = [float(x) for x in out.split()]
+    expect_first = arch_latency(table, Arch.from_space(fmnist, [fmnist.candidates[0]] * n, 8, 8))
+    assert got == pytest.approx([expect_first, arch_latency(table, a), arch_latency(table, a)], abs=1e-4)
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    code, out, err = _run(capsys, "check", "device=pixel9")
+    assert code == 2 and err.count("\n") == 1 and "unknown device 'pixel9'; known devices:" in err
+    bad = tmp_path / "dev.yaml"
+    bad.write_text("name: d\ntype: analytic_cpu\nparams: {freq_ghz: -1}\n")
+    code, out, err = _run(capsys, "build", f"device={bad}", f"out={tmp_path / 'x.json'}")
+    assert code == 2 and err.count("\n") == 1 and "params.freq_ghz" in err and str(bad) in err
+    assert not (tmp_path / "x.json").exists()
+    lines = tmp_path / "archs.txt"
+    lines.write_text("ir_k3_e6 skip\n")
+    code, _, err = _run(capsys, "predict", f"archs={lines}")
+    assert code == 2 and "line 1" in err and err.count("\n") == 1
+
+
+def test_cli_build_keeps_measured_or_imported_tables(tmp_path, capsys, fmnist):
+    table = build_table(fmnist, "sd835")
+    table.source = "imported"
+    path = tmp_path / "t.json"
+    table.save(path)
+    before = path.read_bytes()
+    code, _, err = _run(capsys, "build", "space=fmnist", "device=sd835", f"out={path}")
+    assert code == 2 and "force=true" in err and path.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------ export / import
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "p50", "p10", "p90", "n"])
+        w.writerows(rows)
+
+
+def test_export_ops_writes_runnable_models_and_manifest(tmp_path):
+    import dataclasses
+
+    import onnxruntime as ort
+
+    full = load_space("fmnist")
+    space = dataclasses.replace(full, stages=full.stages[:2])  # 3 layers: every op kind, fewer shapes
+    manifest = json.loads(export_ops(space, tmp_path).read_text())
+    assert manifest["format"] == "fbnas-ops/1" and manifest["space"] == "fmnist"
+    shapes = {parse_key(k).shape_key for k in space_keys(space)}
+    assert len(manifest["ops"]) + len(manifest["identity_ops_zero_ms"]) == len(shapes)
+    covered = {k for o in manifest["ops"] for k in o["keys"]}
+    assert len(covered) + len(manifest["identity_ops_zero_ms"]) * 6 == len(space_keys(space))
+    op = next(o for o in manifest["ops"] if o["shape_key"].startswith("shuffle_k3"))
+    sess = ort.InferenceSession(str(tmp_path / op["file"]), providers=["CPUExecutionProvider"])
+    x = torch.randn(*op["input"]["shape"])
+    sig = parse_key(op["keys"][0])
+    torch.manual_seed(0)
+    ref, _ = signature_module(sig)
+    (y,) = sess.run(None, {"x": x.numpy()})
+    assert y.shape == tuple(ref(x).shape)
+    template = (tmp_path / "measurements.csv").read_text().splitlines()
+    assert template[0] == "key,p50,p10,p90,n" and len(template) == len(manifest["ops"]) + 1
+    (tmp_path / "measurements.csv").write_text("mine\n")
+    export_ops(space, tmp_path)
+    assert (tmp_path / "measurements.csv").read_text() == "mine\n"  # a filled-in file is never overwritten
+
+
+def test_import_by_shape_key_fills_bits_and_identities(tmp_path, fmnist):
+    sigs = space_signatures(fmnist)
+    shapes = sorted({s.shape_key for s in sigs.values() if s.kernels()})
+    rows = [[k, 0.1 + i * 0.01, 0.09 + i * 0.01, 0.12 + i * 0.01, 30] for i, k in enumerate(shapes)]
+    _write_csv(tmp_path / "m.csv", rows)
+    table = import_csv(tmp_path / "m.csv", fmnist, "myphone")
+    assert table.source == "imported" and table.check(fmnist) == []
+    i = next(i for i, k in enumerate(shapes) if k.startswith("ir_"))
+    first = [k for k, s in sigs.items() if s.shape_key == shapes[i]]
+    assert len(first) == 6
+    assert all(table.entries[k].p50 == pytest.approx(0.1 + i * 0.01) and table.entries[k].n == 30 for k in first)
+    ident = next(k for k, s in sigs.items() if not s.kernels())
+    assert table.entries[ident].p50 == 0.0
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([["nope|8x8|8->8|s1|w8a8", 1.0, 1.0, 1.0, 1]], "malformed|not produced"),
+    ([["ir_k3_e1|99x99|16->16|s1", 1.0, 1.0, 1.0, 1]], r"1 key\(s\) are not produced by space fmnist"),
+    ([["ir_k3_e1|28x28|16->16|s1", 0, 0, 0, 1]], r"line 2: field 'p50' must be a positive latency"),
+    ([["ir_k3_e1|28x28|16->16|s1", -2, -2, -2, 1]], r"line 2: field 'p50' must be a positive latency"),
+    ([["ir_k3_e1|28x28|16->16|s1", 1.0, 1.0, 1.0, 1]], r"key\(s\) of space fmnist have no measurement.*nothing was written"),
+])
+def test_import_rejects_bad_csv_with_one_line(tmp_path, fmnist, rows, match):
+    _write_csv(tmp_path / "m.csv", rows)
+    with pytest.raises(LatencyTableError, match=match) as exc:
+        import_csv(tmp_path / "m.csv", fmnist, "myphone")
+    assert "\n" not in str(exc.value)
+
+
+def test_partial_import_never_overwrites_existing_table(tmp_path, capsys):
+    dev = tmp_path / "myphone.yaml"
+    dev.write_text("name: myphone\ntype: imported\ndescription: my phone, timed with onnxruntime\n")
+    good = build_table("fmnist", "sd835")
+    out = tmp_path / "t.json"
+    good.save(out)
+    before = out.read_bytes()
+    _write_csv(tmp_path / "m.csv", [["ir_k3_e1|28x28|16->16|s1", 1.0, 1.0, 1.0, 1]])
+    code, _, err = _run(capsys, "import", "space=fmnist", f"device={dev}", f"csv={tmp_path / 'm.csv'}", f"out={out}")
+    assert code == 2 and "nothing was written" in err and out.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------ measured backends
+
+def test_exportable_shuffle_is_exact():
+    from fbnas.blocks import build_op
+
+    x = torch.randn(2, 24, 8, 8)
+    for op in ("shuffle_k3", "ir_k3_e1_g2"):
+        m = build_op(op, 24, 24, 1).eval()
+        assert torch.equal(m(x), exportable(m)(x))
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_measured_table_shares_one_timing_across_bits(backend, fmnist):
+    import dataclasses
+
+    from fbnas.latency import load_device
+
+    dev = load_device(f"host_{backend}")
+    small = dataclasses.replace(fmnist, stages=fmnist.stages[:1])  # 1 layer: a few shapes, fast
+    table = build_table(small, dev, warmup=1, repeats=5)
+    assert table.source == "measured" and table.check(small) == []
+    assert table.backend["name"] == backend and "torch" in table.backend["versions"]
+    sigs = space_signatures(small)
+    by_shape = {}
+    for k, s in sigs.items():
+        by_shape.setdefault(s.shape_key, set()).add(table.entries[k].p50)
+    assert all(len(v) == 1 for v in by_shape.values())
+    for k, s in sigs.items():
+        e = table.entries[k]
+        assert (e.p50 == 0 and not s.kernels()) or (0 < e.p10 <= e.p50 <= e.p90 and e.n == 5)
+
+
+def test_time_module_percentiles():
+    stats = time_module(torch.nn.Identity(), torch.zeros(1), "torch", 1, 2, 20)
+    assert stats.n == 20 and 0 <= stats.p10 <= stats.p50 <= stats.p90 and math.isfinite(stats.p90)
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+def test_calibration_targets_hold_for_shipped_devices():
+    from fbnas.latency.calibration import DEFAULT_ANCHORS, check_model_targets, check_pixel3_ranks
+    from fbnas.latency import load_device
+
+    if not (DEFAULT_ANCHORS / "model_anchors.csv").is_file():
+        pytest.skip("shared/latency_anchors not present")
+    results = check_model_targets(DEFAULT_ANCHORS) + check_pixel3_ranks(DEFAULT_ANCHORS, load_device("sd835"), 1000)
+    failed = [(r.name, r.value) for r in results if not r.ok]
+    assert not failed
+    macs, fp32 = results[-3].value, results[-2].value
+    assert fp32 > macs + 0.02
