@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import hydra
 import torch
@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..arch import load_arch
 from ..errors import ConfigError
 from ..io import atomic_write_text
-from .common import CONF_DIR, run_hydra, split_subcommand, user_errors
+from .common import CONF_DIR, device_overrides, run_hydra, split_subcommand, user_errors
 
 ACTIONS = ("convert", "compare", "ilp", "onnx")
 
@@ -46,7 +46,8 @@ class QuantizeConfig:
     size_ratio: float = 0.0  # limits relative to the W8A8 version of the architecture
     bops_ratio: float = 0.0
     latency_ratio: float = 0.0
-    lut_device: str = "bitfusion"  # ilp: latency table device ("" = no latency costs); `device=` on the command line
+    device: Any = "bitfusion"  # ilp: latency device, the conf/device/ Hydra group (device=<name> or device=<path.yaml>)
+    device_file: Optional[str] = None  # set by device=<path.yaml>
     lut: str = ""  # ilp: latency table file (default latency_tables/<space>__<device>.json, else built analytically)
     opset: int = 21
 
@@ -128,15 +129,14 @@ def _ilp(cfg) -> None:
         folded = load_folded(_weights(cfg), arch, cfg.arch)
         omega = weight_perturbation(folded, len(arch.layers), space.w_bits)
         source = f"weight perturbation of {_weights(cfg)}"
-    table = None
-    if cfg.lut_device:
-        from ..latency import get_table
+    from ..latency import get_table, load_device
 
-        table = get_table(space, cfg.lut_device, cfg.lut or None)
+    device = load_device(cfg.device_file or cfg.device)
+    table = get_table(space, device, cfg.lut or None)
     res = ilp_arch(arch, omega, space.w_bits, space.a_bits,
                    limits={k: float(cfg[k]) for k in LIMIT_KEYS},
                    ratios={k: float(cfg[k.split("_")[0] + "_ratio"]) for k in LIMIT_KEYS},
-                   table=table, device=cfg.lut_device, source=source)
+                   table=table, device=device.name, source=source)
     out = cfg.out or str(Path(cfg.arch).with_name("arch_ilp.json"))
     res.arch.save(out)
     bits = " ".join(f"w{w}a{a}" for w, a in res.choices)
@@ -165,6 +165,8 @@ def _app(cfg: DictConfig) -> None:
 
 def main(argv: list[str]) -> int:
     sub, rest = split_subcommand(argv, ACTIONS, "quantize")
-    # conf/device/ is a Hydra config group, so Hydra refuses a plain `device=` override; accept it as lut_device
-    rest = [f"lut_device={a.split('=', 1)[1]}" if a.startswith("device=") else a for a in rest]
+    try:
+        rest = device_overrides(rest)
+    except SystemExit as exc:  # fail(): the one-line message is printed already
+        return exc.code if isinstance(exc.code, int) else 2
     return run_hydra(_app, "fbnas quantize", [f"action={sub}"] + rest)
