@@ -13,7 +13,6 @@ Weights are random (timing does not depend on their values) unless --weights giv
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from fbnas import Arch, build_model, load_space
 from fbnas.io import atomic_write_text
+from fbnas.latency.measured import _cpu_name
 from fbnas.quant.fold import fold_model
 from fbnas.quant.integer import to_integer
 from fbnas.quant.onnx_graph import fp32_graph, ort_session, qdq_graph, qlinear_graph
@@ -88,7 +88,7 @@ def main() -> None:
     import onnxruntime
 
     lines = [f"# int8 ONNX vs fp32 ONNX in onnxruntime {onnxruntime.__version__} (CPU)", "",
-             f"{platform.processor() or platform.machine()}, {a.threads} intra-op thread(s), all graph optimisations, "
+             f"{_cpu_name()}, {a.threads} intra-op thread(s), all graph optimisations, "
              f"{a.warmup} warm-up + {a.repeats} timed runs per model (interleaved), p50 [p10, p90] ms; W{a.bits}A{a.bits}, "
              f"{'trained weights ' + a.weights if a.weights else 'random weights'}", "",
              "| arch | batch | fp32 | int8 qdq | int8 qlinear | fp32 / qdq | fp32 / qlinear |",

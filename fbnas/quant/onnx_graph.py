@@ -146,6 +146,13 @@ def _slice(g: _Graph, t: str, a: int, b: int, base: str) -> str:
                           g.const(f"{base}.axes", np.array([1], np.int64))], base)
 
 
+def _layout(g: _Graph, st: Step, name: str, shapes: dict) -> str:
+    """A split (channel Slice) or a channel shuffle of tensor `name`: data movement only, any element type."""
+    if st.kind == "split":
+        return _slice(g, name, *st.attrs["channels"], st.name)
+    return _shuffle(g, name, shapes[st.inputs[0]], st.attrs["groups"], st.name)
+
+
 def _conv_attrs(node) -> dict:
     w = node.weight
     ph, pw = node.padding
@@ -177,10 +184,8 @@ def fp32_graph(folded: FoldedNet):
             parts = [g.op("Relu", [env[t]], st.name) if relu else env[t] for t, relu in zip(st.inputs, node.relus)]
             y = g.op("Add", parts, st.name) if st.kind == "add" else g.op("Concat", parts, st.name, axis=1)
             env[st.output] = y
-        elif st.kind == "split":
-            env[st.output] = _slice(g, env[st.inputs[0]], *st.attrs["channels"], st.name)
-        elif st.kind == "shuffle":
-            env[st.output] = _shuffle(g, env[st.inputs[0]], shapes[st.inputs[0]], st.attrs["groups"], st.name)
+        elif st.kind in ("split", "shuffle"):
+            env[st.output] = _layout(g, st, env[st.inputs[0]], shapes)
         elif st.kind == "pool":
             p = g.op("GlobalAveragePool", [env[st.inputs[0]]], st.name)
             env[st.output] = g.op("Flatten", [p], st.name, axis=1)
@@ -310,10 +315,8 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: 
             parts = [env[t] for t in st.inputs]
             y = g.op("Add", parts, st.name) if st.kind == "add" else g.op("Concat", parts, st.name, axis=1)
             env[st.output] = quantize(st.output, y, st.name)
-        elif st.kind == "split":
-            env[st.output] = _slice(g, env[st.inputs[0]], *st.attrs["channels"], st.name)
-        elif st.kind == "shuffle":
-            env[st.output] = _shuffle(g, env[st.inputs[0]], shapes[st.inputs[0]], st.attrs["groups"], st.name)
+        elif st.kind in ("split", "shuffle"):
+            env[st.output] = _layout(g, st, env[st.inputs[0]], shapes)
         elif st.kind == "pool":
             p = g.op("GlobalAveragePool", [env[st.inputs[0]]], st.name)
             dq = quantize(st.output, p, st.name)
@@ -434,12 +437,9 @@ def qlinear_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branch
                 y = g.op("QLinearConcat", qparams(f"{st.name}.y", s_out, zp) + [n for i in ins for n in i], st.name,
                          domain="com.microsoft", axis=1)
             env[st.output] = (clip_levels(y, levels, zp, st.name), zp, s_out)
-        elif st.kind == "split":
+        elif st.kind in ("split", "shuffle"):
             name, zp, sc = env[st.inputs[0]]
-            env[st.output] = (_slice(g, name, *st.attrs["channels"], st.name), zp, sc)
-        elif st.kind == "shuffle":
-            name, zp, sc = env[st.inputs[0]]
-            env[st.output] = (_shuffle(g, name, shapes[st.inputs[0]], st.attrs["groups"], st.name), zp, sc)
+            env[st.output] = (_layout(g, st, name, shapes), zp, sc)
         elif st.kind == "pool":  # exact: int sum then the dyadic multiplier (one small tensor)
             name, zp_in, _ = env[st.inputs[0]]
             v = g.op("Cast", [name], st.name, to=TensorProto.DOUBLE)
