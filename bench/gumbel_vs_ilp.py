@@ -33,11 +33,13 @@ from fbnas.train import TrainSettings, train
 
 
 def search_arch(a, out: Path):
-    from fbnas.config import DataConfig, SearchConfig
+    from fbnas.config import DataConfig, ObjectiveConfig, SearchConfig
     from fbnas.search import run_search
 
     data = DataConfig(train_subset=a.train_subset, test_subset=a.test_subset, batch_size=a.batch_size)
-    cfg = SearchConfig(space="fmnist", device=a.lut_device, epochs=a.search_epochs,
+    objective = ObjectiveConfig(kind=a.search_objective,
+                                limit_ms=a.search_limit_ms if a.search_objective == "target" else None)
+    cfg = SearchConfig(space="fmnist", device=a.lut_device, epochs=a.search_epochs, objective=objective,
                        warmup_epochs=min(1, max(a.search_epochs - 1, 0)), max_steps_per_epoch=a.search_steps,
                        accelerator=a.device, progress=False, data=data, seed=a.seed)
     return run_search(cfg, out).arch
@@ -51,6 +53,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--search-epochs", type=int, default=6)
     ap.add_argument("--search-steps", type=int, default=0, help="max weight steps per search epoch (0 = all)")
+    ap.add_argument("--search-objective", default="target", help="target | multiplicative | additive")
+    ap.add_argument("--search-limit-ms", type=float, default=0.035,
+                    help="target objective: keep E[LAT] under this (bitfusion W8A8 children are ~0.05-0.07 ms)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--fold-epochs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=0, help="training steps per epoch (0 = whole epochs)")
@@ -71,7 +76,8 @@ def main() -> None:
     else:
         a.lut_device = a.lut_device or "bitfusion"
         searched = search_arch(a, runs / "search")
-        source = f"fbnas search ({a.search_epochs} epochs, {a.lut_device}) in {runs / 'search'}"
+        source = (f"fbnas search ({a.search_epochs} epochs, {a.lut_device}, objective {a.search_objective}"
+                  f"{f' <= {a.search_limit_ms} ms' if a.search_objective == 'target' else ''}) in {runs / 'search'}")
     space = load_space(searched.space)
     table = get_table(space, a.lut_device)
     lut_ms = arch_latency(table, searched)

@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=0)
     ap.add_argument("--test-subset", type=int, default=0)
     ap.add_argument("--ort-samples", type=int, default=1000, help="images for the accumulator check")
-    ap.add_argument("--graph-samples", type=int, default=0, help="images for the whole-graph checks (0 = test set)")
+    ap.add_argument("--graph-samples", type=int, default=0, help="images for the whole-graph top-1 (0 = test set)")
+    ap.add_argument("--lsb-samples", type=int, default=1000, help="images whose every tensor is compared")
     ap.add_argument("--runs", default="/tmp/fbnas_int_deploy")
     ap.add_argument("--out", default="bench/results/int_deploy.md")
     a = ap.parse_args()
@@ -77,7 +78,7 @@ def main() -> None:
             integer = to_integer(load_folded(runs / k / "model.safetensors"))
             ort[k] = check_with_onnxruntime(integer, x)
             integer = integer.to(a.device)
-            graphs[k] = {mode: check_graph(integer, xg, mode) for mode in ("qlinear", "qdq")}
+            graphs[k] = {mode: check_graph(integer, xg, mode, lsb_samples=a.lsb_samples) for mode in ("qlinear", "qdq")}
     lat = {name: arch_latency(table, ar) for name, ar in (("w8", arch8), ("mixed", ilp.arch))}
     rows = [("FP32", arch8, fp32.get("acc_float"), None, None, None),
             ("W8A8", arch8, w8["acc_integer"], w8["acc_fake_quant"], w8["integer_vs_fake_top1_disagreements"], ort["w8a8"]),

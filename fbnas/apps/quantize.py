@@ -36,6 +36,7 @@ class QuantizeConfig:
     rounding: str = "half_even"
     samples: int = 256  # compare/onnx: test images (onnx: 0 = the whole test set)
     mode: str = "qlinear"  # onnx: qlinear | qdq | accumulators
+    lsb_samples: int = 1000  # onnx qlinear/qdq: images whose every tensor is compared (top-1 uses all `samples`)
     exact_branches: bool = False  # onnx: requantize add/concat branches exactly (slower graph; see onnx_graph)
     bits: list = field(default_factory=lambda: [8, 4])  # compare: naive-vs-integer at these w/a bits
     data: QuantizeData = field(default_factory=QuantizeData)
