@@ -112,9 +112,10 @@ class Searcher:
         self.steps_per_epoch = len(self.w_loader)
         if cfg.max_steps_per_epoch > 0:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        if self.steps_per_epoch == 0:
+        if self.steps_per_epoch == 0 or len(self.a_loader) == 0:
             raise ConfigError(f"field 'data.batch_size' ({cfg.data.batch_size}) is larger than the weight split "
-                              f"({len(self.data.train)} images); lower it or use more data")
+                              f"({len(self.data.train)} images) or the architecture split ({len(self.data.arch)} "
+                              "images); lower it or use more data (data.train_subset, data.arch_fraction)")
         fused = self.device.type == "cuda"
         self.w_opt = torch.optim.SGD(self.supernet.weight_parameters(), lr=cfg.optim.w_lr,
                                      momentum=cfg.optim.w_momentum, weight_decay=cfg.optim.w_weight_decay)
