@@ -45,13 +45,16 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, offset: int = 0) -> torch.Tenso
     """Exact a @ b for integer a [M, K] with values in [offset-128, offset+127] and int8 b [K, N] -> int32.
 
     Runs on torch._int_mm (int8 x int8 -> int32 on CPU and CUDA); shapes are zero-padded to its constraints
-    (M > 16, K and N multiples of 8)."""
+    (M > 16, K and N multiples of 8; on CUDA M too)."""
     m, k = a.shape
     n = b.shape[1]
     a8 = (a.to(torch.int32) - offset).to(torch.int8) if offset else a.to(torch.int8)
     b8 = b.to(torch.int8)
     # 17 zero rows always (M > 16 without a shape-dependent branch, so torch.export keeps the batch dynamic)
-    a8 = F.pad(_pad_to(a8, 1, max(_round_up(k, 8), 16)), (0, 0, 0, 17)).contiguous()
+    rows = 17
+    if a8.is_cuda:  # cuBLASLt int8 GEMM also needs M a multiple of 8 (export traces on CPU, keeping this branch out)
+        rows += (-(m + 17)) % 8
+    a8 = F.pad(_pad_to(a8, 1, max(_round_up(k, 8), 16)), (0, 0, 0, rows)).contiguous()
     b8 = _pad_to(_pad_to(b8, 0, a8.shape[1]), 1, max(_round_up(n, 8), 16)).contiguous()
     out = torch._int_mm(a8, b8)[:m, :n]
     if offset:
