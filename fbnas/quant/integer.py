@@ -56,6 +56,8 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, offset: int = 0) -> torch.Tenso
         rows += (-(m + 17)) % 8
     a8 = F.pad(_pad_to(a8, 1, max(_round_up(k, 8), 16)), (0, 0, 0, rows)).contiguous()
     b8 = _pad_to(_pad_to(b8, 0, a8.shape[1]), 1, max(_round_up(n, 8), 16)).contiguous()
+    if b8.is_cuda:  # cuBLASLt's int8 GEMM runs the "TN" layout: the second operand column-major
+        b8 = b8.t().contiguous().t()
     out = torch._int_mm(a8, b8)[:m, :n]
     if offset:
         out = out + offset * b.to(torch.int32).sum(dim=0, dtype=torch.int32)
