@@ -1,8 +1,10 @@
 """Integer-only deployment on Fashion-MNIST: FP32 vs W8A8 integer-only vs an ILP mixed 2/4/8-bit allocation at
-<= `--bops-ratio` of the W8A8 bit-operations, plus the integer-vs-fake and onnxruntime checks.
+<= `--ratio` of the W8A8 version's predicted latency on `--lut-device` (bitfusion LUT; `--limit bops` for
+bit-operations), plus the integer-vs-fake check and the onnxruntime checks (ConvInteger/MatMulInteger accumulators
+on --ort-samples images; the whole-model qlinear and qdq graphs on the test set: LSB bounds and top-1 agreement).
 Writes a markdown table to --out (default bench/results/int_deploy.md).
 
-    python bench/int_deploy.py --device cuda --epochs 15 --fold-epochs 3      # H100, a few minutes
+    python bench/int_deploy.py --device cuda --epochs 8 --fold-epochs 2       # H100, a few minutes
     python bench/int_deploy.py --train-subset 512 --test-subset 256 --epochs 1 --fold-epochs 1 --steps 2  # smoke
 """
 from __future__ import annotations
@@ -16,11 +18,12 @@ import torch
 
 from fbnas import Arch, load_space
 from fbnas.data import load_dataset
-from fbnas.ilp import allocate_bits, bops_cost, weight_perturbation
+from fbnas.ilp import ilp_arch, weight_perturbation
 from fbnas.io import atomic_write_text
+from fbnas.latency import arch_latency, get_table
 from fbnas.quant.artifacts import load_folded
 from fbnas.quant.integer import to_integer
-from fbnas.quant.onnx_export import check_with_onnxruntime
+from fbnas.quant.onnx_export import check_graph, check_with_onnxruntime, format_graph_check
 from fbnas.train import TrainSettings, train
 
 OPS = "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3"
@@ -35,10 +38,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="steps per epoch (0 = whole epochs)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--bops-ratio", type=float, default=0.6)
+    ap.add_argument("--limit", choices=("latency", "bops"), default="latency")
+    ap.add_argument("--lut-device", default="bitfusion")
+    ap.add_argument("--ratio", type=float, default=0.6, help="ILP limit as a fraction of the W8A8 version's")
     ap.add_argument("--train-subset", type=int, default=0)
     ap.add_argument("--test-subset", type=int, default=0)
-    ap.add_argument("--ort-samples", type=int, default=1000)
+    ap.add_argument("--ort-samples", type=int, default=1000, help="images for the accumulator check")
+    ap.add_argument("--graph-samples", type=int, default=0, help="images for the whole-graph top-1 (0 = test set)")
+    ap.add_argument("--lsb-samples", type=int, default=1000, help="images whose every tensor is compared")
     ap.add_argument("--runs", default="/tmp/fbnas_int_deploy")
     ap.add_argument("--out", default="bench/results/int_deploy.md")
     a = ap.parse_args()
@@ -53,13 +60,26 @@ def main() -> None:
     w8 = train(arch8, data, TrainSettings(**base), runs / "w8a8")
     folded = load_folded(runs / "w8a8" / "model.safetensors")
     omega = weight_perturbation(folded, len(arch8.layers), space.w_bits)
-    ilp = allocate_bits(arch8, omega, space.w_bits, space.a_bits, {"bops": a.bops_ratio * arch8.bops()},
-                        {"bops": bops_cost})
+    table = get_table(space, a.lut_device)
+    key = "latency_ms" if a.limit == "latency" else "bops"
+    ilp = ilp_arch(arch8, omega, space.w_bits, space.a_bits, ratios={key: a.ratio}, table=table,
+                   device=a.lut_device, source="weight perturbation of W8A8")
     ilp.arch.save(runs / "arch_ilp.json")
     mixed = train(ilp.arch, data, TrainSettings(**base), runs / "mixed")
     x = data.test.x[:a.ort_samples]
-    ort = {k: check_with_onnxruntime(to_integer(load_folded(runs / k / "model.safetensors")), x)
-           for k in ("w8a8", "mixed")}
+    xg = data.test.x if a.graph_samples <= 0 else data.test.x[:a.graph_samples]
+    ort, graphs = {"w8a8": None, "mixed": None}, {}
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("onnxruntime is not installed: the onnxruntime checks are skipped")
+    else:
+        for k in ("w8a8", "mixed"):
+            integer = to_integer(load_folded(runs / k / "model.safetensors"))
+            ort[k] = check_with_onnxruntime(integer, x)
+            integer = integer.to(a.device)
+            graphs[k] = {mode: check_graph(integer, xg, mode, lsb_samples=a.lsb_samples) for mode in ("qlinear", "qdq")}
+    lat = {name: arch_latency(table, ar) for name, ar in (("w8", arch8), ("mixed", ilp.arch))}
     rows = [("FP32", arch8, fp32.get("acc_float"), None, None, None),
             ("W8A8", arch8, w8["acc_integer"], w8["acc_fake_quant"], w8["integer_vs_fake_top1_disagreements"], ort["w8a8"]),
             ("ILP mixed", ilp.arch, mixed["acc_integer"], mixed["acc_fake_quant"],
@@ -67,16 +87,26 @@ def main() -> None:
     lines = [f"# Integer-only deployment, Fashion-MNIST ({len(data.test)} test images), arch {a.ops}",
              "", f"device {a.device}; epochs {a.epochs} + {a.fold_epochs} folded; steps/epoch {a.steps or 'all'}; "
              f"wall {time.time() - t0:.0f} s", "",
-             "| model | bits (w/a per layer) | BOPs vs W8A8 | acc (integer-only; FP32: float) | acc fake-quant | "
-             "int vs fake top-1 disagreements | ORT accumulator mismatches | ORT logits identical |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             f"ILP limit: {a.limit} <= {a.ratio} x W8A8 ({a.lut_device} LUT for latency); sensitivity: weight "
+             "perturbation of the trained W8A8 model", "",
+             f"| model | bits (w/a per layer) | {a.lut_device} latency vs W8A8 | BOPs vs W8A8 | acc (integer-only; "
+             "FP32: float) | acc fake-quant | int vs fake top-1 disagreements | ORT accumulator mismatches | "
+             "ORT logits identical |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, ar, acc, fq, dis, o in rows:
         bits = " ".join(f"{l.w_bits}/{l.a_bits}" for l in ar.layers) if name != "FP32" else "32"
-        lines.append(f"| {name} | {bits} | {ar.bops() / arch8.bops():.3f} | {acc:.2f} | "
+        rel = "" if name == "FP32" else f"{arch_latency(table, ar) / lat['w8']:.3f}"
+        bops = "" if name == "FP32" else f"{ar.bops() / arch8.bops():.3f}"
+        lines.append(f"| {name} | {bits} | {rel} | {bops} | {acc:.2f} | "
                      f"{'' if fq is None else f'{fq:.2f}'} | {'' if dis is None else dis} | "
                      f"{'' if o is None else o['accumulator_mismatches']} | {'' if o is None else o['logits_identical']} |")
     lines += ["", f"W8A8 integer - FP32: {w8['acc_integer'] - fp32['acc_float']:+.2f} points; "
-                  f"mixed - W8A8: {mixed['acc_integer'] - w8['acc_integer']:+.2f} points"]
+                  f"mixed - W8A8: {mixed['acc_integer'] - w8['acc_integer']:+.2f} points", "",
+              "## onnxruntime whole-model graphs vs the integer-only model", ""]
+    for k in graphs:
+        lines += [f"- {k}: " + format_graph_check(graphs[k][mode]) for mode in ("qlinear", "qdq")]
+    if not graphs:
+        lines.append("not run: onnxruntime is not installed here (`fbnas quantize onnx` runs them on any machine)")
     text = "\n".join(lines) + "\n"
     atomic_write_text(a.out, text)
     print(text)

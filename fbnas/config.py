@@ -83,7 +83,7 @@ class SearchConfig:
     seed: int = 0
     accelerator: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
+    channels_last: bool = False  # on CUDA (bench/supernet_step.py compares; depthwise bf16 NHWC is slow there)
     threads: int = 0  # CPU threads (0: torch default)
     resume: bool = False
     logger: str = "none"  # none | wandb

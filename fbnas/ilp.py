@@ -10,7 +10,7 @@ activation choice >= w_bits, else the largest). Solved exactly with scipy.optimi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -46,6 +46,48 @@ def size_cost(name: str, kernels: Sequence[KernelSpec], w_bits: int, a_bits: int
 
 def bops_cost(name: str, kernels: Sequence[KernelSpec], w_bits: int, a_bits: int) -> float:
     return float(sum(k.macs * w_bits * a_bits for k in kernels))
+
+
+def latency_cost(table, arch: Arch) -> PartCost:
+    """LUT latency (ms, p50) of one part of `arch` at (w_bits, a_bits): the table entry of the part's op and shape
+    with those bits. Fixed parts (stem, head, pool, classifier) are priced at their fixed bits."""
+    from .latency.keys import arch_signatures
+
+    sigs = dict(arch_signatures(arch))
+
+    def cost(name: str, kernels: Sequence[KernelSpec], w_bits: int, a_bits: int) -> float:
+        return table.lookup(sigs[name].with_bits(w_bits, a_bits).key)
+
+    return cost
+
+
+LIMIT_KEYS = ("size_kb", "bops", "latency_ms")
+
+
+def part_costs(arch: Arch, table=None) -> dict[str, PartCost]:
+    costs: dict[str, PartCost] = {"size_kb": size_cost, "bops": bops_cost}
+    if table is not None:
+        costs["latency_ms"] = latency_cost(table, arch)
+    return costs
+
+
+def arch_totals(arch: Arch, costs: dict[str, PartCost]) -> dict[str, float]:
+    """Every cost summed over the parts of `arch` at its own bits."""
+    return {k: float(sum(c(name, ks, wb, ab) for name, ks, wb, ab in arch.parts())) for k, c in costs.items()}
+
+
+def resolve_limits(arch: Arch, costs: dict[str, PartCost], absolute: dict[str, float],
+                   ratios: dict[str, float]) -> dict[str, float]:
+    """Absolute limits, plus limits given as a fraction of the W8A8 version of `arch` (key -> ratio)."""
+    limits = {k: float(v) for k, v in absolute.items() if v}
+    ref = arch_totals(arch.with_bits(8, 8), costs)
+    for key, ratio in ratios.items():
+        if ratio and key not in limits:
+            limits[key] = float(ratio) * ref[key]
+    missing = [k for k in limits if k not in costs]
+    if missing:
+        raise ConfigError(f"a {missing[0]} limit needs a latency table: give field 'device' (or 'lut')")
+    return limits
 
 
 def default_a_bits_for(w_choices: Sequence[int], a_choices: Sequence[int]) -> dict[int, int]:
@@ -149,3 +191,25 @@ def allocate_bits(arch: Arch, omega: dict[str, dict[int, float]], w_choices: Seq
     new_arch = arch.with_bits([w for w, _ in choices], [a for _, a in choices])
     totals = {k: float(fixed + r @ np.round(res.x)) for k, (fixed, r) in fixed_totals.items()}
     return IlpResult(new_arch, float(c @ np.round(res.x)), totals, dict(limits), choices, omega)
+
+
+def ilp_arch(arch: Arch, omega: dict[str, dict[int, float]], w_choices: Sequence[int], a_choices: Sequence[int],
+             limits: Optional[dict[str, float]] = None, ratios: Optional[dict[str, float]] = None, table=None,
+             device: str = "", source: str = "") -> IlpResult:
+    """The ILP over `arch` with limits on any of size_kb / bops / latency_ms (absolute, or `ratios` of the W8A8
+    version; latency needs the device's LatencyTable). The result's arch carries its predicted costs (size, BOPs,
+    and the LUT latency on `device` when a table is given) and the ILP's provenance."""
+    costs = part_costs(arch, table)
+    lim = resolve_limits(arch, costs, limits or {}, ratios or {})
+    res = allocate_bits(arch, omega, w_choices, a_choices, lim, {k: costs[k] for k in lim})
+    totals = arch_totals(res.arch, costs)
+    predicted = {"size_kb": round(totals["size_kb"], 3), "bops": totals["bops"], "macs": res.arch.macs(),
+                 "params": res.arch.params()}
+    if table is not None:
+        predicted[device or table.device] = {"latency_ms": round(totals["latency_ms"], 6), "source": "lut"}
+    provenance = {**arch.provenance, "ilp": {"sensitivity": source, "limits": res.limits, "objective": res.objective,
+                                             "device": device or (table.device if table is not None else None),
+                                             "bits": [list(c) for c in res.choices]}}
+    res.arch = replace(res.arch, predicted=predicted, provenance=provenance)
+    res.totals = {k: totals[k] for k in res.limits}
+    return res

@@ -88,6 +88,8 @@ class Searcher:
         self.out_dir = Path(out_dir)
         self._validate()
         self.device = resolve_device(cfg.accelerator)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # shapes repeat over thousands of steps
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -110,15 +112,17 @@ class Searcher:
         self.steps_per_epoch = len(self.w_loader)
         if cfg.max_steps_per_epoch > 0:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        if self.steps_per_epoch == 0:
+        if self.steps_per_epoch == 0 or len(self.a_loader) == 0:
             raise ConfigError(f"field 'data.batch_size' ({cfg.data.batch_size}) is larger than the weight split "
-                              f"({len(self.data.train)} images); lower it or use more data")
+                              f"({len(self.data.train)} images) or the architecture split ({len(self.data.arch)} "
+                              "images); lower it or use more data (data.train_subset, data.arch_fraction)")
+        fused = self.device.type == "cuda"
         self.w_opt = torch.optim.SGD(self.supernet.weight_parameters(), lr=cfg.optim.w_lr,
                                      momentum=cfg.optim.w_momentum, weight_decay=cfg.optim.w_weight_decay)
         self.w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt,
                                                                   T_max=max(cfg.epochs * self.steps_per_epoch, 1))
         self.a_opt = torch.optim.Adam(self.supernet.arch_parameters(), lr=cfg.optim.arch_lr,
-                                      weight_decay=cfg.optim.arch_weight_decay)
+                                      weight_decay=cfg.optim.arch_weight_decay, fused=fused)
         self.epoch = 0
         self.step = 0
         self.metrics: list[dict] = []

@@ -43,18 +43,17 @@ def gumbel_noise(shape: Sequence[int], generator: Optional[torch.Generator], dev
     return torch.zeros(shape, device=device, dtype=dtype)
 
 
-def gumbel_softmax_rows(logits: torch.Tensor, tau: float, hard: bool, generator: Optional[torch.Generator],
-                        ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Gumbel-softmax over the last dim of [R, n] logits: (weights used in the forward, soft relaxation, sampled
-    index per row). In hard mode the weights are straight-through one-hots: value one_hot, gradient of the soft
-    relaxation. One noise draw and one host sync for all rows."""
-    g = gumbel_noise(logits.shape, generator, logits.device, logits.dtype)
-    soft = F.softmax((logits + g) / tau, dim=-1)
-    index = soft.detach().argmax(-1)
+def gumbel_softmax_rows(logits: torch.Tensor, noise: torch.Tensor, index: list[int], tau: float, hard: bool,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gumbel-softmax over the last dim of [R, n] logits with given noise and sampled indices: (weights used in
+    the forward, soft relaxation). In hard mode the weights are straight-through one-hots: value one_hot,
+    gradient of the soft relaxation."""
+    soft = F.softmax((logits + noise) / tau, dim=-1)
     if not hard:
-        return soft, soft, index.tolist()
-    one_hot = F.one_hot(index, logits.shape[-1]).to(soft.dtype)
-    return one_hot - soft.detach() + soft, soft, index.tolist()
+        return soft, soft
+    one_hot = torch.zeros_like(soft)
+    one_hot[torch.arange(len(index)), index] = 1.0
+    return one_hot - soft.detach() + soft, soft
 
 
 def has_quantized_weights(module: nn.Module) -> bool:
@@ -97,23 +96,6 @@ class MixedLayer(nn.Module):
             full = full.index_copy(0, self.bit_op_index, rows)
         return full
 
-    def set_sample(self, op_w: torch.Tensor, op_soft: torch.Tensor, index: int, w_rows: torch.Tensor,
-                   w_soft: torch.Tensor, w_idx: Sequence[int], a_rows: torch.Tensor, a_soft: torch.Tensor,
-                   a_idx: Sequence[int], hard: bool) -> None:
-        """Install this forward's Gumbel weights (drawn for all layers at once by Supernet.sample)."""
-        self.last_op_weights, self.last_soft_op, self.last_index = op_w, op_soft, index
-        nw, na = len(self.w_bits), len(self.a_bits)
-        self.last_w_weights = self._full_bit_rows(w_rows, nw)
-        self.last_a_weights = self._full_bit_rows(a_rows, na)
-        self.last_soft_w = self._full_bit_rows(w_soft, nw)
-        self.last_soft_a = self._full_bit_rows(a_soft, na)
-        for st in self.bit_states:
-            st.clear()
-        for r, i in enumerate(self.bit_ops):
-            st = self.bit_states[i]
-            st.w_probs, st.a_probs = w_rows[r], a_rows[r]
-            st.w_index, st.a_index = (w_idx[r], a_idx[r]) if hard else (None, None)
-
     def fix(self, op_index: int, w_index: int, a_index: int) -> None:
         """Run one given (op, bits) choice, no sampling (evaluation of a child inside the supernet)."""
         n_ops = len(self.ops)
@@ -126,6 +108,7 @@ class MixedLayer(nn.Module):
         self.last_w_weights = self.last_soft_w = w1.expand(n_ops, -1)
         self.last_a_weights = self.last_soft_a = a1.expand(n_ops, -1)
         st = self.bit_states[op_index]
+        st.clear()
         st.w_probs, st.a_probs, st.w_index, st.a_index = w1, a1, w_index, a_index
 
     def forward(self, x: torch.Tensor, hard: bool) -> torch.Tensor:
@@ -159,6 +142,10 @@ class Supernet(nn.Module):
         self.head = Head(space.last_stage_channels, space.head_channels, space.num_classes, head_bits)
         self.generator = torch.Generator().manual_seed(0)
         self._fixed: Optional[list[tuple[int, int, int]]] = None
+        n_ops = len(space.candidates)
+        rows = [l * n_ops + i for l, layer in enumerate(self.mixed_layers) for i in layer.bit_ops]
+        self.register_buffer("bit_row_index", torch.tensor(rows, dtype=torch.long), persistent=False)
+        self._weights: Optional[tuple[torch.Tensor, ...]] = None  # this forward's (ops, w, a, soft ops, soft w, soft a)
 
     # ------------------------------------------------------------------ parameters
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -180,18 +167,42 @@ class Supernet(nn.Module):
         """Draw one Gumbel sample for every layer's op and bit choices (batched across layers)."""
         hard = self.mode == "hard"
         layers = list(self.mixed_layers)
-        op_w, op_soft, op_idx = gumbel_softmax_rows(torch.stack([l.alpha for l in layers]), self.tau, hard,
-                                                    self.generator)
-        w_w, w_soft, w_idx = gumbel_softmax_rows(torch.cat([l.beta_w for l in layers]), self.tau, hard,
-                                                 self.generator)
-        a_w, a_soft, a_idx = gumbel_softmax_rows(torch.cat([l.beta_a for l in layers]), self.tau, hard,
-                                                 self.generator)
+        logits = [torch.stack([l.alpha for l in layers]), torch.cat([l.beta_w for l in layers]),
+                  torch.cat([l.beta_a for l in layers])]
+        # one noise draw (CPU generator: the same samples on every device), one copy each way
+        sizes = [t.numel() for t in logits]
+        noise_cpu = gumbel_noise((sum(sizes),), self.generator, "cpu")
+        flat_cpu = torch.cat([t.detach().reshape(-1) for t in logits]).float().cpu()
+        noise = noise_cpu.to(logits[0].device, non_blocking=True).split(sizes)
+        op_idx, w_idx, a_idx = (p.view_as(t).argmax(-1).tolist()
+                                for t, p in zip(logits, (flat_cpu + noise_cpu).split(sizes)))
+        (op_w, op_soft), (w_w, w_soft), (a_w, a_soft) = (
+            gumbel_softmax_rows(t, n.view_as(t).to(t.dtype), idx, self.tau, hard)
+            for t, n, idx in zip(logits, noise, (op_idx, w_idx, a_idx)))
+        full = [self._full_bit_matrix(rows, n) for rows, n in
+                ((w_w, len(self.space.w_bits)), (a_w, len(self.space.a_bits)),
+                 (w_soft, len(self.space.w_bits)), (a_soft, len(self.space.a_bits)))]
+        self._weights = (op_w, full[0], full[1], op_soft, full[2], full[3])
         r = 0
         for li, layer in enumerate(layers):
-            n = len(layer.bit_ops)
-            layer.set_sample(op_w[li], op_soft[li], op_idx[li], w_w[r:r + n], w_soft[r:r + n], w_idx[r:r + n],
-                             a_w[r:r + n], a_soft[r:r + n], a_idx[r:r + n], hard)
-            r += n
+            layer.last_op_weights, layer.last_w_weights, layer.last_a_weights = op_w[li], full[0][li], full[1][li]
+            layer.last_soft_op, layer.last_soft_w, layer.last_soft_a = op_soft[li], full[2][li], full[3][li]
+            layer.last_index = op_idx[li]
+            for r_op, i in enumerate(layer.bit_ops, start=r):
+                st = layer.bit_states[i]
+                st.clear()
+                if hard and i != op_idx[li]:
+                    continue  # only the sampled op runs
+                st.w_probs, st.a_probs = w_w[r_op], a_w[r_op]
+                if hard:
+                    st.w_index, st.a_index = w_idx[r_op], a_idx[r_op]
+            r += len(layer.bit_ops)
+
+    def _full_bit_matrix(self, rows: torch.Tensor, n_bits: int) -> torch.Tensor:
+        """[R, n_bits] rows of the ops that have bits -> [L, n_ops, n_bits]; ops without weights get 1/n_bits."""
+        L, n_ops = len(self.mixed_layers), len(self.space.candidates)
+        full = torch.full((L * n_ops, n_bits), 1.0 / n_bits, device=rows.device, dtype=rows.dtype)
+        return full.index_copy(0, self.bit_row_index, rows).view(L, n_ops, n_bits)
 
     def fix(self, choice: Optional[Sequence[tuple[int, int, int]]]) -> None:
         """Evaluate a given architecture (op, w_bits, a_bits indices per layer) until fix(None)."""
@@ -201,6 +212,7 @@ class Supernet(nn.Module):
         if self._fixed is not None:
             for layer, (i, wi, ai) in zip(self.mixed_layers, self._fixed):
                 layer.fix(i, wi, ai)
+            self._weights = None
             hard = True
         else:
             self.sample()
@@ -213,6 +225,8 @@ class Supernet(nn.Module):
     # ------------------------------------------------------------------ the sample as tensors
     def sample_weights(self, soft: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stacked weights of the current sample: ops [L, n_ops], w bits [L, n_ops, n_wb], a bits [L, n_ops, n_ab]."""
+        if self._weights is not None:
+            return self._weights[3:] if soft else self._weights[:3]
         layers = self.mixed_layers
         if soft:
             return (torch.stack([l.last_soft_op for l in layers]), torch.stack([l.last_soft_w for l in layers]),

@@ -50,3 +50,46 @@ def test_read_hessian(tmp_path):
     p.write_text(json.dumps({"format": "nope"}))
     with pytest.raises(ConfigError, match="format"):
         read_hessian(p)
+
+
+def _table(arch):
+    from fbnas.latency import get_table
+
+    return get_table(load_space(arch.space), "bitfusion")
+
+
+def test_ilp_latency_limit_matches_lut_and_is_respected():
+    from fbnas.ilp import ilp_arch
+    from fbnas.latency import arch_latency
+
+    arch = _arch()
+    table = _table(arch)
+    w8 = arch_latency(table, arch.with_bits(8, 8))
+    res = ilp_arch(arch, _omega([100, 1, 1, 1, 1, 100]), (2, 4, 8), (4, 8), ratios={"latency_ms": 0.6}, table=table,
+                   device="bitfusion", source="test")
+    lat = arch_latency(table, res.arch)
+    assert abs(res.limits["latency_ms"] - 0.6 * w8) < 1e-9
+    assert abs(res.totals["latency_ms"] - lat) < 1e-9  # the ILP's per-part costs sum to the LUT latency
+    assert lat <= 0.6 * w8 + 1e-9
+    assert res.arch.predicted["bitfusion"]["latency_ms"] == round(lat, 6)
+    assert res.arch.predicted["bops"] == res.arch.bops()
+    assert res.arch.provenance["ilp"]["device"] == "bitfusion"
+
+
+def test_ilp_latency_and_bops_limits_together():
+    from fbnas.ilp import ilp_arch
+    from fbnas.latency import arch_latency
+
+    arch = _arch()
+    table = _table(arch)
+    res = ilp_arch(arch, _omega([1, 2, 3, 4, 5, 6]), (2, 4, 8), (4, 8), limits={"bops": 0.5 * arch.bops()},
+                   ratios={"latency_ms": 0.8}, table=table)
+    assert res.arch.bops() <= 0.5 * arch.bops() + 1e-6
+    assert arch_latency(table, res.arch) <= 0.8 * arch_latency(table, arch) + 1e-9
+
+
+def test_ilp_latency_limit_without_table_is_refused():
+    from fbnas.ilp import ilp_arch
+
+    with pytest.raises(ConfigError, match="latency_ms limit needs a latency table"):
+        ilp_arch(_arch(), _omega([1] * 6), (2, 4, 8), (4, 8), limits={"latency_ms": 1.0})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import hydra
 import torch
@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..arch import load_arch
 from ..errors import ConfigError
 from ..io import atomic_write_text
-from .common import CONF_DIR, run_hydra, split_subcommand, user_errors
+from .common import CONF_DIR, device_overrides, run_hydra, split_subcommand, user_errors
 
 ACTIONS = ("convert", "compare", "ilp", "onnx")
 
@@ -34,7 +34,10 @@ class QuantizeConfig:
     arch: str = ""  # arch.json (default: the one stored in the weights)
     out: str = ""  # convert: output dir; compare: markdown report; ilp: new arch.json; onnx: .onnx path
     rounding: str = "half_even"
-    samples: int = 256  # compare/onnx: test images
+    samples: int = 256  # compare/onnx: test images (onnx: 0 = the whole test set)
+    mode: str = "qlinear"  # onnx: qlinear | qdq | accumulators
+    lsb_samples: int = 1000  # onnx qlinear/qdq: images whose every tensor is compared (top-1 uses all `samples`)
+    exact_branches: bool = False  # onnx: requantize add/concat branches exactly (slower graph; see onnx_graph)
     bits: list = field(default_factory=lambda: [8, 4])  # compare: naive-vs-integer at these w/a bits
     data: QuantizeData = field(default_factory=QuantizeData)
     hessian: str = ""  # ilp: fbnas-hessian/1 traces (else weight perturbation of `weights`)
@@ -44,7 +47,9 @@ class QuantizeConfig:
     size_ratio: float = 0.0  # limits relative to the W8A8 version of the architecture
     bops_ratio: float = 0.0
     latency_ratio: float = 0.0
-    device: str = "bitfusion"  # ilp: latency table device
+    device: Any = "bitfusion"  # ilp: latency device, the conf/device/ Hydra group (device=<name> or device=<path.yaml>)
+    device_file: Optional[str] = None  # set by device=<path.yaml>
+    lut: str = ""  # ilp: latency table file (default latency_tables/<space>__<device>.json, else built analytically)
     opset: int = 21
 
 
@@ -67,7 +72,7 @@ def _test_images(cfg, n: int) -> torch.Tensor:
     from ..data import load_dataset
 
     bundle = load_dataset(cfg.data.name, root=cfg.data.root, test_subset=n)
-    return bundle.test.x[:n]
+    return bundle.test.x[:n] if n > 0 else bundle.test.x
 
 
 def _convert(cfg) -> None:
@@ -109,7 +114,7 @@ def _compare(cfg) -> None:
 
 
 def _ilp(cfg) -> None:
-    from ..ilp import allocate_bits, bops_cost, read_hessian, size_cost, weight_perturbation
+    from ..ilp import LIMIT_KEYS, ilp_arch, read_hessian, weight_perturbation
     from ..space import load_space
 
     if not cfg.arch:
@@ -125,25 +130,16 @@ def _ilp(cfg) -> None:
         folded = load_folded(_weights(cfg), arch, cfg.arch)
         omega = weight_perturbation(folded, len(arch.layers), space.w_bits)
         source = f"weight perturbation of {_weights(cfg)}"
-    costs = {"size_kb": size_cost, "bops": bops_cost}
-    w8 = arch.with_bits(8, 8)
-    ref = {"size_kb": w8.size_kb(), "bops": w8.bops()}
-    limits = {}
-    for key, ratio_key in (("size_kb", "size_ratio"), ("bops", "bops_ratio"), ("latency_ms", "latency_ratio")):
-        val, ratio = float(cfg[key]), float(cfg[ratio_key])
-        if not (val or ratio):
-            continue
-        if key == "latency_ms":
-            raise ConfigError("latency limits need the LUT engine (fbnas.latency), not merged in this version")
-        limits[key] = val if val else ratio * ref[key]
-    res = allocate_bits(arch, omega, space.w_bits, space.a_bits, limits, costs)
-    new = res.arch
-    new_arch = type(new)(**{**new.__dict__, "predicted": {**res.totals},
-                            "provenance": {**arch.provenance, "ilp": {"source": source, "limits": res.limits,
-                                                                        "objective": res.objective,
-                                                                        "from": str(cfg.arch)}}})
+    from ..latency import get_table, load_device
+
+    device = load_device(cfg.device_file or cfg.device)
+    table = get_table(space, device, cfg.lut or None)
+    res = ilp_arch(arch, omega, space.w_bits, space.a_bits,
+                   limits={k: float(cfg[k]) for k in LIMIT_KEYS},
+                   ratios={k: float(cfg[k.split("_")[0] + "_ratio"]) for k in LIMIT_KEYS},
+                   table=table, device=device.name, source=source)
     out = cfg.out or str(Path(cfg.arch).with_name("arch_ilp.json"))
-    new_arch.save(out)
+    res.arch.save(out)
     bits = " ".join(f"w{w}a{a}" for w, a in res.choices)
     print(f"wrote {out}: {bits}; " + ", ".join(f"{k} {v:.6g} (limit {res.limits[k]:.6g})" for k, v in res.totals.items()))
 
@@ -170,4 +166,8 @@ def _app(cfg: DictConfig) -> None:
 
 def main(argv: list[str]) -> int:
     sub, rest = split_subcommand(argv, ACTIONS, "quantize")
+    try:
+        rest = device_overrides(rest)
+    except SystemExit as exc:  # fail(): the one-line message is printed already
+        return exc.code if isinstance(exc.code, int) else 2
     return run_hydra(_app, "fbnas quantize", [f"action={sub}"] + rest)

@@ -41,6 +41,12 @@ class BitState:
     w_index: Optional[int] = None
     a_index: Optional[int] = None
     enabled: bool = True
+    factor: Optional[torch.Tensor] = None  # hard mode: w_probs[w_index] * a_probs[a_index], computed once per op
+
+    def straight_through_factor(self) -> torch.Tensor:
+        if self.factor is None:
+            self.factor = self.w_probs[self.w_index] * self.a_probs[self.a_index]
+        return self.factor
 
     @classmethod
     def fixed(cls, w_bits: int, a_bits: int) -> "BitState":
@@ -53,6 +59,7 @@ class BitState:
     def clear(self) -> None:
         self.w_probs = self.a_probs = None
         self.w_index = self.a_index = None
+        self.factor = None
 
 
 # ------------------------------------------------------------------------------- weight quantization
@@ -67,7 +74,7 @@ def weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 1:
         s = flat.abs().mean(dim=1)
     else:
-        s = flat.abs().amax(dim=1) / qmax_signed(bits)
+        s = torch.linalg.vector_norm(flat, ord=float("inf"), dim=1) / qmax_signed(bits)
     return s.clamp_min(_EPS).reshape((-1,) + (1,) * (w.dim() - 1))
 
 
@@ -81,7 +88,7 @@ def quantize_weight_int(w: torch.Tensor, bits: int, scale: Optional[torch.Tensor
 
 
 class _STEWeight(torch.autograd.Function):
-    """Q_b(W) forward, identity backward (straight-through)."""
+    """1-bit Q(W) = sign(W) * mean|W_c| forward, identity backward (straight-through)."""
 
     @staticmethod
     def forward(ctx, w, bits: int):
@@ -93,10 +100,27 @@ class _STEWeight(torch.autograd.Function):
         return grad, None
 
 
+_ZERO_POINTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _zero_points(n: int, device: torch.device) -> torch.Tensor:
+    """Cached int32 zeros of shape [n] (n > 0) or [] (n == 0): the zero points of symmetric quantization."""
+    key = (n, device)
+    if key not in _ZERO_POINTS:
+        _ZERO_POINTS[key] = torch.zeros(n if n else (), dtype=torch.int32, device=device)
+    return _ZERO_POINTS[key]
+
+
 def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Q_b(W) per output channel, symmetric; straight-through gradient (every weight lies inside the range).
+    One fused kernel (ATen's fake_quantize_per_channel_affine) for b >= 2."""
     if bits >= 32:
         return w
-    return _STEWeight.apply(w, bits)
+    if bits == 1:
+        return _STEWeight.apply(w, bits)
+    q = qmax_signed(bits)
+    scale = weight_scale(w, bits).reshape(-1).float()
+    return torch.fake_quantize_per_channel_affine(w, scale, _zero_points(w.shape[0], w.device), 0, -q, q)
 
 
 def quant_error_sq(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -111,7 +135,7 @@ def mixed_weight(w: torch.Tensor, state: BitState) -> torch.Tensor:
     if not state.enabled:
         return w
     if state.w_index is not None:
-        return state.w_probs[state.w_index] * fake_quant_weight(w, state.w_choices[state.w_index])
+        return fake_quant_weight(w, state.w_choices[state.w_index])
     if state.w_probs is None:
         return fake_quant_weight(w, state.w_choices[0])
     return sum(p * fake_quant_weight(w, b) for p, b in zip(state.w_probs, state.w_choices))
@@ -126,23 +150,6 @@ def act_levels(bits: int, signed: bool) -> tuple[int, int]:
         return -q, q
     return 0, 2 ** bits - 1
 
-
-
-class _STEAct(torch.autograd.Function):
-    """Q(x) = clamp(round(x/s), lo, hi) * s; gradient passes where x is inside the range (clipped STE).
-    s, lo, hi are 0-d tensors, so no value ever travels to the host (no GPU sync)."""
-
-    @staticmethod
-    def forward(ctx, x, scale, lo, hi):
-        xs = x / scale
-        inside = (xs >= lo) & (xs <= hi)
-        ctx.save_for_backward(inside)
-        return torch.clamp(torch.round(xs), lo, hi) * scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None
 
 
 class _MixedAct(torch.autograd.Function):
@@ -171,9 +178,12 @@ class _MixedAct(torch.autograd.Function):
 
 
 class ActQuantizer(nn.Module):
-    """Activation fake-quantizer with an EMA min/max range; unsigned while the observed min is >= 0.
+    """Activation fake-quantizer with an EMA min/max range.
 
-    The forward path keeps every decision (first observation, signedness) on the device: no host sync."""
+    Signed (symmetric) or unsigned is decided once, at the first observation: a tensor after a ReLU is never
+    negative, a linear output always is. After that the forward path never reads a value back to the host
+    (no GPU sync): EMA updates are in-place lerps, and quantization is one fused kernel with a clipped
+    straight-through gradient (ATen's fake_quantize_per_tensor_affine)."""
 
     def __init__(self, momentum: float = EMA_MOMENTUM):
         super().__init__()
@@ -181,36 +191,52 @@ class ActQuantizer(nn.Module):
         self.register_buffer("running_min", torch.zeros(()))
         self.register_buffer("running_max", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("signed_flag", torch.zeros((), dtype=torch.bool))
         self.frozen = False
+        self._state: Optional[tuple[bool, bool]] = None  # host copy of (initialized, signed)
+
+    def _host_state(self) -> tuple[bool, bool]:
+        if self._state is None:
+            self._state = (bool(self.initialized), bool(self.signed_flag))
+        return self._state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "signed_flag"
+        if key not in state_dict and prefix + "running_min" in state_dict:  # files from before the flag
+            state_dict[key] = state_dict[prefix + "running_min"] < 0
+        self._state = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def signed(self) -> bool:
-        return bool(self.running_min < 0)
+        return self._host_state()[1]
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = x.detach().amin().float(), x.detach().amax().float()
-        first = ~self.initialized
-        self.running_min.copy_(torch.where(first, lo, torch.lerp(self.running_min, lo, self.momentum)))
-        self.running_max.copy_(torch.where(first, hi, torch.lerp(self.running_max, hi, self.momentum)))
+        lo, hi = torch.aminmax(x.detach())
+        if self._host_state()[0]:
+            self.running_min.lerp_(lo.float(), self.momentum)
+            self.running_max.lerp_(hi.float(), self.momentum)
+            return
+        self.running_min.copy_(lo)
+        self.running_max.copy_(hi)
         self.initialized.fill_(True)
+        signed = bool(lo < 0)  # the one host read, at the first observation
+        self.signed_flag.fill_(signed)
+        self._state = (True, signed)
 
-    def qparams(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scale, lo, hi) as 0-d tensors for `bits`, signed or unsigned by the observed range."""
-        signed = self.running_min < 0
-        qs, qu = float(qmax_signed(bits)), float(2 ** bits - 1)
-        span = torch.maximum(self.running_min.abs(), self.running_max.abs())
-        scale = torch.where(signed, span / qs, self.running_max / qu).clamp_min(_EPS)
-        lo = torch.where(signed, torch.full_like(scale, -qs), torch.zeros_like(scale))
-        hi = torch.where(signed, torch.full_like(scale, qs), torch.full_like(scale, qu))
-        return scale, lo, hi
+    def levels(self, bits: int) -> tuple[int, int]:
+        return act_levels(bits, self.signed)
 
     def scale(self, bits: int) -> torch.Tensor:
-        return self.qparams(bits)[0]
+        if self.signed:
+            span = torch.maximum(self.running_min.abs(), self.running_max.abs())
+            return (span / qmax_signed(bits)).clamp_min(_EPS)
+        return (self.running_max / (2 ** bits - 1)).clamp_min(_EPS)
 
     def quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
-        scale, lo, hi = self.qparams(bits)
-        return _STEAct.apply(x, scale.to(x.dtype), lo.to(x.dtype), hi.to(x.dtype))
+        lo, hi = self.levels(bits)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale(bits), _zero_points(0, x.device), lo, hi)
 
     def forward(self, x: torch.Tensor, state: BitState) -> torch.Tensor:
         if not state.enabled:
@@ -221,8 +247,10 @@ class ActQuantizer(nn.Module):
             return self.quantize(x, state.a_choices[state.a_index])
         if state.a_probs is None:
             return self.quantize(x, state.a_choices[0])
-        params = [self.qparams(b) for b in state.a_choices]
-        scales, los, his = (torch.stack(t).to(x.dtype) for t in zip(*params))
+        levels = [self.levels(b) for b in state.a_choices]
+        scales = torch.stack([self.scale(b) for b in state.a_choices]).to(x.dtype)
+        los = torch.tensor([lv[0] for lv in levels], dtype=x.dtype, device=x.device)
+        his = torch.tensor([lv[1] for lv in levels], dtype=x.dtype, device=x.device)
         return _MixedAct.apply(x, state.a_probs.to(x.dtype), scales, los, his)
 
 
@@ -243,8 +271,9 @@ class QConv2d(nn.Conv2d):
         xq = self.act_quant(x, st)
         w = mixed_weight(self.weight, st)
         if st.a_index is not None:
-            # hard mode: the activation's straight-through factor (value 1) rides on the small weight tensor
-            w = w * st.a_probs[st.a_index]
+            # hard mode: the straight-through factors of the sampled bits (value 1, gradient to their
+            # probabilities) ride on the small weight tensor; the conv is bilinear in input and weight
+            w = w * st.straight_through_factor()
         return self._conv_forward(xq, w, self.bias)
 
 

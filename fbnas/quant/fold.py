@@ -136,7 +136,7 @@ class QuantPoint(nn.Module):
         return self.observer.scale(self.bits).double()
 
     def levels(self) -> tuple[int, int]:
-        return act_levels(self.bits, self.observer.signed)
+        return act_levels(self.bits, bool(self.observer.running_min < 0))
 
 
 def _requant_fake(q: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor, mode: str, where: str,

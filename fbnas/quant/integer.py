@@ -45,13 +45,19 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, offset: int = 0) -> torch.Tenso
     """Exact a @ b for integer a [M, K] with values in [offset-128, offset+127] and int8 b [K, N] -> int32.
 
     Runs on torch._int_mm (int8 x int8 -> int32 on CPU and CUDA); shapes are zero-padded to its constraints
-    (M > 16, K and N multiples of 8)."""
+    (M > 16, K and N multiples of 8; on CUDA M too)."""
     m, k = a.shape
     n = b.shape[1]
     a8 = (a.to(torch.int32) - offset).to(torch.int8) if offset else a.to(torch.int8)
     b8 = b.to(torch.int8)
-    a8 = _pad_to(_pad_to(a8, 0, 17), 1, max(_round_up(k, 8), 16)).contiguous()
+    # 17 zero rows always (M > 16 without a shape-dependent branch, so torch.export keeps the batch dynamic)
+    rows = 17
+    if a8.is_cuda:  # cuBLASLt int8 GEMM also needs M a multiple of 8 (export traces on CPU, keeping this branch out)
+        rows += (-(m + 17)) % 8
+    a8 = F.pad(_pad_to(a8, 1, max(_round_up(k, 8), 16)), (0, 0, 0, rows)).contiguous()
     b8 = _pad_to(_pad_to(b8, 0, a8.shape[1]), 1, max(_round_up(n, 8), 16)).contiguous()
+    if b8.is_cuda:  # cuBLASLt's int8 GEMM runs the "TN" layout: the second operand column-major
+        b8 = b8.t().contiguous().t()
     out = torch._int_mm(a8, b8)[:m, :n]
     if offset:
         out = out + offset * b.to(torch.int32).sum(dim=0, dtype=torch.int32)
@@ -200,13 +206,18 @@ class IntegerNet(nn.Module):
     """The integer-only network. Same program as the FoldedNet it came from; integer tensors throughout."""
 
     def __init__(self, arch: Arch, steps: Sequence[Step], nodes: dict[str, nn.Module], blocks: dict[str, str],
-                 scales: dict[str, torch.Tensor], rounding: str):
+                 scales: dict[str, torch.Tensor], rounding: str,
+                 levels: Optional[dict[str, tuple[int, int]]] = None,
+                 acc_scales: Optional[dict[str, torch.Tensor]] = None):
         super().__init__()
         self.arch = arch
         self.steps = list(steps)
         self.nodes = nn.ModuleDict(nodes)
         self.blocks = dict(blocks)
-        self.scales = {k: v.double() for k, v in scales.items()}  # tensor name -> scale (dump/compare only)
+        # descriptive metadata for dump/compare and ONNX export (never used by the integer forward):
+        self.scales = {k: v.double() for k, v in scales.items()}  # tensor name -> scale
+        self.levels = dict(levels or {})  # tensor name -> integer range (lo, hi)
+        self.acc_scales = {k: v.double() for k, v in (acc_scales or {}).items()}  # conv/linear -> S_w*S_in
         self.rounding = rounding
 
     def forward(self, x: torch.Tensor, record: Optional[dict] = None) -> torch.Tensor:
@@ -224,6 +235,7 @@ def to_integer(folded: FoldedNet) -> IntegerNet:
     rounding = check_rounding(folded.rounding)
     env: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}  # tensor -> (scale, integer levels)
     nodes: dict[str, nn.Module] = {}
+    acc_scales: dict[str, torch.Tensor] = {}
     for st in folded.steps:
         key = node_key(st.name)
         node = folded.nodes[key] if key in folded.nodes else None
@@ -235,6 +247,7 @@ def to_integer(folded: FoldedNet) -> IntegerNet:
         elif st.kind in ("conv", "linear"):
             s_in, in_lv = env[st.inputs[0]]
             q_w, q_b, s_acc = node.integer_weights(s_in, torch.float64)
+            acc_scales[st.name] = s_acc
             a_bits = _bits_of(in_lv)
             _check_accumulator(st.name, q_w, q_b, in_lv, node.w_bits, a_bits)
             offset = 128 if in_lv[1] > 127 else 0
@@ -253,7 +266,7 @@ def to_integer(folded: FoldedNet) -> IntegerNet:
             lo = max(lo, 0) if node.relu else lo
             nodes[key] = IntConv(st.name, q_w, q_b, node.stride, node.padding, node.groups, offset,
                                  dyadic(s_acc / s_out, st.name), lo, hi, rounding)
-            env[st.output] = (s_out, node.out.levels())
+            env[st.output] = (s_out, (lo, hi))
         elif st.kind in ("add", "concat"):
             node.out.check_calibrated(st.name)
             s_out = node.out.scale()
@@ -273,7 +286,8 @@ def to_integer(folded: FoldedNet) -> IntegerNet:
         else:  # split / shuffle: same scale and levels
             env[st.output] = env[st.inputs[0]]
     scales = {k: v[0] for k, v in env.items()}
-    return IntegerNet(folded.arch, folded.steps, nodes, folded.blocks, scales, rounding)
+    levels = {k: (int(v[1][0]), int(v[1][1])) for k, v in env.items()}
+    return IntegerNet(folded.arch, folded.steps, nodes, folded.blocks, scales, rounding, levels, acc_scales)
 
 
 def _bits_of(levels: tuple[int, int]) -> int:

@@ -1,0 +1,115 @@
+"""int8 ONNX vs fp32 ONNX of the same architecture in onnxruntime (CPU): p50 latency per model and the ratio.
+
+For each architecture (a Fashion-MNIST child and a bigger fbnet_cifar100 child, W8A8 unless --bits) the folded
+network is exported three ways (fbnas.quant.onnx_graph): fp32 (BN folded), qdq (Q/DQ around float ops, which
+onnxruntime fuses into QLinearConv etc.) and qlinear (QLinearConv/ConvInteger/MatMulInteger graph). All run with
+every onnxruntime graph optimisation, `--threads` intra-op threads (default 1), warm-up, then `--repeats`
+timed runs per model, interleaved round-robin so that load on a shared machine hits all models alike.
+Weights are random (timing does not depend on their values) unless --weights gives a trained model.safetensors.
+
+    python bench/onnx_int8_speed.py                                   # both archs, batch 1 and 32
+    python bench/onnx_int8_speed.py --repeats 20 --batches 1 --archs fmnist   # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fbnas import Arch, build_model, load_space
+from fbnas.io import atomic_write_text
+from fbnas.latency.measured import _cpu_name
+from fbnas.quant.fold import fold_model
+from fbnas.quant.integer import to_integer
+from fbnas.quant.onnx_graph import fp32_graph, ort_session, qdq_graph, qlinear_graph
+
+ARCHS = {
+    "fmnist": "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3",
+    "fbnet_cifar100": ",".join(["ir_k3_e1"] + ["ir_k3_e6", "ir_k5_e3", "ir_k3_e3", "ir_k5_e6"] * 5 + ["ir_k3_e6"]),
+}
+
+
+def build_models(space_name: str, ops: str, bits: int, weights: str = "") -> tuple[Arch, dict]:
+    """fp32 / qdq / qlinear ONNX models of one architecture (random weights + calibrated ranges, or trained)."""
+    space = load_space(space_name)
+    if weights:
+        from fbnas.quant.artifacts import load_folded
+
+        folded = load_folded(weights)
+        arch = folded.arch
+    else:
+        arch = Arch.from_space(space, ops.split(","), bits, bits)
+        torch.manual_seed(0)
+        net = build_model(arch)
+        x = torch.randn(32, arch.in_channels, arch.input_size, arch.input_size)
+        for m in net.modules():  # BN statistics of random inputs, so that activations stay O(1) through depth
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+        with torch.no_grad():
+            net.train()(x)
+        folded = fold_model(net.eval())
+        folded.calibrate([x[:16], x[16:]])
+    folded.eval()
+    integer = to_integer(folded)
+    return arch, {"fp32": fp32_graph(folded), "qdq": qdq_graph(integer), "qlinear": qlinear_graph(integer)}
+
+
+def time_models(models: dict, batch: int, shape: tuple, threads: int, warmup: int, repeats: int) -> dict:
+    sessions = {k: ort_session(m, threads=threads) for k, m in models.items()}
+    x = np.random.default_rng(0).standard_normal((batch,) + shape).astype(np.float32)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(warmup):
+        for s in sessions.values():
+            s.run(None, {"input": x})
+    for _ in range(repeats):
+        for k, s in sessions.items():  # round-robin: background load hits every model alike
+            t0 = time.perf_counter()
+            s.run(None, {"input": x})
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: {"p50": statistics.median(v), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
+            for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", default="fmnist,fbnet_cifar100", help="comma list of keys of ARCHS")
+    ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--weights", default="", help="trained model.safetensors (fmnist arch only)")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--out", default="bench/results/onnx_int8_speed.md")
+    a = ap.parse_args()
+    import onnxruntime
+
+    lines = [f"# int8 ONNX vs fp32 ONNX in onnxruntime {onnxruntime.__version__} (CPU)", "",
+             f"{_cpu_name()}, {a.threads} intra-op thread(s), all graph optimisations, "
+             f"{a.warmup} warm-up + {a.repeats} timed runs per model (interleaved), p50 [p10, p90] ms; W{a.bits}A{a.bits}, "
+             f"{'trained weights ' + a.weights if a.weights else 'random weights'}", "",
+             "| arch | batch | fp32 | int8 qdq | int8 qlinear | fp32 / qdq | fp32 / qlinear |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in a.archs.split(","):
+        arch, models = build_models(name, ARCHS[name], a.bits, a.weights if name == "fmnist" else "")
+        shape = (arch.in_channels, arch.input_size, arch.input_size)
+        for batch in (int(b) for b in a.batches.split(",")):
+            r = time_models(models, batch, shape, a.threads, a.warmup, a.repeats)
+            cell = {k: f"{v['p50']:.3f} [{v['p10']:.3f}, {v['p90']:.3f}]" for k, v in r.items()}
+            lines.append(f"| {name} ({arch.macs() / 1e6:.1f} M MACs) | {batch} | {cell['fp32']} | {cell['qdq']} | "
+                         f"{cell['qlinear']} | {r['fp32']['p50'] / r['qdq']['p50']:.2f}x | "
+                         f"{r['fp32']['p50'] / r['qlinear']['p50']:.2f}x |")
+            print(lines[-1], flush=True)
+    lines += ["", "Ratios > 1 mean the int8 model is faster. Command: `python bench/onnx_int8_speed.py "
+                  f"--archs {a.archs} --batches {a.batches} --threads {a.threads} --repeats {a.repeats}`"]
+    text = "\n".join(lines) + "\n"
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

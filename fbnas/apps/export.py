@@ -1,0 +1,38 @@
+"""`fbnas export run=<train run dir> [formats=[...]] [out=<dir>]`: deployable files of a trained model; see
+fbnas.quant.bundle."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from .common import CONF_DIR, run_hydra, user_errors
+
+
+@dataclass
+class ExportConfig:
+    run: str = MISSING  # a finished `fbnas train` run directory
+    out: str = ""  # default: <run>/export
+    formats: list = field(default_factory=lambda: ["all"])  # arch safetensors pt2 onnx_fp32 onnx_qdq onnx_qlinear card
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="export")
+@user_errors
+def _app(cfg: DictConfig) -> None:
+    from pathlib import Path
+
+    from ..quant.bundle import export_run
+
+    out = cfg.out or str(Path(cfg.run) / "export")
+    written = export_run(cfg.run, out, list(cfg.formats))
+    for fmt, path in written.items():
+        print(f"{fmt:<12} {path}")
+
+
+def main(argv: list[str]) -> int:
+    return run_hydra(_app, "fbnas export", argv)
