@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--graph-samples", type=int, default=0, help="images for the whole-graph top-1 (0 = test set)")
     ap.add_argument("--lsb-samples", type=int, default=1000, help="images whose every tensor is compared")
     ap.add_argument("--runs", default="/tmp/fbnas_int_deploy")
+    ap.add_argument("--no-ort", action="store_true",
+                    help="skip the onnxruntime checks (e.g. where onnxruntime and CUDA torch clash in one process)")
     ap.add_argument("--out", default="bench/results/int_deploy.md")
     a = ap.parse_args()
     space = load_space("fmnist")
@@ -70,9 +72,11 @@ def main() -> None:
     xg = data.test.x if a.graph_samples <= 0 else data.test.x[:a.graph_samples]
     ort, graphs = {"w8a8": None, "mixed": None}, {}
     try:
+        if a.no_ort:
+            raise ImportError
         import onnxruntime  # noqa: F401
     except ImportError:
-        print("onnxruntime is not installed: the onnxruntime checks are skipped")
+        print("onnxruntime checks skipped (--no-ort or not installed); run `fbnas quantize onnx run=<run dir>` later")
     else:
         for k in ("w8a8", "mixed"):
             integer = to_integer(load_folded(runs / k / "model.safetensors"))
