@@ -58,6 +58,7 @@ class DeriveConfig:
     method: str = "argmax"  # argmax | sample
     k: int = 8  # sample: architectures drawn from softmax(theta), best by val loss and latency kept
     eval_batches: int = 4
+    calibration_batches: int = 4  # training batches that re-estimate BN statistics of an evaluated path
 
 
 @dataclass

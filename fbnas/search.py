@@ -2,6 +2,7 @@
 temperature schedule, metrics, checkpoints every epoch, resume, and derivation of the architecture."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -22,6 +23,7 @@ from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, 
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .io import append_jsonl, atomic_path, atomic_write_json, sha256_file
 from .objective import LatencyPenalty, make_penalty
+from .quant.fake import ActQuantizer
 from .space import SearchSpace, load_space
 from .supernet import MODES, Supernet, expected_cost, sample_cost
 
@@ -195,6 +197,8 @@ class Searcher:
         self.w_opt.zero_grad(set_to_none=True)
         _, ce, lat = self._forward(x, y)
         loss = ce if warmup else self.penalty(ce, lat)
+        if not warmup and self.hessian is not None:
+            loss = loss + self.hessian(self.supernet)  # gradient to the weights through ||Q_b(W) - W||^2
         self._check_finite(loss, ce, lat, "weight")
         loss.backward()
         if self.cfg.optim.grad_clip > 0:
@@ -231,29 +235,49 @@ class Searcher:
             if i >= self.cfg.objective.hessian.batches:
                 break
             batches.append((self._prep(x), y))
-        self.hessian.refresh(self.supernet, None, batches)
+        self.hessian.refresh(self.supernet, None, batches, step=self.step)
 
     # ------------------------------------------------------------------ evaluation and derivation
     @torch.no_grad()
+    def recalibrated_child(self, choice, batches: int) -> Supernet:
+        """A copy of the supernet fixed to `choice` whose BatchNorm statistics are re-estimated on `batches`
+        training batches of that path (a supernet's running statistics mix the inputs of every upstream
+        choice, so they fit no single path). Activation ranges stay as trained."""
+        net = copy.deepcopy(self.supernet)
+        net.fix(choice)
+        net.train()
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration batches
+            elif isinstance(m, ActQuantizer):
+                m.frozen = True
+        loader = make_loader(self.data.train, self.cfg.data.eval_batch_size, True, self.cfg.seed + 99,
+                             device=self.device)
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            with self._autocast():
+                net(self._prep(x))
+        return net.eval()
+
+    @torch.no_grad()
     def evaluate_choice(self, choice, batches: int) -> tuple[float, float]:
-        """(mean CE, accuracy) of one architecture run inside the supernet on `batches` arch-split batches."""
-        self.supernet.eval()
-        self.supernet.fix(choice)
+        """(mean CE, accuracy) of one architecture, run inside a BN-recalibrated copy of the supernet, on
+        `batches` arch-split batches."""
+        net = self.recalibrated_child(choice, self.cfg.derive.calibration_batches)
         loader = TensorBatches(self.data.arch, self.cfg.data.eval_batch_size, shuffle=False,
                                device=self.device) if not isinstance(self.a_loader, torch.utils.data.DataLoader) \
             else self.a_loader
         total, correct, loss_sum = 0, 0, 0.0
-        try:
-            for i, (x, y) in enumerate(loader):
-                if i >= batches:
-                    break
-                with self._autocast():
-                    logits = self.supernet(self._prep(x)).float()
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-                correct += (logits.argmax(1) == y).sum().item()
-                total += len(y)
-        finally:
-            self.supernet.fix(None)
+        for i, (x, y) in enumerate(loader):
+            if i >= batches:
+                break
+            with self._autocast():
+                logits = net(self._prep(x)).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            total += len(y)
         return loss_sum / max(total, 1), correct / max(total, 1)
 
     def derive(self) -> tuple[Arch, dict]:
