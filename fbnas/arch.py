@@ -5,15 +5,14 @@ classifier) with their own bits; predicted cost per device; provenance.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
 
 from .blocks import KernelSpec, get_op, is_known_op, known_ops, op_kernels
 from .blocks.kernels import conv
 from .errors import ConfigError
-from .io import atomic_write_json
+from .io import atomic_write_json, read_json
 from .space import MAX_BITS, MIN_BITS, SearchSpace, conv_out_size
 
 ARCH_FORMAT = "fbnas-arch/1"
@@ -158,13 +157,7 @@ def head_kernels(c_in: int, head: int, size: int, num_classes: int) -> list[tupl
 # ---------------------------------------------------------------------------------------------- loading
 
 def load_arch(path: str | Path) -> Arch:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: architecture file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: malformed JSON at line {exc.lineno} ({exc.msg})") from None
+    raw = read_json(path, "architecture file not found")
     return arch_from_dict(raw, str(path))
 
 

@@ -9,7 +9,6 @@ activation choice >= w_bits, else the largest). Solved exactly with scipy.optimi
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -21,6 +20,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from .arch import Arch
 from .blocks import KernelSpec
 from .errors import ConfigError
+from .io import read_json
 from .quant.fake import quant_error_sq
 
 HESSIAN_FORMAT = "fbnas-hessian/1"
@@ -100,12 +100,7 @@ def default_a_bits_for(w_choices: Sequence[int], a_choices: Sequence[int]) -> di
 def read_hessian(path: str | Path) -> dict[str, dict[int, float]]:
     """layer group -> {bits: omega} from an fbnas-hessian/1 file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: Hessian trace file not found (field 'hessian')")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: malformed JSON at line {exc.lineno} ({exc.msg})") from None
+    raw = read_json(path, "Hessian trace file not found (field 'hessian')")
     if not isinstance(raw, dict) or raw.get("format") != HESSIAN_FORMAT:
         raise ConfigError(f"{path}: field 'format' is {raw.get('format') if isinstance(raw, dict) else None!r}; "
                           f"expected {HESSIAN_FORMAT!r}")

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import ConfigError, FbnasError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -67,3 +69,28 @@ def sha256_file(path: str | os.PathLike) -> str:
 def repo_root() -> Path:
     """The directory holding search_spaces/, latency_tables/ and conf/ (the source checkout)."""
     return Path(__file__).resolve().parent.parent
+
+
+def read_json(path: str | os.PathLike, missing: str, error: type[FbnasError] = ConfigError) -> Any:
+    """Parse a JSON file; a missing file or malformed JSON is `error` with one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno} ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise error(f"{path}: malformed JSON{where}") from None
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file; malformed YAML is a ConfigError naming the file and line."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None

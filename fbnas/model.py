@@ -1,7 +1,7 @@
 """The child network built from an Arch: stem, searchable layers at their bits, head, pool, classifier."""
 from __future__ import annotations
 
-from typing import Optional
+
 
 import torch
 import torch.nn as nn

@@ -10,7 +10,6 @@ Latency penalties (pluggable, one registry):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 

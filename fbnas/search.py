@@ -2,7 +2,6 @@
 temperature schedule, metrics, checkpoints every epoch, resume, and derivation of the architecture."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -21,7 +20,7 @@ from .arch import Arch
 from .config import SearchConfig
 from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
-from .io import append_jsonl, atomic_path, atomic_write_json, sha256_file
+from .io import append_jsonl, atomic_path, sha256_file
 from .objective import LatencyPenalty, make_penalty
 from .quant.fake import ActQuantizer
 from .space import SearchSpace, load_space
@@ -243,7 +242,8 @@ class Searcher:
         """A copy of the supernet fixed to `choice` whose BatchNorm statistics are re-estimated on `batches`
         training batches of that path (a supernet's running statistics mix the inputs of every upstream
         choice, so they fit no single path). Activation ranges stay as trained."""
-        net = copy.deepcopy(self.supernet)
+        net = Supernet(self.space, mode=self.cfg.mode, quantized=self.cfg.quantized).to(self.device)
+        net.load_state_dict(self.supernet.state_dict())
         net.fix(choice)
         net.train()
         for m in net.modules():

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .errors import ConfigError
-from .io import repo_root
+from .io import read_yaml, repo_root
 
 SPACE_FORMAT = "fbnas-space/1"
 SPACES_DIR = repo_root() / "search_spaces"
@@ -134,13 +133,7 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
         raise ConfigError(
             f"{path}: search space not found; known spaces: {', '.join(available_spaces())} "
             "(or give a path to a .yaml file)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
-    return space_from_dict(raw, str(path))
+    return space_from_dict(read_yaml(path), str(path))
 
 
 def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:

@@ -14,9 +14,7 @@ so the latency and Hessian terms use exactly the same sample.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn

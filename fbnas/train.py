@@ -8,9 +8,7 @@ provides the optimizer, the scheduler and the weight EMA. Every epoch ends with 
 """
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,12 +25,12 @@ from .arch import Arch
 from .data import DataBundle, make_loader
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .io import append_jsonl, atomic_path, atomic_write_json
-from .model import FbnasNet, build_model
+from .model import build_model
 from .quant.artifacts import load_supernet_into, save_integer, save_state
 from .quant.dyadic import check_rounding
-from .quant.fake import BitState, QConv2d, QLinear
+from .quant.fake import QConv2d, QLinear
 from .quant.fold import FoldedNet, fold_model
-from .quant.integer import IntegerNet, to_integer
+from .quant.integer import to_integer
 
 log = logging.getLogger("fbnas")
 

@@ -7,7 +7,6 @@ omega[b] = trace_per_param * ||Q_b(W) - W||^2 summed over the group's conv/linea
 """
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path, atomic_write_json, read_json
 from .estimator import TraceResult
 from .sensitivity import omega_table
 
@@ -83,12 +82,7 @@ def plot_traces(record: dict, path: str | Path) -> None:
 def load_hessian(path: str | Path) -> dict:
     """Read and validate a hessian.json; errors name the file and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: Hessian file not found; make one with 'fbnas hessian'")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: malformed JSON at line {exc.lineno} ({exc.msg})") from None
+    raw = read_json(path, "Hessian file not found; make one with 'fbnas hessian'")
     if not isinstance(raw, dict) or raw.get("format") != HESSIAN_FORMAT:
         got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise ConfigError(f"{path}: field 'format' is {got!r}; expected {HESSIAN_FORMAT!r}")

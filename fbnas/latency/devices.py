@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
 
 from ..blocks import KernelSpec
 from ..errors import ConfigError
-from ..io import repo_root
+from ..io import read_yaml, repo_root
 
 DEVICES_DIR = repo_root() / "conf" / "device"
 
@@ -137,12 +136,7 @@ def _to_plain(node: Any) -> Any:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a device file must be a YAML mapping")
     return raw

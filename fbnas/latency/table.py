@@ -13,14 +13,13 @@ where shapes match) runs no kernel and costs 0.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..errors import LatencyTableError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json
 from .keys import parse_key
 
 LUT_FORMAT = "fbnas-lut/1"
@@ -136,12 +135,8 @@ class LatencyTable:
 
 def load_table(path: str | Path) -> LatencyTable:
     path = Path(path)
-    if not path.is_file():
-        raise LatencyTableError(f"{path}: latency table not found; build it with `fbnas lut build space=... device=...`")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LatencyTableError(f"{path}: malformed JSON at line {exc.lineno} ({exc.msg})") from None
+    raw = read_json(path, "latency table not found; build it with `fbnas lut build space=... device=...`",
+                    LatencyTableError)
     table = table_from_dict(raw, str(path))
     table.path = str(path)
     return table
