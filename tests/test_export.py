@@ -16,7 +16,7 @@ from fbnas.quant.integer import to_integer
 from fbnas.quant.onnx_graph import ort_session
 from fbnas.train import set_quantization
 
-from test_integer import _folded, one_thread  # noqa: F401
+from test_integer import _folded
 
 MIXED = ([8, 4, 2, 8, 4, 8], [8, 4, 8, 4, 8, 4])
 

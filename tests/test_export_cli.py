@@ -9,7 +9,7 @@ from fbnas.latency import arch_latency, get_table
 from fbnas.arch import load_arch
 
 from test_export import _quantized_run
-from test_integer import one_thread  # noqa: F401
+
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,6 @@ from fbnas.hessian import (HessianConvergenceWarning, child_groups, hutchinson_t
 from fbnas.quant.fake import quant_error_sq
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These graphs are tiny: thread hand-offs would cost more than the arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_net() -> nn.Module:

@@ -19,12 +19,6 @@ TINY_SPACE = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_supernet(mode: str = "soft") -> Supernet:

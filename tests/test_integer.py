@@ -16,13 +16,6 @@ from fbnas.quant.integer import int_conv2d, int_matmul, to_integer
 OPS = ["ir_k3_e3", "sqnxt_k3", "shuffle_k3", "ir_k3_e1_g2", "skip", "shuffle_k3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These small models run ~10x faster on one intra-op thread than on two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _random_bn(net: nn.Module, seed: int) -> None:

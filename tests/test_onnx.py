@@ -13,7 +13,7 @@ from fbnas.quant.onnx_export import check_graph, check_with_onnxruntime  # noqa:
 from fbnas.quant.onnx_graph import fp32_graph, ort_session, qdq_graph, qlinear_graph  # noqa: E402
 from fbnas.train import set_quantization  # noqa: E402
 
-from test_integer import _folded, one_thread  # noqa: E402,F401
+from test_integer import _folded  # noqa: E402
 
 MIXED = ([8, 4, 2, 8, 4, 8], [8, 4, 8, 4, 8, 4])
 

@@ -10,7 +10,7 @@ from fbnas.errors import CheckpointError
 from fbnas.quant.artifacts import load_folded
 from fbnas.train import TrainSettings, train
 
-from test_integer import one_thread  # noqa: F401
+
 
 OPS = ["skip", "ir_k3_e1", "shuffle_k3", "sqnxt_k3", "ir_k3_e1", "ir_k3_e1"]
 
