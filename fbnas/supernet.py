@@ -31,14 +31,11 @@ _U_EPS = 1e-10
 
 
 def gumbel_noise(shape: Sequence[int], generator: Optional[torch.Generator], device, dtype=torch.float32,
-                 max_tries: int = 8) -> torch.Tensor:
-    """Standard Gumbel noise, -log(-log U), with U kept inside (0, 1); resampled if anything is not finite."""
-    for _ in range(max_tries):
-        u = torch.rand(shape, generator=generator, dtype=torch.float64).clamp_(_U_EPS, 1.0 - _U_EPS)
-        g = -torch.log(-torch.log(u))
-        if torch.isfinite(g).all():
-            return g.to(device=device, dtype=dtype)
-    return torch.zeros(shape, device=device, dtype=dtype)
+                 ) -> torch.Tensor:
+    """Standard Gumbel noise, -log(-log U). U is drawn in float64 and clamped inside (0, 1), so the noise is
+    always finite (|g| < 24): no inf or nan can reach the softmax."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64).clamp_(_U_EPS, 1.0 - _U_EPS)
+    return (-torch.log(-torch.log(u))).to(device=device, dtype=dtype)
 
 
 def gumbel_softmax_rows(logits: torch.Tensor, noise: torch.Tensor, index: list[int], tau: float, hard: bool,
@@ -73,7 +70,6 @@ class MixedLayer(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(n_ops))
         # bit logits only for ops that have quantized weights (an identity skip has no bits to choose)
         self.bit_ops = [i for i, op in enumerate(self.ops) if has_quantized_weights(op)] if quantized else []
-        self.register_buffer("bit_op_index", torch.tensor(self.bit_ops, dtype=torch.long), persistent=False)
         self.beta_w = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.w_bits)))
         self.beta_a = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.a_bits)))
         self.last_op_weights: Optional[torch.Tensor] = None
@@ -86,13 +82,6 @@ class MixedLayer(nn.Module):
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.alpha, self.beta_w, self.beta_a]
-
-    def _full_bit_rows(self, rows: torch.Tensor, n_bits: int) -> torch.Tensor:
-        """[n_bit_ops, n_bits] -> [n_ops, n_bits]; ops without weights get a constant uniform row."""
-        full = torch.full((len(self.ops), n_bits), 1.0 / n_bits, device=rows.device, dtype=rows.dtype)
-        if self.bit_ops:
-            full = full.index_copy(0, self.bit_op_index, rows)
-        return full
 
     def fix(self, op_index: int, w_index: int, a_index: int) -> None:
         """Run one given (op, bits) choice, no sampling (evaluation of a child inside the supernet)."""
@@ -235,8 +224,9 @@ class Supernet(nn.Module):
     def probabilities(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """softmax(theta), without noise: ops [L, n_ops], w bits [L, n_ops, n_wb], a bits [L, n_ops, n_ab]."""
         ops = torch.stack([F.softmax(l.alpha, -1) for l in self.mixed_layers])
-        ws = torch.stack([l._full_bit_rows(F.softmax(l.beta_w, -1), len(l.w_bits)) for l in self.mixed_layers])
-        as_ = torch.stack([l._full_bit_rows(F.softmax(l.beta_a, -1), len(l.a_bits)) for l in self.mixed_layers])
+        layers = self.mixed_layers
+        ws = self._full_bit_matrix(torch.cat([F.softmax(l.beta_w, -1) for l in layers]), len(self.space.w_bits))
+        as_ = self._full_bit_matrix(torch.cat([F.softmax(l.beta_a, -1) for l in layers]), len(self.space.a_bits))
         return ops, ws, as_
 
     # ------------------------------------------------------------------ derivation
