@@ -62,6 +62,13 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, ar
     module.load_state_dict(state)
 
 
+def stored_arch(weights: str | Path, meta: dict) -> Arch:
+    """The architecture a weights file carries in its metadata."""
+    if "arch" not in meta:
+        raise CheckpointError(f"{weights}: no architecture stored in the file; pass arch=<arch.json>")
+    return arch_from_dict(json.loads(meta["arch"]), f"{weights}:metadata.arch")
+
+
 def load_folded(weights: str | Path, arch: Optional[Arch] = None, arch_source: str = "") -> FoldedNet:
     """Rebuild the folded fake-quant model of `arch` (or the arch stored in the file) and load its weights."""
     state, meta = read_state(weights)
@@ -69,9 +76,7 @@ def load_folded(weights: str | Path, arch: Optional[Arch] = None, arch_source: s
         raise CheckpointError(f"{weights}: holds a {meta.get('kind')!r} model, not a folded fake-quant model "
                               "(use the model.safetensors of a finished `fbnas train` run)")
     if arch is None:
-        if "arch" not in meta:
-            raise CheckpointError(f"{weights}: no architecture stored in the file; pass arch=<arch.json>")
-        arch = arch_from_dict(json.loads(meta["arch"]), f"{weights}:metadata.arch")
+        arch = stored_arch(weights, meta)
         arch_source = arch_source or f"stored in {weights}"
     folded = fold_model(build_model(arch))
     load_into(folded, state, str(weights), arch_source or "given")
@@ -161,9 +166,7 @@ def load_unfolded(weights: str | Path, arch: Optional[Arch] = None, arch_source:
         raise CheckpointError(f"{weights}: holds a {meta.get('kind')!r} model, not an unfolded (BN) model "
                               "(use model_bn.safetensors of a `fbnas train` run)")
     if arch is None:
-        if "arch" not in meta:
-            raise CheckpointError(f"{weights}: no architecture stored in the file; pass arch=<arch.json>")
-        arch = arch_from_dict(json.loads(meta["arch"]), f"{weights}:metadata.arch")
+        arch = stored_arch(weights, meta)
     net = build_model(arch, quantized=meta.get("kind") != "float")
     load_into(net, state, str(weights), arch_source or "stored in the file")
     return net.eval()
