@@ -32,6 +32,7 @@ OPS = "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", default=OPS)
+    ap.add_argument("--space", default="fmnist28", help="the space of --ops (fmnist28: full 28x28 resolution)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--fold-epochs", type=int, default=3)
@@ -46,12 +47,15 @@ def main() -> None:
     ap.add_argument("--ort-samples", type=int, default=1000, help="images for the accumulator check")
     ap.add_argument("--graph-samples", type=int, default=0, help="images for the whole-graph top-1 (0 = test set)")
     ap.add_argument("--lsb-samples", type=int, default=1000, help="images whose every tensor is compared")
+    ap.add_argument("--mixed-init", choices=("w8a8", "scratch"), default="w8a8",
+                    help="the mixed model fine-tunes the trained W8A8 model (HAWQ-V3's flow) or trains from scratch")
+    ap.add_argument("--mixed-lr-scale", type=float, default=0.2, help="mixed fine-tune lr = lr x this")
     ap.add_argument("--runs", default="/tmp/fbnas_int_deploy")
     ap.add_argument("--no-ort", action="store_true",
                     help="skip the onnxruntime checks (e.g. where onnxruntime and CUDA torch clash in one process)")
     ap.add_argument("--out", default="bench/results/int_deploy.md")
     a = ap.parse_args()
-    space = load_space("fmnist")
+    space = load_space(a.space)
     arch8 = Arch.from_space(space, a.ops.split(","), 8, 8)
     data = load_dataset("fashion_mnist", train_subset=a.train_subset, test_subset=a.test_subset)
     base = dict(epochs=a.epochs, fold_epochs=a.fold_epochs, steps_per_epoch=a.steps, batch_size=a.batch_size,
@@ -67,7 +71,12 @@ def main() -> None:
     ilp = ilp_arch(arch8, omega, space.w_bits, space.a_bits, ratios={key: a.ratio}, table=table,
                    device=a.lut_device, source="weight perturbation of W8A8")
     ilp.arch.save(runs / "arch_ilp.json")
-    mixed = train(ilp.arch, data, TrainSettings(**base), runs / "mixed")
+    if a.mixed_init == "w8a8":
+        tuned = dict(base, lr=a.lr * a.mixed_lr_scale)
+        mixed = train(ilp.arch, data, TrainSettings(**tuned, init="weights",
+                                                    weights=str(runs / "w8a8" / "model_bn.safetensors")), runs / "mixed")
+    else:
+        mixed = train(ilp.arch, data, TrainSettings(**base), runs / "mixed")
     x = data.test.x[:a.ort_samples]
     xg = data.test.x if a.graph_samples <= 0 else data.test.x[:a.graph_samples]
     ort, graphs = {"w8a8": None, "mixed": None}, {}
@@ -92,7 +101,9 @@ def main() -> None:
              "", f"device {a.device}; epochs {a.epochs} + {a.fold_epochs} folded; steps/epoch {a.steps or 'all'}; "
              f"wall {time.time() - t0:.0f} s", "",
              f"ILP limit: {a.limit} <= {a.ratio} x W8A8 ({a.lut_device} LUT for latency); sensitivity: weight "
-             "perturbation of the trained W8A8 model", "",
+             "perturbation of the trained W8A8 model; mixed model: "
+             + (f"fine-tuned from the W8A8 model at lr x {a.mixed_lr_scale}" if a.mixed_init == "w8a8"
+                else "trained from scratch"), "",
              f"| model | bits (w/a per layer) | {a.lut_device} latency vs W8A8 | BOPs vs W8A8 | acc (integer-only; "
              "FP32: float) | acc fake-quant | int vs fake top-1 disagreements | ORT accumulator mismatches | "
              "ORT logits identical |",

@@ -135,6 +135,9 @@ def main() -> None:
             print(f"{name}: failed (exit {p.exitcode})", file=sys.stderr)
             continue
         results.append(q.get())
+        r = results[-1]
+        print(f"{name}: {r['images_per_s']:.1f} images/s, {r['step_ms']:.1f} ms/step, {r['peak_mem_gib']:.2f} GiB",
+              flush=True)
     ref = next((r for r in results if r["config"] == "reference_fp32_all_paths"), None)
     print(f"space {args['space']}, batch {args['batch']}, device {args['device']}, {args['steps']} timed steps")
     print(f"{'config':<26} {'images/s':>10} {'step ms':>9} {'peak GiB':>9} {'speed x':>8} {'mem x':>7}")

@@ -12,7 +12,7 @@ class DataConfig:
     root: Optional[str] = None
     download: bool = False
     arch_fraction: float = 0.2  # held-out share of train for the architecture steps (FBNet: 20%)
-    train_subset: int = 24000  # >0: a fixed random subset of train (the default keeps a CPU search in minutes; 0: all)
+    train_subset: int = 16000  # >0: a fixed random subset of train (the default keeps a CPU search in minutes; 0: all)
     test_subset: int = 0
     batch_size: int = 128
     eval_batch_size: int = 512
@@ -74,13 +74,17 @@ class SearchConfig:
     device: Any = "sd835"  # the target device: a name in conf/device/, or its mapping (the Hydra group)
     device_file: Optional[str] = None  # a device YAML elsewhere (device=path.yaml sets this)
     lut: Optional[str] = None  # a latency-table path; default latency_tables/<space>__<device>.json
-    mode: str = "hard"  # hard (straight-through, one path) | soft (FBNet, all paths)
+    mode: str = "soft"  # soft (FBNet, all paths) | hard (straight-through, one path)
+    bit_sampling: str = "hard"  # soft (EdMIPS mixing of every bit option) | hard (one option, straight-through)
     quantized: bool = True
     epochs: int = 6
     warmup_epochs: int = 2
     max_steps_per_epoch: int = 0  # >0: cap the weight steps per epoch
     tau: float = 5.0
-    tau_decay: float = 0.956
+    tau_decay: float = 0.956  # per epoch (FBNet's schedule, made for ~90 epochs)
+    # decay geometrically to tau_final at the last epoch (overrides tau_decay; null: FBNet's tau_decay per epoch,
+    # which is made for ~90 epochs and leaves a short search at tau ~4, where the argmax never separates)
+    tau_final: Optional[float] = 0.5
     seed: int = 0
     accelerator: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA

@@ -24,7 +24,7 @@ from .io import append_jsonl, atomic_path, sha256_file
 from .objective import LatencyPenalty, make_penalty
 from .quant.fake import ActQuantizer
 from .space import SearchSpace, load_space
-from .supernet import MODES, Supernet, expected_cost, sample_cost
+from .supernet import BIT_MODES, MODES, Supernet, expected_cost, sample_cost
 
 log = logging.getLogger("fbnas")
 CHECKPOINT = "checkpoints/last.pt"
@@ -97,7 +97,8 @@ class Searcher:
         self.space = load_space(cfg.space)
         self.latency = LatencyModel(self.space, cfg.device_file or cfg.device, cfg.lut)
         self.data = self._load_data()
-        self.supernet = Supernet(self.space, mode=cfg.mode, quantized=cfg.quantized, tau=cfg.tau).to(self.device)
+        self.supernet = Supernet(self.space, mode=cfg.mode, quantized=cfg.quantized, tau=cfg.tau,
+                                 bit_sampling=cfg.bit_sampling).to(self.device)
         self.supernet.seed(cfg.seed)
         if self.device.type == "cuda" and cfg.channels_last:
             self.supernet = self.supernet.to(memory_format=torch.channels_last)
@@ -134,10 +135,14 @@ class Searcher:
         c = self.cfg
         if c.mode not in MODES:
             raise ConfigError(f"field 'mode' is {c.mode!r}; use one of {', '.join(MODES)}")
+        if c.bit_sampling not in BIT_MODES:
+            raise ConfigError(f"field 'bit_sampling' is {c.bit_sampling!r}; use one of {', '.join(BIT_MODES)}")
         if c.epochs < 1 or c.warmup_epochs < 0:
             raise ConfigError("fields 'epochs' (>= 1) and 'warmup_epochs' (>= 0) are out of range")
-        if not 0 < c.tau and 0 < c.tau_decay <= 1:
+        if not (0 < c.tau and 0 < c.tau_decay <= 1):
             raise ConfigError("fields 'tau' (> 0) and 'tau_decay' (in (0, 1]) are out of range")
+        if c.tau_final is not None and not 0 < c.tau_final <= c.tau:
+            raise ConfigError(f"field 'tau_final' ({c.tau_final}) must be in (0, tau={c.tau}]")
         if c.derive.method not in ("argmax", "sample"):
             raise ConfigError(f"field 'derive.method' is {c.derive.method!r}; use argmax or sample")
         if c.logger not in ("none", "wandb"):
@@ -166,6 +171,15 @@ class Searcher:
             raise ConfigError("field 'objective.hessian.gamma' > 0 needs fbnas.hessian, which this install lacks") from None
         return HessianPenalty(gamma=h.gamma, refresh_every=h.refresh_every, target_rel_se=h.target_rel_se,
                               max_probes=h.max_probes, batches=h.batches)
+
+    def temperature(self, epoch: int) -> float:
+        """Gumbel-softmax temperature of an epoch: tau * decay^epoch, with decay = tau_decay, or chosen so
+        that the last epoch runs at tau_final."""
+        c = self.cfg
+        decay = c.tau_decay
+        if c.tau_final is not None:
+            decay = (c.tau_final / c.tau) ** (1.0 / max(c.epochs - 1, 1))
+        return c.tau * decay ** epoch
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -306,7 +320,7 @@ class Searcher:
             "hessian": self.hessian.state_dict() if self.hessian is not None else None,
             "epoch": self.epoch, "step": self.step,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "supernet": self.supernet.generator.get_state(),
+                    "supernet": self.supernet.generator.get_state(), "sampler": self.supernet.sampler_state(),
                     "w_loader": getattr(self.w_loader, "state_dict", lambda: None)(),
                     "a_loader": getattr(self.a_loader, "state_dict", lambda: None)()},
             "space": self.space.name, "device": self.latency.device_name, "config": dataclasses.asdict(self.cfg),
@@ -349,6 +363,7 @@ class Searcher:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.supernet.generator.set_state(rng["supernet"].cpu())
+        self.supernet.load_sampler_state(rng.get("sampler"))
         for loader, key in ((self.w_loader, "w_loader"), (self.a_loader, "a_loader")):
             if rng.get(key) is not None and hasattr(loader, "load_state_dict"):
                 loader.load_state_dict({"generator": rng[key]["generator"].cpu()})
@@ -397,7 +412,7 @@ class Searcher:
                  self.space.a_bits, self.latency.device_name, cfg.mode, self.ref_ms)
         while self.epoch < cfg.epochs:
             warmup = self.epoch < cfg.warmup_epochs
-            self.supernet.tau = cfg.tau * cfg.tau_decay ** self.epoch
+            self.supernet.tau = self.temperature(self.epoch)
             if not warmup and self.epoch == cfg.warmup_epochs and self.hessian is not None:
                 self._refresh_hessian()
             n_arch = len(self.a_loader)

@@ -6,9 +6,15 @@ Modes:
 - hard (GDAS-style straight-through): one op per layer is sampled and only it is computed; its output is
   scaled by a straight-through one-hot (value 1, gradient of the soft relaxation), so gradients reach every
   op logit. Bits are sampled the same way inside the chosen op.
+- bit_sampling: how the bit options of an op are combined, independently of the op mode: `soft` (EdMIPS: the
+  quantized weights and inputs of every option are mixed, one conv) or `hard` (one option sampled,
+  straight-through). Hard-mode ops always sample their bits; soft ops with hard bits cost about a float
+  soft supernet (soft bits cost 2-3x more on CPU).
 - fixed: a given architecture (op and bit indices per layer) runs inside the supernet, no sampling.
 
-One Gumbel sample per layer per forward (per batch, never per image). The weights used in the forward are
+One Gumbel sample per layer per forward (per batch, never per image). The discrete choices (which op runs,
+which bits) are the argmax of the noisy logits as of the previous forward, so the host never waits for the
+device; the relaxation that carries the gradients uses the current logits and the same noise. The weights used in the forward are
 kept in `last_op_weights`, `last_w_weights`, `last_a_weights` (and the soft relaxations in `last_soft_*`)
 so the latency and Hessian terms use exactly the same sample.
 """
@@ -27,6 +33,7 @@ from .quant.fake import BitState, QConv2d
 from .space import LayerShape, SearchSpace
 
 MODES = ("soft", "hard")
+BIT_MODES = ("soft", "hard")
 _U_EPS = 1e-10
 
 
@@ -113,12 +120,16 @@ class MixedLayer(nn.Module):
 class Supernet(nn.Module):
     """All candidate ops of a SearchSpace with Gumbel-softmax choices over ops and bits."""
 
-    def __init__(self, space: SearchSpace, mode: str = "soft", quantized: bool = True, tau: float = 5.0):
+    def __init__(self, space: SearchSpace, mode: str = "soft", quantized: bool = True, tau: float = 5.0,
+                 bit_sampling: str = "soft"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if bit_sampling not in BIT_MODES:
+            raise ValueError(f"bit_sampling must be one of {BIT_MODES}, got {bit_sampling!r}")
         self.space = space
         self.mode = mode
+        self.hard_bits = mode == "hard" or bit_sampling == "hard"
         self.quantized = quantized
         self.tau = tau
         fixed = BitState.fixed(space.fixed_w_bits, space.fixed_a_bits) if quantized else BitState.float()
@@ -132,6 +143,7 @@ class Supernet(nn.Module):
         n_ops = len(space.candidates)
         rows = [l * n_ops + i for l, layer in enumerate(self.mixed_layers) for i in layer.bit_ops]
         self.register_buffer("bit_row_index", torch.tensor(rows, dtype=torch.long), persistent=False)
+        self._sampler_snapshot: Optional[tuple[torch.Tensor, Optional[torch.cuda.Event]]] = None
         self._weights: Optional[tuple[torch.Tensor, ...]] = None  # this forward's (ops, w, a, soft ops, soft w, soft a)
 
     # ------------------------------------------------------------------ parameters
@@ -156,16 +168,17 @@ class Supernet(nn.Module):
         layers = list(self.mixed_layers)
         logits = [torch.stack([l.alpha for l in layers]), torch.cat([l.beta_w for l in layers]),
                   torch.cat([l.beta_a for l in layers])]
-        # one noise draw (CPU generator: the same samples on every device), one copy each way
+        # one noise draw (CPU generator: the same samples on every device); the sampled indices come from the
+        # logits as of the previous forward (see _lagged_logits), so sampling never waits for the device
         sizes = [t.numel() for t in logits]
         noise_cpu = gumbel_noise((sum(sizes),), self.generator, "cpu")
-        flat_cpu = torch.cat([t.detach().reshape(-1) for t in logits]).float().cpu()
+        flat_cpu = self._lagged_logits(torch.cat([t.detach().reshape(-1) for t in logits]).float())
         noise = noise_cpu.to(logits[0].device, non_blocking=True).split(sizes)
         op_idx, w_idx, a_idx = (p.view_as(t).argmax(-1).tolist()
                                 for t, p in zip(logits, (flat_cpu + noise_cpu).split(sizes)))
         (op_w, op_soft), (w_w, w_soft), (a_w, a_soft) = (
-            gumbel_softmax_rows(t, n.view_as(t).to(t.dtype), idx, self.tau, hard)
-            for t, n, idx in zip(logits, noise, (op_idx, w_idx, a_idx)))
+            gumbel_softmax_rows(t, n.view_as(t).to(t.dtype), idx, self.tau, h)
+            for t, n, idx, h in zip(logits, noise, (op_idx, w_idx, a_idx), (hard, self.hard_bits, self.hard_bits)))
         full = [self._full_bit_matrix(rows, n) for rows, n in
                 ((w_w, len(self.space.w_bits)), (a_w, len(self.space.a_bits)),
                  (w_soft, len(self.space.w_bits)), (a_soft, len(self.space.a_bits)))]
@@ -181,9 +194,44 @@ class Supernet(nn.Module):
                 if hard and i != op_idx[li]:
                     continue  # only the sampled op runs
                 st.w_probs, st.a_probs = w_w[r_op], a_w[r_op]
-                if hard:
+                if self.hard_bits:
                     st.w_index, st.a_index = w_idx[r_op], a_idx[r_op]
             r += len(layer.bit_ops)
+
+    def _lagged_logits(self, flat: torch.Tensor) -> torch.Tensor:
+        """The host copy of the arch logits that picks this forward's discrete choices: the logits as they were
+        at the previous forward (one architecture update behind), on every device alike. Their copy to the
+        host was started then, so it is done by now and the host never waits for the device (a blocking copy
+        of the current logits would stall every step until the device drains its queue). The first forward,
+        and the first after load_sampler_state(None), uses the current logits. The relaxation that carries
+        the gradients always uses the current logits."""
+        if flat.device.type == "cpu":
+            snapshot, event = flat.clone(), None
+        else:
+            snapshot = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            snapshot.copy_(flat, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        previous, self._sampler_snapshot = self._sampler_snapshot, (snapshot, event)
+        if previous is None or previous[0].shape != flat.shape:
+            if event is not None:
+                event.synchronize()
+            return snapshot
+        if previous[1] is not None:
+            previous[1].synchronize()
+        return previous[0]
+
+    def sampler_state(self) -> Optional[torch.Tensor]:
+        """The lagged logits the next forward samples from (for exact resume)."""
+        if self._sampler_snapshot is None:
+            return None
+        snapshot, event = self._sampler_snapshot
+        if event is not None:
+            event.synchronize()
+        return snapshot.clone()
+
+    def load_sampler_state(self, snapshot: Optional[torch.Tensor]) -> None:
+        self._sampler_snapshot = None if snapshot is None else (snapshot.float().cpu(), None)
 
     def _full_bit_matrix(self, rows: torch.Tensor, n_bits: int) -> torch.Tensor:
         """[R, n_bits] rows of the ops that have bits -> [L, n_ops, n_bits]; ops without weights get 1/n_bits."""

@@ -26,7 +26,7 @@ from .data import DataBundle, make_loader
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .io import append_jsonl, atomic_path, atomic_write_json
 from .model import build_model
-from .quant.artifacts import load_supernet_into, save_integer, save_state
+from .quant.artifacts import load_supernet_into, load_unfolded_into, save_integer, save_state
 from .quant.dyadic import check_rounding
 from .quant.fake import QConv2d, QLinear
 from .quant.fold import FoldedNet, fold_model
@@ -52,8 +52,10 @@ class TrainSettings:
     ema: bool = True
     ema_decay: float = 0.998
     quantized: bool = True
-    init: str = "scratch"  # scratch | supernet
+    init: str = "scratch"  # scratch | supernet | weights
     supernet: str = ""  # search checkpoint (key 'supernet') when init=supernet
+    weights: str = ""  # init=weights: an unfolded model of the same ops (model_bn.safetensors, or a float run's
+    # model.safetensors), e.g. fine-tune a mixed-bit model from its trained W8A8 or FP32 version
     rounding: str = "half_even"
     calib_batches: int = 8
     steps_per_epoch: int = 0  # 0 = whole epochs (a limit is for smoke tests)
@@ -63,10 +65,12 @@ class TrainSettings:
 
     def check(self) -> None:
         check_rounding(self.rounding)
-        if self.init not in ("scratch", "supernet"):
-            raise ConfigError(f"field 'init' is {self.init!r}; choose scratch or supernet")
+        if self.init not in ("scratch", "supernet", "weights"):
+            raise ConfigError(f"field 'init' is {self.init!r}; choose scratch, supernet or weights")
         if self.init == "supernet" and not self.supernet:
             raise ConfigError("init=supernet needs field 'supernet' (a search checkpoint path)")
+        if self.init == "weights" and not self.weights:
+            raise ConfigError("init=weights needs field 'weights' (a model_bn.safetensors or float model.safetensors)")
         if self.epochs < 0 or self.fold_epochs < 0 or self.epochs + self.fold_epochs == 0:
             raise ConfigError("fields 'epochs'/'fold_epochs' must be >= 0 and not both 0")
         if self.batch_size <= 0:
@@ -219,6 +223,8 @@ def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, r
     net: nn.Module = build_model(arch, quantized=s.quantized).to(device)
     if s.init == "supernet" and not ckpt:
         load_supernet_into(net, arch, s.supernet)
+    elif s.init == "weights" and not ckpt:
+        load_unfolded_into(net, arch, s.weights)
     for p_idx in range(start_phase, len(phases)):
         phase, n_epochs = phases[p_idx]
         if phase == "folded":

@@ -11,7 +11,7 @@ OPS = ["ir_k3_e1", "ir_k3_e1", "shuffle_k3", "sqnxt_k3", "ir_k3_e3", "ir_k3_e1"]
 
 
 def _arch():
-    return Arch.from_space(load_space("fmnist"), OPS, 8, 8)
+    return Arch.from_space(load_space("fmnist28"), OPS, 8, 8)
 
 
 def _omega(sens):

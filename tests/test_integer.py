@@ -30,7 +30,7 @@ def _random_bn(net: nn.Module, seed: int) -> None:
 
 def _folded(w_bits, a_bits, seed=0, rounding="half_even", n=16):
     torch.manual_seed(seed)
-    arch = Arch.from_space(load_space("fmnist"), OPS, w_bits, a_bits)
+    arch = Arch.from_space(load_space("fmnist28"), OPS, w_bits, a_bits)
     net = build_model(arch).eval()
     _random_bn(net, seed)
     folded = fold_model(net, rounding)

@@ -28,6 +28,11 @@ def fmnist():
 
 
 @pytest.fixture(scope="module")
+def fmnist28():
+    return load_space("fmnist28")
+
+
+@pytest.fixture(scope="module")
 def sd835_table(fmnist):
     return build_table(fmnist, "sd835")
 
@@ -49,7 +54,8 @@ def test_parse_key_rejects_malformed_and_unknown(bad):
         parse_key(bad)
 
 
-def test_space_keys_cover_every_choice_and_fixed_part(fmnist):
+def test_space_keys_cover_every_choice_and_fixed_part(fmnist28):
+    fmnist = fmnist28
     keys = space_keys(fmnist)
     shapes = {(l.h_in, l.c_in, l.c_out, l.stride) for l in fmnist.layers()}
     per_shape = len(fmnist.candidates) * len(fmnist.w_bits) * len(fmnist.a_bits)
@@ -62,7 +68,8 @@ def test_space_keys_cover_every_choice_and_fixed_part(fmnist):
     assert "ir_k5_e3|32x32|24->24|s1|w2a4" in space_keys(load_space("fbnet_cifar100"))
 
 
-def test_arch_keys_in_network_order(fmnist):
+def test_arch_keys_in_network_order(fmnist28):
+    fmnist = fmnist28
     arch = Arch.from_space(fmnist, ["ir_k3_e3"] * fmnist.num_layers, 4, 8)
     keys = arch_keys(arch)
     assert len(keys) == fmnist.num_layers + 4
@@ -215,7 +222,8 @@ def test_latency_matrix_matches_lookups_and_arch_latency(fmnist, sd835_table):
     assert arch_latency(sd835_table, arch) == pytest.approx(fixed_latency(sd835_table, fmnist) + picks, rel=1e-5)
 
 
-def test_platforms_differ_on_bits(fmnist):
+def test_platforms_differ_on_bits(fmnist28):
+    fmnist = fmnist28
     cpu, acc = latency_matrix(build_table(fmnist, "sd835"), fmnist), latency_matrix(build_table(fmnist, "bitfusion"), fmnist)
     w2, w8, a4, a8 = fmnist.w_bits.index(2), fmnist.w_bits.index(8), fmnist.a_bits.index(4), fmnist.a_bits.index(8)
     cpu_gain = (cpu[..., w8, a8].sum() / cpu[..., w2, a4].sum()).item()
@@ -225,9 +233,11 @@ def test_platforms_differ_on_bits(fmnist):
 
 # ------------------------------------------------------------------------------------ builder
 
+@pytest.mark.parametrize("space_name", ["fmnist", "fmnist28"])
 @pytest.mark.parametrize("device", ["sd835", "a11", "bitfusion"])
-def test_shipped_fmnist_tables_cover_the_space_and_match_the_device_model(fmnist, device):
-    path = table_path("fmnist", device)
+def test_shipped_fmnist_tables_cover_the_space_and_match_the_device_model(space_name, device):
+    fmnist = load_space(space_name)
+    path = table_path(space_name, device)
     table = get_table(fmnist, device)
     assert table.path == str(path) and table.check(fmnist) == []
     fresh = build_table(fmnist, device)

@@ -136,9 +136,9 @@ def test_import_by_shape_key_fills_bits_and_identities(tmp_path, fmnist):
 @pytest.mark.parametrize("rows,match", [
     ([["nope|8x8|8->8|s1|w8a8", 1.0, 1.0, 1.0, 1]], "malformed|not produced"),
     ([["ir_k3_e1|99x99|16->16|s1", 1.0, 1.0, 1.0, 1]], r"1 key\(s\) are not produced by space fmnist"),
-    ([["ir_k3_e1|28x28|16->16|s1", 0, 0, 0, 1]], r"line 2: field 'p50' must be a positive latency"),
-    ([["ir_k3_e1|28x28|16->16|s1", -2, -2, -2, 1]], r"line 2: field 'p50' must be a positive latency"),
-    ([["ir_k3_e1|28x28|16->16|s1", 1.0, 1.0, 1.0, 1]], r"key\(s\) of space fmnist have no measurement.*nothing was written"),
+    ([["ir_k3_e1|14x14|16->16|s1", 0, 0, 0, 1]], r"line 2: field 'p50' must be a positive latency"),
+    ([["ir_k3_e1|14x14|16->16|s1", -2, -2, -2, 1]], r"line 2: field 'p50' must be a positive latency"),
+    ([["ir_k3_e1|14x14|16->16|s1", 1.0, 1.0, 1.0, 1]], r"key\(s\) of space fmnist have no measurement.*nothing was written"),
 ])
 def test_import_rejects_bad_csv_with_one_line(tmp_path, fmnist, rows, match):
     _write_csv(tmp_path / "m.csv", rows)
@@ -154,7 +154,7 @@ def test_partial_import_never_overwrites_existing_table(tmp_path, capsys):
     out = tmp_path / "t.json"
     good.save(out)
     before = out.read_bytes()
-    _write_csv(tmp_path / "m.csv", [["ir_k3_e1|28x28|16->16|s1", 1.0, 1.0, 1.0, 1]])
+    _write_csv(tmp_path / "m.csv", [["ir_k3_e1|14x14|16->16|s1", 1.0, 1.0, 1.0, 1]])
     code, _, err = _run(capsys, "import", "space=fmnist", f"device={dev}", f"csv={tmp_path / 'm.csv'}", f"out={out}")
     assert code == 2 and "nothing was written" in err and out.read_bytes() == before
 

@@ -101,3 +101,38 @@ def test_weight_and_arch_parameters_partition(space):
     ids = {id(p) for p in net.weight_parameters()} | {id(p) for p in net.arch_parameters()}
     assert len(ids) == len(list(net.parameters()))
     assert not ({id(p) for p in net.weight_parameters()} & {id(p) for p in net.arch_parameters()})
+
+
+def test_discrete_choices_use_the_logits_of_the_previous_forward(space):
+    net = Supernet(space, mode="hard")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        net.mixed_layers[0].alpha.fill_(0).data[2] = 100.0
+        net(x)
+        assert net.mixed_layers[0].last_index == 2  # first forward: the current logits
+        net.mixed_layers[0].alpha.fill_(0).data[3] = 100.0
+        net(x)
+        assert net.mixed_layers[0].last_index == 2  # one update behind: the host never waits for the device
+        snapshot = net.sampler_state()
+        net(x)
+        assert net.mixed_layers[0].last_index == 3
+        net.load_sampler_state(snapshot)  # resume restores the lag exactly
+        net(x)
+        assert net.mixed_layers[0].last_index == 3
+
+
+def test_soft_ops_with_hard_bits_compute_every_op_with_one_bit_option_each(space):
+    net = Supernet(space, mode="soft", bit_sampling="hard")
+    calls, _ = _count_calls(net)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    table = latency_matrix(get_table(space, "bitfusion"), space)
+    loss = F.cross_entropy(net(x), y) * sample_cost(net, table)
+    loss.backward()
+    for l, layer in enumerate(net.mixed_layers):
+        assert all(calls.get((l, i)) == 1 for i in range(len(layer.ops)))
+        for i in layer.bit_ops:
+            st = layer.bit_states[i]
+            assert st.w_index is not None and st.a_index is not None
+            assert float(st.w_probs.sum()) == pytest.approx(1.0) and float(st.w_probs.max()) == 1.0
+    for p in net.arch_parameters():
+        assert p.grad is not None and torch.all(p.grad != 0), p.shape

@@ -159,12 +159,30 @@ def load_supernet_into(net: nn.Module, arch: Arch, checkpoint: str | Path) -> No
     load_into(net, mapped, str(path), f"{arch.space} child")
 
 
-def load_unfolded(weights: str | Path, arch: Optional[Arch] = None, arch_source: str = "") -> nn.Module:
-    """Rebuild the unfolded (BN) fake-quant FbnasNet of a phase-1 file (model_bn.safetensors)."""
+def _read_unfolded(weights: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     state, meta = read_state(weights)
     if meta.get("kind") not in (None, "bn", "float"):
         raise CheckpointError(f"{weights}: holds a {meta.get('kind')!r} model, not an unfolded (BN) model "
                               "(use model_bn.safetensors of a `fbnas train` run)")
+    return state, meta
+
+
+def load_unfolded_into(net: nn.Module, arch: Arch, weights: str | Path) -> None:
+    """Initialise a child from an unfolded model of the same ops and channels at any bits (e.g. the mixed-bit
+    version of a trained W8A8 or FP32 model). Activation ranges come along; they do not depend on the bits."""
+    state, meta = _read_unfolded(weights)
+    if "arch" in meta:
+        theirs = stored_arch(weights, meta)
+        mine = [(l.op, l.channels, l.stride) for l in arch.layers]
+        if [(l.op, l.channels, l.stride) for l in theirs.layers] != mine:
+            raise CheckpointError(f"{weights}: its architecture has other ops or channels than the one being trained "
+                                  "(field 'weights' must come from the same ops; only the bits may differ)")
+    load_into(net, state, str(weights), "being trained")
+
+
+def load_unfolded(weights: str | Path, arch: Optional[Arch] = None, arch_source: str = "") -> nn.Module:
+    """Rebuild the unfolded (BN) fake-quant FbnasNet of a phase-1 file (model_bn.safetensors)."""
+    state, meta = _read_unfolded(weights)
     if arch is None:
         arch = stored_arch(weights, meta)
     net = build_model(arch, quantized=meta.get("kind") != "float")
