@@ -18,10 +18,10 @@ import torch
 
 from fbnas import Arch, load_space
 from fbnas.data import load_dataset
-from fbnas.ilp import ilp_arch, weight_perturbation
+from fbnas.ilp import ilp_arch, loss_sensitivity, weight_perturbation
 from fbnas.io import atomic_write_text
 from fbnas.latency import arch_latency, get_table
-from fbnas.quant.artifacts import load_folded
+from fbnas.quant.artifacts import load_folded, load_unfolded
 from fbnas.quant.integer import to_integer
 from fbnas.quant.onnx_export import check_graph, check_with_onnxruntime, format_graph_check
 from fbnas.train import TrainSettings, train
@@ -50,6 +50,10 @@ def main() -> None:
     ap.add_argument("--mixed-init", choices=("w8a8", "scratch"), default="w8a8",
                     help="the mixed model fine-tunes the trained W8A8 model (HAWQ-V3's flow) or trains from scratch")
     ap.add_argument("--mixed-lr-scale", type=float, default=0.2, help="mixed fine-tune lr = lr x this")
+    ap.add_argument("--sensitivity", choices=("loss", "weights"), default="loss",
+                    help="ILP Omega: the measured loss rise per layer and (w, a) pair of the trained W8A8 model, or "
+                         "HAWQ's weight perturbation (activation bits then follow weight bits)")
+    ap.add_argument("--sensitivity-images", type=int, default=2000, help="training images for --sensitivity loss")
     ap.add_argument("--runs", default="/tmp/fbnas_int_deploy")
     ap.add_argument("--no-ort", action="store_true",
                     help="skip the onnxruntime checks (e.g. where onnxruntime and CUDA torch clash in one process)")
@@ -64,12 +68,21 @@ def main() -> None:
     t0 = time.time()
     fp32 = train(arch8, data, TrainSettings(**base, quantized=False), runs / "fp32")
     w8 = train(arch8, data, TrainSettings(**base), runs / "w8a8")
-    folded = load_folded(runs / "w8a8" / "model.safetensors")
-    omega = weight_perturbation(folded, len(arch8.layers), space.w_bits)
+    if a.sensitivity == "loss":
+        unfolded = load_unfolded(runs / "w8a8" / "model_bn.safetensors").to(a.device)
+        g = torch.Generator().manual_seed(1)
+        idx = torch.randperm(len(data.train), generator=g)[:a.sensitivity_images]
+        batches = [(data.train.x[j].to(a.device), data.train.y[j].to(a.device)) for j in idx.split(500)]
+        omega = loss_sensitivity(unfolded, len(arch8.layers), space.w_bits, space.a_bits, batches)
+        source = f"loss rise of the trained W8A8 model per layer and (w, a), {len(idx)} training images"
+    else:
+        folded = load_folded(runs / "w8a8" / "model.safetensors")
+        omega = weight_perturbation(folded, len(arch8.layers), space.w_bits)
+        source = "weight perturbation of W8A8"
     table = get_table(space, a.lut_device)
     key = "latency_ms" if a.limit == "latency" else "bops"
     ilp = ilp_arch(arch8, omega, space.w_bits, space.a_bits, ratios={key: a.ratio}, table=table,
-                   device=a.lut_device, source="weight perturbation of W8A8")
+                   device=a.lut_device, source=source)
     ilp.arch.save(runs / "arch_ilp.json")
     if a.mixed_init == "w8a8":
         tuned = dict(base, lr=a.lr * a.mixed_lr_scale)
@@ -100,8 +113,8 @@ def main() -> None:
     lines = [f"# Integer-only deployment, Fashion-MNIST ({len(data.test)} test images), arch {a.ops}",
              "", f"device {a.device}; epochs {a.epochs} + {a.fold_epochs} folded; steps/epoch {a.steps or 'all'}; "
              f"wall {time.time() - t0:.0f} s", "",
-             f"ILP limit: {a.limit} <= {a.ratio} x W8A8 ({a.lut_device} LUT for latency); sensitivity: weight "
-             "perturbation of the trained W8A8 model; mixed model: "
+             f"ILP limit: {a.limit} <= {a.ratio} x W8A8 ({a.lut_device} LUT for latency); sensitivity: {source}; "
+             "mixed model: "
              + (f"fine-tuned from the W8A8 model at lr x {a.mixed_lr_scale}" if a.mixed_init == "w8a8"
                 else "trained from scratch"), "",
              f"| model | bits (w/a per layer) | {a.lut_device} latency vs W8A8 | BOPs vs W8A8 | acc (integer-only; "

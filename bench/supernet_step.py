@@ -83,6 +83,17 @@ def measure(name: str, args: dict, queue) -> None:
     for _ in range(args["warmup"]):
         step()
     sync()
+    host_syncs = None
+    if dev.type == "cuda":  # count the host<->device synchronisations of one step (each one stalls the pipeline)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            step()
+            torch.cuda.set_sync_debug_mode("default")
+        host_syncs = sum("synchroniz" in str(w.message) for w in caught)
+        sync()
     if args["profile"]:
         from torch.profiler import ProfilerActivity, profile
 
@@ -109,7 +120,7 @@ def measure(name: str, args: dict, queue) -> None:
         mem_kind = "process max RSS"
     queue.put({"config": name, "mode": mode, "quantized": quantized, "bf16_autocast": amp, "channels_last": channels_last,
                "images_per_s": args["steps"] * b / dt, "step_ms": 1000 * dt / args["steps"],
-               "peak_mem_gib": peak, "memory": mem_kind})
+               "peak_mem_gib": peak, "memory": mem_kind, "host_syncs_per_step": host_syncs})
 
 
 def main() -> None:
@@ -136,8 +147,8 @@ def main() -> None:
             continue
         results.append(q.get())
         r = results[-1]
-        print(f"{name}: {r['images_per_s']:.1f} images/s, {r['step_ms']:.1f} ms/step, {r['peak_mem_gib']:.2f} GiB",
-              flush=True)
+        print(f"{name}: {r['images_per_s']:.1f} images/s, {r['step_ms']:.1f} ms/step, {r['peak_mem_gib']:.2f} GiB, "
+              f"host syncs per step {r['host_syncs_per_step']}", flush=True)
     ref = next((r for r in results if r["config"] == "reference_fp32_all_paths"), None)
     print(f"space {args['space']}, batch {args['batch']}, device {args['device']}, {args['steps']} timed steps")
     print(f"{'config':<26} {'images/s':>10} {'step ms':>9} {'peak GiB':>9} {'speed x':>8} {'mem x':>7}")

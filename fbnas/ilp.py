@@ -5,7 +5,9 @@ layer. Minimise sum_i Omega_i(w_bits) subject to any of: model size (KB), bit-op
 a LUT on a chosen device. Omega_i(b) = (Tr(H_i)/n_i) * ||Q_b(W_i) - W_i||^2 from hessian.json (fbnas-hessian/1),
 or, without traces, the weight perturbation ||Q_b(W_i) - W_i||^2 alone. Like HAWQ-V3, whose sensitivity
 measures weights only, an option's activation bits follow its weight bits (`a_bits_for`, default: the smallest
-activation choice >= w_bits, else the largest). Solved exactly with scipy.optimize.milp (HiGHS).
+activation choice >= w_bits, else the largest). `loss_sensitivity` measures Omega_i(w, a) on the loss instead,
+for every (w_bits, a_bits) pair, and the ILP then chooses among all pairs. Solved exactly with
+scipy.optimize.milp (HiGHS).
 """
 from __future__ import annotations
 
@@ -133,6 +135,45 @@ def weight_perturbation(model: torch.nn.Module, n_layers: int, bits: Sequence[in
     return out
 
 
+@torch.no_grad()
+def loss_sensitivity(model: torch.nn.Module, n_layers: int, w_choices: Sequence[int], a_choices: Sequence[int],
+                     batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, dict[tuple[int, int], float]]:
+    """Omega measured on the loss: for layer i and option (w, a), the rise in mean cross-entropy on `batches`
+    when only layer i of an unfolded fake-quant FbnasNet (e.g. the trained W8A8 model) runs at (w, a). Unlike
+    the weight-only HAWQ measure it sees activation bits too, so the ILP may pick any (w, a) pair; like HAWQ's
+    it assumes the layers' losses add up. Clamped at 0 (a lower loss is noise, not a gain)."""
+    import torch.nn.functional as F
+
+    model.eval()
+
+    def mean_ce() -> float:
+        return sum(float(F.cross_entropy(model(x), y, reduction="sum")) for x, y in batches) / sum(len(y) for _, y in batches)
+
+    base = mean_ce()
+    out: dict[str, dict[tuple[int, int], float]] = {}
+    for i in range(n_layers):
+        state = _layer_bit_state(model, i)
+        saved = (state.w_choices, state.a_choices)
+        out[f"layers.{i}"] = {}
+        try:
+            for w in w_choices:
+                for a in a_choices:
+                    state.w_choices, state.a_choices = (int(w),), (int(a),)
+                    out[f"layers.{i}"][(int(w), int(a))] = max(mean_ce() - base, 0.0)
+        finally:
+            state.w_choices, state.a_choices = saved
+    return out
+
+
+def _layer_bit_state(model: torch.nn.Module, i: int):
+    from .quant.fake import QConv2d
+
+    states = {id(m.bit_state): m.bit_state for m in model.layers[i].modules() if isinstance(m, QConv2d)}
+    if len(states) != 1:
+        raise ConfigError(f"layers.{i} has {len(states)} bit states; loss_sensitivity needs an FbnasNet layer")
+    return next(iter(states.values()))
+
+
 # ------------------------------------------------------------------------------------------------ ILP
 
 def allocate_bits(arch: Arch, omega: dict[str, dict[int, float]], w_choices: Sequence[int],
@@ -142,8 +183,12 @@ def allocate_bits(arch: Arch, omega: dict[str, dict[int, float]], w_choices: Seq
     part of the network (fixed parts at their fixed bits count as constants)."""
     if not limits:
         raise ConfigError("the ILP needs at least one limit (size_kb, bops or latency_ms, absolute or *_ratio)")
-    a_map = a_bits_for or default_a_bits_for(w_choices, a_choices)
-    options = [(w, a_map[w]) for w in sorted(w_choices)]
+    pair_keyed = all(isinstance(k, tuple) for om in omega.values() for k in om)
+    if pair_keyed:  # a sensitivity per (w_bits, a_bits) option, e.g. loss_sensitivity: every pair is an option
+        options = sorted({(w, a) for w in w_choices for a in a_choices})
+    else:
+        a_map = a_bits_for or default_a_bits_for(w_choices, a_choices)
+        options = [(w, a_map[w]) for w in sorted(w_choices)]
     parts = arch.parts()
     layer_parts = {name: (ks, wb, ab) for name, ks, wb, ab in parts if name.startswith("layers.")}
     n = len(arch.layers)
@@ -154,9 +199,10 @@ def allocate_bits(arch: Arch, omega: dict[str, dict[int, float]], w_choices: Seq
         if om is None:
             raise ConfigError(f"sensitivity has no group 'layers.{i}'; the Hessian file must come from this architecture")
         for o, (w, a) in enumerate(options):
-            if w not in om:
-                raise ConfigError(f"sensitivity of 'layers.{i}' has no omega for {w} bits (has {sorted(om)})")
-            c[i * n_opt + o] = om[w]
+            key = (w, a) if pair_keyed else w
+            if key not in om:
+                raise ConfigError(f"sensitivity of 'layers.{i}' has no omega for {key} bits (has {sorted(om)})")
+            c[i * n_opt + o] = om[key]
     rows, lbs, ubs = [], [], []
     for i in range(n):  # one option per layer
         r = np.zeros(n * n_opt)

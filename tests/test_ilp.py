@@ -93,3 +93,35 @@ def test_ilp_latency_limit_without_table_is_refused():
 
     with pytest.raises(ConfigError, match="latency_ms limit needs a latency table"):
         ilp_arch(_arch(), _omega([1] * 6), (2, 4, 8), (4, 8), limits={"latency_ms": 1.0})
+
+
+def test_pair_keyed_sensitivity_lets_the_ilp_choose_any_w_a_pair():
+    arch = _arch()
+    # activations of layers 1-4 are sensitive, their weights are not: the cheap way down is low w with 8-bit a
+    omega = {f"layers.{i}": {(w, a): (0.0 if i in (1, 2, 3, 4) else 100.0) * (8 // w) + (50.0 if a < 8 else 0.0)
+                             for w in (2, 4, 8) for a in (4, 8)} for i in range(6)}
+    limit = 0.7 * arch.bops()
+    res = allocate_bits(arch, omega, (2, 4, 8), (4, 8), {"bops": limit}, {"bops": bops_cost})
+    assert res.totals["bops"] <= limit + 1e-6
+    assert all(a == 8 for _, a in res.choices)
+    assert any(w == 2 for w, _ in res.choices[1:5]) and res.choices[0] == (8, 8)
+
+
+def test_loss_sensitivity_measures_every_pair_and_restores_the_bits():
+    import torch
+
+    from fbnas.ilp import loss_sensitivity
+    from fbnas.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model(_arch())
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    net.train()
+    net(x)  # activation ranges
+    before = [m.bit_state.w_choices for m in net.modules() if hasattr(m, "bit_state")]
+    om = loss_sensitivity(net, 6, (2, 4, 8), (4, 8), [(x, y)])
+    assert set(om) == {f"layers.{i}" for i in range(6)}
+    assert all(set(v) == {(w, a) for w in (2, 4, 8) for a in (4, 8)} for v in om.values())
+    assert all(v[(8, 8)] == 0.0 and min(v.values()) >= 0.0 for v in om.values())
+    assert max(om["layers.0"].values()) > 0.0
+    assert [m.bit_state.w_choices for m in net.modules() if hasattr(m, "bit_state")] == before

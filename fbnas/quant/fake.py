@@ -111,16 +111,29 @@ def _zero_points(n: int, device: torch.device) -> torch.Tensor:
     return _ZERO_POINTS[key]
 
 
+class _WeightFakeQuant(torch.autograd.Function):
+    """clamp(round(W / S), -q, q) * S forward, identity backward: with S from each channel's max |W| every
+    weight lies inside the range, so the clipped straight-through gradient is the identity. (ATen's fused
+    fake_quantize_per_channel_affine reads min/max of the zero points back to the host on every call: two
+    device syncs per conv.)"""
+
+    @staticmethod
+    def forward(ctx, w, scale, q: int):
+        return torch.round(w / scale).clamp_(-q, q).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
 def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Q_b(W) per output channel, symmetric; straight-through gradient (every weight lies inside the range).
-    One fused kernel (ATen's fake_quantize_per_channel_affine) for b >= 2."""
+    No host round-trip (safe inside an asynchronous CUDA step)."""
     if bits >= 32:
         return w
     if bits == 1:
         return _STEWeight.apply(w, bits)
-    q = qmax_signed(bits)
-    scale = weight_scale(w, bits).reshape(-1).float()
-    return torch.fake_quantize_per_channel_affine(w, scale, _zero_points(w.shape[0], w.device), 0, -q, q)
+    return _WeightFakeQuant.apply(w, weight_scale(w, bits).to(w.dtype), qmax_signed(bits))
 
 
 def quant_error_sq(w: torch.Tensor, bits: int) -> torch.Tensor:
