@@ -14,8 +14,8 @@ Modes:
 
 One Gumbel sample per layer per forward (per batch, never per image). The discrete choices (which op runs,
 which bits) are the argmax of the noisy logits as of the previous forward, so the host never waits for the
-device; the relaxation that carries the gradients uses the current logits and the same noise. The weights used in the forward are
-kept in `last_op_weights`, `last_w_weights`, `last_a_weights` (and the soft relaxations in `last_soft_*`)
+device; the relaxation that carries the gradients uses the current logits and the same noise. The weights
+used in the forward are kept in `last_op_weights`, `last_w_weights`, `last_a_weights` (and the soft relaxations in `last_soft_*`)
 so the latency and Hessian terms use exactly the same sample.
 """
 from __future__ import annotations
@@ -213,7 +213,7 @@ class Supernet(nn.Module):
             event = torch.cuda.Event()
             event.record()
         previous, self._sampler_snapshot = self._sampler_snapshot, (snapshot, event)
-        if previous is None or previous[0].shape != flat.shape:
+        if previous is None:
             if event is not None:
                 event.synchronize()
             return snapshot

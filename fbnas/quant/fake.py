@@ -11,7 +11,7 @@ x_mix = sum_b p_b Q_b(x), then runs one convolution, whatever the number of bit 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -88,7 +88,10 @@ def quantize_weight_int(w: torch.Tensor, bits: int, scale: Optional[torch.Tensor
 
 
 class _STEWeight(torch.autograd.Function):
-    """1-bit Q(W) = sign(W) * mean|W_c| forward, identity backward (straight-through)."""
+    """Q_b(W) = clamp(round(W / S_c), -q, q) * S_c forward (sign(W) * mean|W_c| for 1 bit), identity backward:
+    with S_c from each channel's max |W| every weight lies inside the range, so the clipped straight-through
+    gradient is the identity. No host round-trip, unlike ATen's fused fake_quantize_per_channel_affine, which
+    reads min/max of its zero points back to the host on every call (two device syncs per conv)."""
 
     @staticmethod
     def forward(ctx, w, bits: int):
@@ -100,40 +103,21 @@ class _STEWeight(torch.autograd.Function):
         return grad, None
 
 
-_ZERO_POINTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+_ZERO_POINTS: dict[torch.device, torch.Tensor] = {}
 
 
-def _zero_points(n: int, device: torch.device) -> torch.Tensor:
-    """Cached int32 zeros of shape [n] (n > 0) or [] (n == 0): the zero points of symmetric quantization."""
-    key = (n, device)
-    if key not in _ZERO_POINTS:
-        _ZERO_POINTS[key] = torch.zeros(n if n else (), dtype=torch.int32, device=device)
-    return _ZERO_POINTS[key]
-
-
-class _WeightFakeQuant(torch.autograd.Function):
-    """clamp(round(W / S), -q, q) * S forward, identity backward: with S from each channel's max |W| every
-    weight lies inside the range, so the clipped straight-through gradient is the identity. (ATen's fused
-    fake_quantize_per_channel_affine reads min/max of the zero points back to the host on every call: two
-    device syncs per conv.)"""
-
-    @staticmethod
-    def forward(ctx, w, scale, q: int):
-        return torch.round(w / scale).clamp_(-q, q).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
+def _zero_point(device: torch.device) -> torch.Tensor:
+    """A cached int32 scalar zero: the zero point of symmetric per-tensor quantization."""
+    if device not in _ZERO_POINTS:
+        _ZERO_POINTS[device] = torch.zeros((), dtype=torch.int32, device=device)
+    return _ZERO_POINTS[device]
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Q_b(W) per output channel, symmetric; straight-through gradient (every weight lies inside the range).
-    No host round-trip (safe inside an asynchronous CUDA step)."""
+    """Q_b(W) per output channel, symmetric; straight-through gradient (every weight lies inside the range)."""
     if bits >= 32:
         return w
-    if bits == 1:
-        return _STEWeight.apply(w, bits)
-    return _WeightFakeQuant.apply(w, weight_scale(w, bits).to(w.dtype), qmax_signed(bits))
+    return _STEWeight.apply(w, bits)
 
 
 def quant_error_sq(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -249,7 +233,7 @@ class ActQuantizer(nn.Module):
 
     def quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         lo, hi = self.levels(bits)
-        return torch.fake_quantize_per_tensor_affine(x, self.scale(bits), _zero_points(0, x.device), lo, hi)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale(bits), _zero_point(x.device), lo, hi)
 
     def forward(self, x: torch.Tensor, state: BitState) -> torch.Tensor:
         if not state.enabled:
