@@ -13,7 +13,6 @@ Also reported: the cost of one probe (Hessian-vector product) relative to one fo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics

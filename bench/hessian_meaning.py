@@ -12,7 +12,6 @@ HAWQ-V2's own ranking, Omega(2) = Tr(H)/n * ||Q_2(W) - W||^2, is reported beside
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -13,7 +13,6 @@ path fixed); identity layers (no weights) are left out.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 
@@ -38,6 +37,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=None, help="default: the device YAML's")
     ap.add_argument("--repeats", type=int, default=None, help="default: the device YAML's")
+    ap.add_argument("--graph-unroll", type=int, default=None,
+                    help="cuda: calls per CUDA graph (0 = eager launches); default: the device YAML's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -45,13 +46,17 @@ def main() -> int:
     space = load_space(args.space)
     dev = load_device(DEVICES[args.backend])
     dev = dataclasses.replace(dev, threads=args.threads)
+    if args.graph_unroll is not None:
+        dev = dataclasses.replace(dev, params=dataclasses.replace(dev.params, graph_unroll=args.graph_unroll))
+    unroll = getattr(dev.params, "graph_unroll", 0)
     warmup = dev.params.warmup if args.warmup is None else args.warmup
     repeats = dev.params.repeats if args.repeats is None else args.repeats
     t0 = time.time()
     table = build_table(space, dev, warmup=warmup, repeats=repeats)
     t_table = time.time() - t0
     print(f"measured table: {table.calibration['distinct_shapes_timed']} op shapes in {t_table:.1f} s "
-          f"({args.backend}, {args.threads} thread(s), warmup {warmup}, repeats {repeats})", flush=True)
+          f"({args.backend}, {args.threads} thread(s), warmup {warmup}, repeats {repeats}, "
+          f"graph unroll {unroll})", flush=True)
 
     rng = np.random.default_rng(args.seed)
     rows = []
@@ -61,7 +66,7 @@ def main() -> int:
         torch.manual_seed(i)
         model = build_model(arch, quantized=False).eval()
         x = torch.randn(dev.params.batch, space.in_channels, space.input_size, space.input_size)
-        whole = time_module(model, x, args.backend, args.threads, warmup, repeats)
+        whole = time_module(model, x, args.backend, args.threads, warmup, repeats, unroll)
         rows.append({"ops": ops, "lut_sum_ms": arch_latency(table, arch), "measured_p50_ms": whole.p50,
                      "measured_p10_ms": whole.p10, "measured_p90_ms": whole.p90})
         print(f"  arch {i + 1:>3}/{args.archs}: LUT sum {rows[-1]['lut_sum_ms']:.3f} ms, "
@@ -77,7 +82,8 @@ def main() -> int:
           f"{'PASS' if ok else 'FAIL'}")
     out = args.out or f"bench/results/lut_additivity_{args.backend}.json"
     atomic_write_json(out, {"backend": args.backend, "space": args.space, "threads": args.threads,
-                            "warmup": warmup, "repeats": repeats, "archs": args.archs, "seed": args.seed,
+                            "warmup": warmup, "repeats": repeats, "graph_unroll": unroll,
+                            "archs": args.archs, "seed": args.seed,
                             "spearman": rho, "mape_percent": mape, "mean_lut_over_measured": bias,
                             "table_seconds": t_table, "versions": backend_versions(args.backend), "rows": rows})
     print(f"wrote {out}")

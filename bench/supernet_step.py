@@ -9,7 +9,6 @@ own process so peak memory is its own. Prints images/s, peak memory and the rati
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import resource
 import sys

@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..errors import ConfigError, LatencyTableError
-from .common import CONF_DIR, device_overrides, fail, run_hydra, split_subcommand, user_errors
+from .common import CONF_DIR, device_overrides, run_hydra, split_subcommand, user_errors
 
 ACTIONS = ("build", "check", "show", "predict", "export-ops", "import", "devices")
 

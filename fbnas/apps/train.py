@@ -7,7 +7,7 @@ from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
 from ..arch import load_arch
 from ..data import check_matches_space, load_dataset

@@ -235,7 +235,7 @@ class HessianPenalty:
 
     def _uniform_value(self, supernet: nn.Module) -> Optional[float]:
         layers = supernet.mixed_layers
-        n_ops, n_wb = len(layers[0].ops), len(layers[0].w_bits)
+        n_ops = len(layers[0].ops)
         idx, bank = self._units(supernet)
         with torch.no_grad():
             err = bank().double()

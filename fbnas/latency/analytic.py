@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..blocks import KernelSpec
-from .devices import Device, DeviceModel, register_device_type
+from .devices import DeviceModel, register_device_type
 
 FP32_BITS = 32
 

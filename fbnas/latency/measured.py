@@ -39,6 +39,7 @@ class MeasuredParams:
     warmup: int = 20        # untimed runs before timing
     repeats: int = 100      # timed runs; p10/p50/p90 over them
     batch: int = 1
+    graph_unroll: int = 0   # cuda: > 0 captures this many back-to-back calls in one CUDA graph and times replays
 
 
 @dataclass(frozen=True)
@@ -134,23 +135,44 @@ def time_torch(module: nn.Module, example: torch.Tensor, threads: int, warmup: i
         return _repeat(run, warmup, repeats)
 
 
-def time_cuda(module: nn.Module, example: torch.Tensor, threads: int, warmup: int, repeats: int) -> Stats:
+def time_cuda(module: nn.Module, example: torch.Tensor, threads: int, warmup: int, repeats: int,
+              graph_unroll: int = 0) -> Stats:
+    """CUDA events around each run. With graph_unroll > 0 the module's kernels are captured `graph_unroll` times
+    back to back in one CUDA graph and each replay's time is divided by graph_unroll: the GPU time of the
+    kernels without the host's launch cost (which at batch 1 dominates eager timing and is not additive: a
+    micro-model pays a whole call's overhead, a layer inside a model only its kernel launches)."""
     if not torch.cuda.is_available():
         raise ConfigError("backend 'cuda' needs a CUDA GPU and none is visible; use device=host_ort or host_torch")
     module = module.eval().cuda()
     x = example.cuda()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def run() -> float:
-        start.record()
-        module(x)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-
     with torch.inference_mode():
+        launch = _cuda_graph(module, x, graph_unroll) if graph_unroll > 0 else (lambda: module(x))
+        calls = max(graph_unroll, 1)
+
+        def run() -> float:
+            start.record()
+            launch()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / calls
+
         torch.cuda.synchronize()
         return _repeat(run, warmup, repeats)
+
+
+def _cuda_graph(module: nn.Module, x: torch.Tensor, unroll: int) -> Callable[[], None]:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture (cuDNN algorithm choice, lazy allocations)
+        for _ in range(3):
+            module(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(unroll):
+            module(x)
+    return graph.replay
 
 
 def ort_session(model_bytes: bytes, threads: int):
@@ -181,7 +203,9 @@ TIMERS = {"ort": time_ort, "torch": time_torch, "cuda": time_cuda}
 
 
 def time_module(module: nn.Module, example: torch.Tensor, backend: str, threads: int, warmup: int,
-                repeats: int) -> Stats:
+                repeats: int, graph_unroll: int = 0) -> Stats:
+    if backend == "cuda":
+        return time_cuda(module, example, threads, warmup, repeats, graph_unroll)
     return TIMERS[backend](module, example, threads, warmup, repeats)
 
 
@@ -220,13 +244,16 @@ class MeasuredDevice(DeviceModel):
         if self.p.backend not in BACKENDS:
             raise ConfigError(f"{device.source}: field 'params.backend' must be one of {list(BACKENDS)}, "
                               f"got {self.p.backend!r}")
+        if self.p.graph_unroll and self.p.backend != "cuda":
+            raise ConfigError(f"{device.source}: field 'params.graph_unroll' applies to backend 'cuda' only; remove it")
 
     def time_signature(self, sig: OpSignature, warmup: Optional[int] = None, repeats: Optional[int] = None) -> Stats:
         module, shape = signature_module(sig)
         torch.manual_seed(0)
         example = torch.randn(self.p.batch, *shape)
         return time_module(module, example, self.p.backend, self.device.threads,
-                           self.p.warmup if warmup is None else warmup, self.p.repeats if repeats is None else repeats)
+                           self.p.warmup if warmup is None else warmup, self.p.repeats if repeats is None else repeats,
+                           self.p.graph_unroll)
 
     def build_table(self, space, signatures: dict[str, OpSignature], device: Device, warmup: Optional[int] = None,
                     repeats: Optional[int] = None, progress: Optional[Callable[[int, int, str], None]] = None):
@@ -255,6 +282,7 @@ class MeasuredDevice(DeviceModel):
                                   "shape shares its measurement (bits do not change float timing)",
                          "warmup": p.warmup if warmup is None else warmup,
                          "repeats": p.repeats if repeats is None else repeats, "batch": p.batch,
+                         "graph_unroll": p.graph_unroll,
                          "distinct_shapes_timed": sum(1 for s in timed.values() if s.n)},
             device_config=device.to_dict())
 

@@ -15,7 +15,6 @@ qlinear/qdq   the whole-model graph of `onnx_graph` runs end to end in onnxrunti
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import numpy as np
 import torch
@@ -33,7 +32,6 @@ MIN_TOP1_AGREEMENT = 0.999
 
 
 def _session(node_type: str, x_dtype: np.dtype, x_shape, w: np.ndarray, attrs: dict, opset: int):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
