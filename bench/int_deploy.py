@@ -54,6 +54,10 @@ def main() -> None:
                     help="ILP Omega: the measured loss rise per layer and (w, a) pair of the trained W8A8 model, or "
                          "HAWQ's weight perturbation (activation bits then follow weight bits)")
     ap.add_argument("--sensitivity-images", type=int, default=2000, help="training images for --sensitivity loss")
+    ap.add_argument("--act-clip", default="max",
+                    help="activation ranges of the mixed model, comma-separated variants each trained and reported: "
+                         "max (EMA of min/max) | mse (EMA of the MSE-optimal clip at the layer's bits)")
+    ap.add_argument("--mixed-epochs", type=int, default=None, help="phase-1 epochs of the mixed model (default --epochs)")
     ap.add_argument("--runs", default="/tmp/fbnas_int_deploy")
     ap.add_argument("--no-ort", action="store_true",
                     help="skip the onnxruntime checks (e.g. where onnxruntime and CUDA torch clash in one process)")
@@ -84,15 +88,17 @@ def main() -> None:
     ilp = ilp_arch(arch8, omega, space.w_bits, space.a_bits, ratios={key: a.ratio}, table=table,
                    device=a.lut_device, source=source)
     ilp.arch.save(runs / "arch_ilp.json")
+    tuned = dict(base, epochs=a.epochs if a.mixed_epochs is None else a.mixed_epochs)
     if a.mixed_init == "w8a8":
-        tuned = dict(base, lr=a.lr * a.mixed_lr_scale)
-        mixed = train(ilp.arch, data, TrainSettings(**tuned, init="weights",
-                                                    weights=str(runs / "w8a8" / "model_bn.safetensors")), runs / "mixed")
-    else:
-        mixed = train(ilp.arch, data, TrainSettings(**base), runs / "mixed")
+        tuned.update(lr=a.lr * a.mixed_lr_scale, init="weights", weights=str(runs / "w8a8" / "model_bn.safetensors"))
+    clips = a.act_clip.split(",")
+    mixed = {}
+    for clip in clips:
+        name = "mixed" if len(clips) == 1 else f"mixed_{clip}"
+        mixed[name] = (clip, train(ilp.arch, data, TrainSettings(**tuned, act_clip=clip), runs / name))
     x = data.test.x[:a.ort_samples]
     xg = data.test.x if a.graph_samples <= 0 else data.test.x[:a.graph_samples]
-    ort, graphs = {"w8a8": None, "mixed": None}, {}
+    ort, graphs = {k: None for k in ("w8a8", *mixed)}, {}
     try:
         if a.no_ort:
             raise ImportError
@@ -100,23 +106,23 @@ def main() -> None:
     except ImportError:
         print("onnxruntime checks skipped (--no-ort or not installed); run `fbnas quantize onnx run=<run dir>` later")
     else:
-        for k in ("w8a8", "mixed"):
+        for k in ort:
             integer = to_integer(load_folded(runs / k / "model.safetensors"))
             ort[k] = check_with_onnxruntime(integer, x)
             integer = integer.to(a.device)
             graphs[k] = {mode: check_graph(integer, xg, mode, lsb_samples=a.lsb_samples) for mode in ("qlinear", "qdq")}
     lat = {name: arch_latency(table, ar) for name, ar in (("w8", arch8), ("mixed", ilp.arch))}
     rows = [("FP32", arch8, fp32.get("acc_float"), None, None, None),
-            ("W8A8", arch8, w8["acc_integer"], w8["acc_fake_quant"], w8["integer_vs_fake_top1_disagreements"], ort["w8a8"]),
-            ("ILP mixed", ilp.arch, mixed["acc_integer"], mixed["acc_fake_quant"],
-             mixed["integer_vs_fake_top1_disagreements"], ort["mixed"])]
+            ("W8A8", arch8, w8["acc_integer"], w8["acc_fake_quant"], w8["integer_vs_fake_top1_disagreements"], ort["w8a8"])]
+    rows += [(f"ILP mixed, act clip {clip}", ilp.arch, m["acc_integer"], m["acc_fake_quant"],
+              m["integer_vs_fake_top1_disagreements"], ort[k]) for k, (clip, m) in mixed.items()]
     lines = [f"# Integer-only deployment, Fashion-MNIST ({len(data.test)} test images), arch {a.ops}",
              "", f"device {a.device}; epochs {a.epochs} + {a.fold_epochs} folded; steps/epoch {a.steps or 'all'}; "
              f"wall {time.time() - t0:.0f} s", "",
              f"ILP limit: {a.limit} <= {a.ratio} x W8A8 ({a.lut_device} LUT for latency); sensitivity: {source}; "
              "mixed model: "
              + (f"fine-tuned from the W8A8 model at lr x {a.mixed_lr_scale}" if a.mixed_init == "w8a8"
-                else "trained from scratch"), "",
+                else "trained from scratch") + f", {tuned['epochs']} + {a.fold_epochs} folded epochs", "",
              f"| model | bits (w/a per layer) | {a.lut_device} latency vs W8A8 | BOPs vs W8A8 | acc (integer-only; "
              "FP32: float) | acc fake-quant | int vs fake top-1 disagreements | ORT accumulator mismatches | "
              "ORT logits identical |",
@@ -129,7 +135,8 @@ def main() -> None:
                      f"{'' if fq is None else f'{fq:.2f}'} | {'' if dis is None else dis} | "
                      f"{'' if o is None else o['accumulator_mismatches']} | {'' if o is None else o['logits_identical']} |")
     lines += ["", f"W8A8 integer - FP32: {w8['acc_integer'] - fp32['acc_float']:+.2f} points; "
-                  f"mixed - W8A8: {mixed['acc_integer'] - w8['acc_integer']:+.2f} points", "",
+              + "; ".join(f"mixed (act clip {clip}) - W8A8: {m['acc_integer'] - w8['acc_integer']:+.2f} points"
+                          for clip, m in mixed.values()), "",
               "## onnxruntime whole-model graphs vs the integer-only model", ""]
     for k in graphs:
         lines += [f"- {k}: " + format_graph_check(graphs[k][mode]) for mode in ("qlinear", "qdq")]
@@ -138,7 +145,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     atomic_write_text(a.out, text)
     print(text)
-    print(json.dumps({"fp32": fp32.get("acc_float"), "w8a8": w8["acc_integer"], "mixed": mixed["acc_integer"]}))
+    print(json.dumps({"fp32": fp32.get("acc_float"), "w8a8": w8["acc_integer"],
+                      **{k: m["acc_integer"] for k, (_, m) in mixed.items()}}))
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ from .model import build_model
 from .quant.artifacts import load_supernet_into, load_unfolded_into, save_integer, save_state
 from .quant.dyadic import check_rounding
 from .quant.fake import QConv2d, QLinear
-from .quant.fold import FoldedNet, fold_model
+from .quant.fold import FoldedNet, QuantPoint, fold_model
 from .quant.integer import to_integer
 
 log = logging.getLogger("fbnas")
+ACT_CLIPS = ("max", "mse")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TrainSettings:
     weights: str = ""  # init=weights: an unfolded model of the same ops (model_bn.safetensors, or a float run's
     # model.safetensors), e.g. fine-tune a mixed-bit model from its trained W8A8 or FP32 version
     rounding: str = "half_even"
+    act_clip: str = "max"  # activation ranges: max (EMA of min/max) | mse (EMA of the MSE-optimal clip at the bits)
     calib_batches: int = 8
     steps_per_epoch: int = 0  # 0 = whole epochs (a limit is for smoke tests)
     eval_batch_size: int = 500
@@ -75,6 +77,8 @@ class TrainSettings:
             raise ConfigError("fields 'epochs'/'fold_epochs' must be >= 0 and not both 0")
         if self.batch_size <= 0:
             raise ConfigError("field 'batch_size' must be positive")
+        if self.act_clip not in ACT_CLIPS:
+            raise ConfigError(f"field 'act_clip' is {self.act_clip!r}; choose one of {', '.join(ACT_CLIPS)}")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -97,6 +101,15 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> float:
 def predictions(model: nn.Module, loader, device: torch.device) -> torch.Tensor:
     model.eval()
     return torch.cat([model(x.to(device)).argmax(1).cpu() for x, _ in loader])
+
+
+def set_act_clipping(net: nn.Module, mode: str) -> None:
+    """Point every activation quantizer of a fixed-bit model at its bits (mode 'mse') or at min/max ('max')."""
+    for m in net.modules():
+        if isinstance(m, (QConv2d, QLinear)) and m.bit_state.enabled and len(m.bit_state.a_choices) == 1:
+            m.act_quant.clip_bits = m.bit_state.a_choices[0] if mode == "mse" else None
+        elif isinstance(m, QuantPoint):
+            m.observer.clip_bits = m.bits if mode == "mse" else None
 
 
 def set_quantization(net: nn.Module, enabled: bool) -> None:
@@ -225,6 +238,7 @@ def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, r
         load_supernet_into(net, arch, s.supernet)
     elif s.init == "weights" and not ckpt:
         load_unfolded_into(net, arch, s.weights)
+    set_act_clipping(net, s.act_clip)
     for p_idx in range(start_phase, len(phases)):
         phase, n_epochs = phases[p_idx]
         if phase == "folded":
@@ -271,9 +285,11 @@ def _folded_from(net: nn.Module, ckpt: Optional[dict], data: DataBundle, s: Trai
     """Fold the BN of the phase-1 model (or rebuild the folded model a checkpoint holds) and calibrate."""
     if ckpt is not None:
         folded = fold_model(build_model(net.arch).to(device), s.rounding).to(device)
+        set_act_clipping(folded, s.act_clip)
         return folded  # weights and ranges come from the checkpoint
     net.eval()
     folded = fold_model(net, s.rounding).to(device)
+    set_act_clipping(folded, s.act_clip)
     loader = make_loader(data.train, s.batch_size, shuffle=True, seed=s.seed + 100, device=device)
     folded.calibrate(x for i, (x, _) in zip(range(s.calib_batches), loader))
     return folded

@@ -1,7 +1,7 @@
 import torch
 
-from fbnas.quant.fake import (ActQuantizer, BitState, QConv2d, fake_quant_weight, quant_error_sq,
-                              quantize_weight_int, weight_scale)
+from fbnas.quant.fake import (ActQuantizer, BitState, QConv2d, act_levels, fake_quant_weight, mse_clip_range,
+                              quant_error_sq, quantize_weight_int, weight_scale)
 
 
 def test_weight_quant_per_channel_symmetric():
@@ -42,6 +42,39 @@ def test_act_quant_unsigned_after_relu_and_levels():
     q2 = ActQuantizer()
     q2(torch.randn(1000), st)
     assert q2.signed
+
+
+def _act_mse(x, clip, bits, signed):
+    lo, hi = act_levels(bits, signed)
+    s = clip / hi
+    return float((torch.clamp(torch.round(x / s), lo, hi) * s - x).pow(2).mean())
+
+
+def test_mse_clip_range_beats_min_max_at_4_bits():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(20000)) ** 2  # a heavy right tail, as after a ReLU
+    span = x.max()
+    c = mse_clip_range(x, span, 4, signed=False)
+    assert 0 < float(c) < 0.8 * float(span)
+    assert _act_mse(x, c, 4, False) < 0.8 * _act_mse(x, span, 4, False)
+    # the chosen clip is the best of the grid (checked by brute force)
+    grid = [float(span) * k / 40 for k in range(1, 41)]
+    assert _act_mse(x, c, 4, False) <= min(_act_mse(x, g, 4, False) for g in grid) + 1e-12
+    xs = torch.randn(20000) ** 3
+    cs = mse_clip_range(xs, xs.abs().max(), 4, signed=True)
+    assert _act_mse(xs, cs, 4, True) < _act_mse(xs, xs.abs().max(), 4, True)
+
+
+def test_act_quantizer_tracks_mse_clip_when_bits_known():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(4096)) ** 2
+    plain, clipped = ActQuantizer(), ActQuantizer()
+    clipped.clip_bits = 4
+    for q in (plain, clipped):
+        q.observe(x)
+    assert float(plain.running_max) == float(x.max())
+    assert float(clipped.running_max) == float(mse_clip_range(x, x.max(), 4, False))
+    assert not clipped.signed and float(clipped.running_min) == 0.0
 
 
 def test_act_clipped_ste_gradient():

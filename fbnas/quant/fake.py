@@ -2,7 +2,9 @@
 
 Weights: per-output-channel symmetric, S_c = max|W_c| / (2^(b-1) - 1), W_q = clamp(round(W/S_c)) * S_c.
 Activations: static ranges from an EMA of the batch min/max; unsigned [0, 2^b - 1] while the observed
-minimum is >= 0 (after ReLU), symmetric signed otherwise.
+minimum is >= 0 (after ReLU), symmetric signed otherwise. A quantizer with known bits (`clip_bits`, a trained
+child) can instead track an EMA of each batch's MSE-optimal clipping range at those bits (`mse_clip_range`):
+at 4 bits and below the min/max range wastes most levels on a few outliers.
 
 Bit choices: a `BitState` is shared by every conv of one candidate op. It holds the bit options and, during
 a search, their mixing weights (soft: probabilities; hard: a straight-through one-hot plus the sampled
@@ -148,6 +150,24 @@ def act_levels(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
+MSE_CLIP_GRID = 40          # candidate clipping ranges: span * k / grid, k = 1..grid
+MSE_CLIP_SAMPLES = 1 << 16  # elements of the batch (an even stride through it) that score the candidates
+
+
+@torch.no_grad()
+def mse_clip_range(x: torch.Tensor, span: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """The clipping range c in (0, span] that minimises the mean squared error of quantizing x at `bits` with
+    scale c / hi (hi = the top level), over a grid of candidates; a device scalar (no host read)."""
+    flat = x.reshape(-1)
+    xs = flat[:: max(1, flat.numel() // MSE_CLIP_SAMPLES)].float()
+    lo, hi = act_levels(bits, signed)
+    ratios = torch.arange(1, MSE_CLIP_GRID + 1, device=x.device, dtype=torch.float32) / MSE_CLIP_GRID
+    clips = (span.float() * ratios).clamp_min(_EPS)
+    scales = (clips / hi).unsqueeze(1)
+    err = (torch.clamp(torch.round(xs / scales), lo, hi) * scales - xs).pow(2).mean(1)
+    return clips[err.argmin()]
+
+
 
 class _MixedAct(torch.autograd.Function):
     """sum_b p_b Q_b(x), saving only x and p; the per-option Q_b(x) are recomputed in backward.
@@ -190,6 +210,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("signed_flag", torch.zeros((), dtype=torch.bool))
         self.frozen = False
+        self.clip_bits: Optional[int] = None  # set: track the MSE-optimal range at these bits, not min/max
         self._state: Optional[tuple[bool, bool]] = None  # host copy of (initialized, signed)
 
     def _host_state(self) -> tuple[bool, bool]:
@@ -210,17 +231,27 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(x.detach())
-        if self._host_state()[0]:
+        x = x.detach()
+        lo, hi = torch.aminmax(x)
+        initialized = self._host_state()[0]
+        if not initialized:
+            signed = bool(lo < 0)  # the one host read, at the first observation
+            self.signed_flag.fill_(signed)
+            self._state = (False, signed)
+        if self.clip_bits is not None:
+            if self.signed:
+                hi = mse_clip_range(x, torch.maximum(lo.abs(), hi.abs()), self.clip_bits, True)
+                lo = -hi
+            else:
+                hi = mse_clip_range(x, hi, self.clip_bits, False)
+        if initialized:
             self.running_min.lerp_(lo.float(), self.momentum)
             self.running_max.lerp_(hi.float(), self.momentum)
             return
         self.running_min.copy_(lo)
         self.running_max.copy_(hi)
         self.initialized.fill_(True)
-        signed = bool(lo < 0)  # the one host read, at the first observation
-        self.signed_flag.fill_(signed)
-        self._state = (True, signed)
+        self._state = (True, self._state[1])
 
     def levels(self, bits: int) -> tuple[int, int]:
         return act_levels(bits, self.signed)

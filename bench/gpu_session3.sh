@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Third GPU session (device tool, repo root, carry .devwheels and .data).
+#   probe:  CUDA-graph additivity (and eager for comparison), a profile of the hard supernet step, Hessian speed
+#   step:   the supernet step benchmark (reference vs fbnas hard + bits)
+#   deploy: integer deployment (W8A8, ILP mixed bits fine-tuned from W8A8)
+set -u
+part=${1:-probe}
+mkdir -p /usr/share/datasets && cp -r .data/fashion-mnist /usr/share/datasets/
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .devwheels/*.whl 2>/dev/null
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+if [ "$part" = probe ]; then
+  timeout 150 python3 bench/lut_additivity.py --backend cuda --archs 50 --out "$OUT/lut_additivity_cuda.json" \
+    > "$OUT/lut_additivity_cuda.txt" 2>&1; echo "additivity graphs rc=$?"; tail -n 2 "$OUT/lut_additivity_cuda.txt"
+  timeout 100 python3 bench/lut_additivity.py --backend cuda --archs 50 --graph-unroll 0 \
+    --out "$OUT/lut_additivity_cuda_eager.json" > "$OUT/lut_additivity_cuda_eager.txt" 2>&1
+  echo "additivity eager rc=$?"; tail -n 2 "$OUT/lut_additivity_cuda_eager.txt"
+  timeout 120 python3 bench/supernet_step.py --device cuda --batch 256 --steps 10 --warmup 5 --profile \
+    --configs fbnas_hard_bits 2>&1 | grep -v Warn > "$OUT/supernet_step_profile.txt"; tail -n 45 "$OUT/supernet_step_profile.txt"
+  timeout 200 python3 bench/hessian.py --device cuda --batch-size 64 --batches 1 --max-probes 600 --train-steps 100 \
+    --out "$OUT/hessian_speed_cuda" > "$OUT/hessian_speed.log" 2>&1; echo "hessian rc=$?"
+  tail -n 14 "$OUT/hessian_speed.log"
+fi
+if [ "$part" = step ]; then
+  timeout 250 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
+    --configs ${CONFIGS:-reference_fp32_all_paths,fbnas_hard_bits} --out "$OUT/supernet_step_cuda.json" 2>&1 \
+    | grep -v Warn | tee "$OUT/supernet_step.txt"
+fi
+if [ "$part" = deploy ]; then
+  rm -rf /tmp/fbnas_int
+  timeout ${DEPLOY_TIMEOUT:-500} python3 bench/int_deploy.py --device cuda --no-ort ${DEPLOY_ARGS:-} \
+    --runs /tmp/fbnas_int --out "$OUT/int_deploy.md" > "$OUT/int_deploy.log" 2>&1; echo "int_deploy rc=$?"
+  tar czf "$OUT/int_runs.tgz" -C /tmp fbnas_int --exclude=checkpoints 2>/dev/null
+  cat "$OUT/int_deploy.md" 2>/dev/null; tail -n 3 "$OUT/int_deploy.log"
+fi
