@@ -5,7 +5,9 @@ Modes:
 - soft (FBNet): every candidate is computed and the outputs are summed with Gumbel-softmax weights.
 - hard (GDAS-style straight-through): one op per layer is sampled and only it is computed; its output is
   scaled by a straight-through one-hot (value 1, gradient of the soft relaxation), so gradients reach every
-  op logit. Bits are sampled the same way inside the chosen op.
+  op logit. Bits are sampled the same way inside the chosen op, and their straight-through factors scale the
+  op's output too (not its weights: BatchNorm in training mode is invariant to a weight scale, so a factor
+  there would pass no gradient).
 - bit_sampling: how the bit options of an op are combined, independently of the op mode: `soft` (EdMIPS: the
   quantized weights and inputs of every option are mixed, one conv) or `hard` (one option sampled,
   straight-through). Hard-mode ops always sample their bits; soft ops with hard bits cost about a float
@@ -86,6 +88,7 @@ class MixedLayer(nn.Module):
         self.last_soft_w: Optional[torch.Tensor] = None
         self.last_soft_a: Optional[torch.Tensor] = None
         self.last_index: Optional[int] = None
+        self.last_coef: Optional[torch.Tensor] = None  # [n_ops] output scale of each op: op weight x bit factors
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.alpha, self.beta_w, self.beta_a]
@@ -95,7 +98,7 @@ class MixedLayer(nn.Module):
         n_ops = len(self.ops)
         dev = self.alpha.device
         self.last_op_weights = F.one_hot(torch.tensor(op_index, device=dev), n_ops).float()
-        self.last_soft_op = self.last_op_weights
+        self.last_soft_op = self.last_coef = self.last_op_weights
         self.last_index = op_index
         w1 = F.one_hot(torch.tensor(w_index, device=dev), len(self.w_bits)).float()
         a1 = F.one_hot(torch.tensor(a_index, device=dev), len(self.a_bits)).float()
@@ -106,13 +109,13 @@ class MixedLayer(nn.Module):
         st.w_probs, st.a_probs, st.w_index, st.a_index = w1, a1, w_index, a_index
 
     def forward(self, x: torch.Tensor, hard: bool) -> torch.Tensor:
+        coef = self.last_coef  # a 0-dim float32 factor keeps a bfloat16 output bfloat16
         if hard:
             i = self.last_index
-            return self.ops[i](x) * self.last_op_weights[i].to(x.dtype)
-        w = self.last_op_weights.to(x.dtype)
+            return self.ops[i](x) * coef[i]
         out = None
         for i, op in enumerate(self.ops):
-            y = op(x) * w[i]
+            y = op(x) * coef[i]
             out = y if out is None else out + y
         return out
 
@@ -143,6 +146,7 @@ class Supernet(nn.Module):
         n_ops = len(space.candidates)
         rows = [l * n_ops + i for l, layer in enumerate(self.mixed_layers) for i in layer.bit_ops]
         self.register_buffer("bit_row_index", torch.tensor(rows, dtype=torch.long), persistent=False)
+        self.register_buffer("bit_op_mask", self.op_has_bits(), persistent=False)
         self._sampler_snapshot: Optional[tuple[torch.Tensor, Optional[torch.cuda.Event]]] = None
         self._weights: Optional[tuple[torch.Tensor, ...]] = None  # this forward's (ops, w, a, soft ops, soft w, soft a)
 
@@ -183,9 +187,13 @@ class Supernet(nn.Module):
                 ((w_w, len(self.space.w_bits)), (a_w, len(self.space.a_bits)),
                  (w_soft, len(self.space.w_bits)), (a_soft, len(self.space.a_bits)))]
         self._weights = (op_w, full[0], full[1], op_soft, full[2], full[3])
+        coef = op_w
+        if self.hard_bits and self.quantized:
+            coef = op_w * self._sampled_factor(full[0]) * self._sampled_factor(full[1])
         r = 0
         for li, layer in enumerate(layers):
             layer.last_op_weights, layer.last_w_weights, layer.last_a_weights = op_w[li], full[0][li], full[1][li]
+            layer.last_coef = coef[li]
             layer.last_soft_op, layer.last_soft_w, layer.last_soft_a = op_soft[li], full[2][li], full[3][li]
             layer.last_index = op_idx[li]
             for r_op, i in enumerate(layer.bit_ops, start=r):
@@ -232,6 +240,12 @@ class Supernet(nn.Module):
 
     def load_sampler_state(self, snapshot: Optional[torch.Tensor]) -> None:
         self._sampler_snapshot = None if snapshot is None else (snapshot.float().cpu(), None)
+
+    def _sampled_factor(self, one_hots: torch.Tensor) -> torch.Tensor:
+        """[L, n_ops, n_bits] straight-through one-hots -> [L, n_ops] factors of value 1 whose gradient is that
+        of the sampled option's relaxation (the max of a one-hot row is its sampled entry); 1 for ops without
+        bits."""
+        return torch.where(self.bit_op_mask, one_hots.amax(-1), 1.0)
 
     def _full_bit_matrix(self, rows: torch.Tensor, n_bits: int) -> torch.Tensor:
         """[R, n_bits] rows of the ops that have bits -> [L, n_ops, n_bits]; ops without weights get 1/n_bits."""

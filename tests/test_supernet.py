@@ -136,3 +136,21 @@ def test_soft_ops_with_hard_bits_compute_every_op_with_one_bit_option_each(space
             assert float(st.w_probs.sum()) == pytest.approx(1.0) and float(st.w_probs.max()) == 1.0
     for p in net.arch_parameters():
         assert p.grad is not None and torch.all(p.grad != 0), p.shape
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_cross_entropy_alone_reaches_the_sampled_bit_logits(space, mode):
+    """Sampled bits are straight-through factors on op outputs: a BatchNorm after each conv must not cancel
+    their gradient (as it would a factor on the weights)."""
+    torch.manual_seed(0)
+    net = Supernet(space, mode=mode, bit_sampling="hard")
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    F.cross_entropy(net(x), y).backward()
+    alpha = torch.stack([layer.alpha.grad.abs().mean() for layer in net.mixed_layers]).mean()
+    for layer in net.mixed_layers:
+        ops = [layer.last_index] if mode == "hard" else range(len(layer.ops))
+        rows = [layer.bit_ops.index(i) for i in ops if i in layer.bit_ops]
+        if rows:
+            # comparable to the op logits' gradients (a factor on the weights gives ~1e-5 of them)
+            assert layer.beta_w.grad[rows].abs().mean() > 1e-3 * alpha, mode
+            assert layer.beta_a.grad[rows].abs().mean() > 1e-3 * alpha, mode

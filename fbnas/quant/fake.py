@@ -7,9 +7,11 @@ child) can instead track an EMA of each batch's MSE-optimal clipping range at th
 at 4 bits and below the min/max range wastes most levels on a few outliers.
 
 Bit choices: a `BitState` is shared by every conv of one candidate op. It holds the bit options and, during
-a search, their mixing weights (soft: probabilities; hard: a straight-through one-hot plus the sampled
-index). The conv mixes the quantized weight, W_mix = sum_b p_b Q_b(W), and the quantized input,
-x_mix = sum_b p_b Q_b(x), then runs one convolution, whatever the number of bit options.
+a search, either their mixing weights (soft) or the sampled option (hard). Soft: the conv mixes the quantized
+weight, W_mix = sum_b p_b Q_b(W), and the quantized input, x_mix = sum_b p_b Q_b(x), then runs one
+convolution, whatever the number of bit options. Hard: only the sampled option is computed; the supernet
+puts the straight-through factor of the sampled bits on the op's output (on the weights, a BatchNorm in
+training mode would cancel it and no gradient would reach the bit logits).
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ class BitState:
     """Bit options of one op and, during search, their current mixing weights.
 
     w_probs / a_probs: None means 'use the first (only) option'; a tensor [n] mixes the options.
-    w_index / a_index: in hard mode, the sampled option; the probs then hold a straight-through one-hot,
-    so only that option is computed while gradients still reach the probabilities.
+    w_index / a_index: in hard mode, the sampled option, the only one computed (they take precedence over
+    the probs, which then hold the straight-through one-hot for inspection).
     enabled=False turns quantization off (float model).
     """
 
@@ -43,12 +45,6 @@ class BitState:
     w_index: Optional[int] = None
     a_index: Optional[int] = None
     enabled: bool = True
-    factor: Optional[torch.Tensor] = None  # hard mode: w_probs[w_index] * a_probs[a_index], computed once per op
-
-    def straight_through_factor(self) -> torch.Tensor:
-        if self.factor is None:
-            self.factor = self.w_probs[self.w_index] * self.a_probs[self.a_index]
-        return self.factor
 
     @classmethod
     def fixed(cls, w_bits: int, a_bits: int) -> "BitState":
@@ -61,7 +57,6 @@ class BitState:
     def clear(self) -> None:
         self.w_probs = self.a_probs = None
         self.w_index = self.a_index = None
-        self.factor = None
 
 
 # ------------------------------------------------------------------------------- weight quantization
@@ -296,13 +291,7 @@ class QConv2d(nn.Conv2d):
         st = self.bit_state
         if not st.enabled:
             return super().forward(x)
-        xq = self.act_quant(x, st)
-        w = mixed_weight(self.weight, st)
-        if st.a_index is not None:
-            # hard mode: the straight-through factors of the sampled bits (value 1, gradient to their
-            # probabilities) ride on the small weight tensor; the conv is bilinear in input and weight
-            w = w * st.straight_through_factor()
-        return self._conv_forward(xq, w, self.bias)
+        return self._conv_forward(self.act_quant(x, st), mixed_weight(self.weight, st), self.bias)
 
 
 class QLinear(nn.Linear):
