@@ -22,6 +22,16 @@ if [ "$part" = probe ]; then
     --out "$OUT/hessian_speed_cuda" > "$OUT/hessian_speed.log" 2>&1; echo "hessian rc=$?"
   tail -n 14 "$OUT/hessian_speed.log"
 fi
+if [ "$part" = step_hessian ]; then
+  timeout 200 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
+    --configs reference_fp32_all_paths,fbnas_hard_bits --out "$OUT/supernet_step_cuda.json" 2>&1 \
+    | grep -v Warn | tee "$OUT/supernet_step.txt"
+  timeout 100 python3 bench/hvp_profile.py --device cuda --batch-size 64 > "$OUT/hvp_profile.txt" 2>&1
+  echo "hvp_profile rc=$?"; head -n 30 "$OUT/hvp_profile.txt"
+  timeout 220 python3 bench/hessian.py --device cuda --batch-size 64 --batches 1 --max-probes ${HESS_PROBES:-128} \
+    --train-steps 100 --out "$OUT/hessian_speed_cuda" > "$OUT/hessian_speed.log" 2>&1; echo "hessian rc=$?"
+  tail -n 14 "$OUT/hessian_speed.log"
+fi
 if [ "$part" = step ]; then
   timeout 250 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
     --configs ${CONFIGS:-reference_fp32_all_paths,fbnas_hard_bits} --out "$OUT/supernet_step_cuda.json" 2>&1 \

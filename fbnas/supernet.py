@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .arch import Arch
 from .blocks import build_op
 from .model import Head, make_stem
-from .quant.fake import BitState, QConv2d
+from .quant.fake import BitState, QConv2d, prequantize_weights
 from .space import LayerShape, SearchSpace
 
 MODES = ("soft", "hard")
@@ -147,6 +147,9 @@ class Supernet(nn.Module):
         rows = [l * n_ops + i for l, layer in enumerate(self.mixed_layers) for i in layer.bit_ops]
         self.register_buffer("bit_row_index", torch.tensor(rows, dtype=torch.long), persistent=False)
         self.register_buffer("bit_op_mask", self.op_has_bits(), persistent=False)
+        self._op_convs = [[[m for m in op.modules() if isinstance(m, QConv2d)] for op in layer.ops]
+                          for layer in self.mixed_layers]
+        self._prequantized: list[QConv2d] = []  # convs handed a batch-quantized weight for this forward
         self._sampler_snapshot: Optional[tuple[torch.Tensor, Optional[torch.cuda.Event]]] = None
         self._weights: Optional[tuple[torch.Tensor, ...]] = None  # this forward's (ops, w, a, soft ops, soft w, soft a)
 
@@ -191,9 +194,12 @@ class Supernet(nn.Module):
         if self.hard_bits and self.quantized:
             coef = op_w * self._sampled_factor(full[0]) * self._sampled_factor(full[1])
         r = 0
+        running_convs = []
         for li, layer in enumerate(layers):
             layer.last_op_weights, layer.last_w_weights, layer.last_a_weights = op_w[li], full[0][li], full[1][li]
             layer.last_coef = coef[li]
+            for i in [op_idx[li]] if hard else range(len(layer.ops)):
+                running_convs += self._op_convs[li][i]
             layer.last_soft_op, layer.last_soft_w, layer.last_soft_a = op_soft[li], full[2][li], full[3][li]
             layer.last_index = op_idx[li]
             for r_op, i in enumerate(layer.bit_ops, start=r):
@@ -205,6 +211,9 @@ class Supernet(nn.Module):
                 if self.hard_bits:
                     st.w_index, st.a_index = w_idx[r_op], a_idx[r_op]
             r += len(layer.bit_ops)
+        if self.hard_bits and self.quantized:
+            prequantize_weights(running_convs)
+            self._prequantized = running_convs
 
     def _lagged_logits(self, flat: torch.Tensor) -> torch.Tensor:
         """The host copy of the arch logits that picks this forward's discrete choices: the logits as they were
@@ -269,6 +278,9 @@ class Supernet(nn.Module):
         x = self.stem(x)
         for layer in self.mixed_layers:
             x = layer(x, hard)
+        for conv in self._prequantized:  # a conv that did not run must not keep this sample's weight
+            conv.prequantized = None
+        self._prequantized = []
         return self.head(x)
 
     # ------------------------------------------------------------------ the sample as tensors

@@ -122,3 +122,35 @@ def test_float_state_is_plain_conv():
     conv = QConv2d(3, 4, 3, padding=1, bit_state=BitState.float())
     x = torch.randn(1, 3, 5, 5)
     assert torch.equal(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+def test_batched_weight_quantization_equals_per_conv_and_passes_identity_gradients():
+    from fbnas.quant.fake import prequantize_weights
+    torch.manual_seed(0)
+    convs = [QConv2d(8, 16, 3, bit_state=BitState((2, 4, 8), (8,))), QConv2d(16, 16, 3, groups=16),
+             QConv2d(16, 4, 1, bit_state=BitState.fixed(4, 8)), QConv2d(4, 4, 1, bit_state=BitState.fixed(1, 8))]
+    convs[0].bit_state.w_index, convs[0].bit_state.a_index = 1, 0
+    convs[1].bit_state = BitState.fixed(8, 8)
+    convs[1].weight.data[3] = 0.0  # an all-zero channel: scale clamped, values 0
+    prequantize_weights(convs)
+    assert convs[3].prequantized is None  # 1 bit keeps its own path
+    for c, bits in zip(convs[:3], (4, 8, 4)):
+        assert torch.equal(c.prequantized, fake_quant_weight(c.weight, bits))
+    loss = sum((c.prequantized * torch.arange(c.weight.numel()).view_as(c.weight)).sum() for c in convs[:3])
+    loss.backward()
+    for c in convs[:3]:
+        assert torch.equal(c.weight.grad, torch.arange(c.weight.numel()).view_as(c.weight).float())
+
+
+def test_batched_weight_quantization_under_autocast_casts_once_and_returns_float_gradients():
+    from fbnas.quant.fake import prequantize_weights
+    torch.manual_seed(0)
+    convs = [QConv2d(8, 16, 3, bit_state=BitState.fixed(4, 8)), QConv2d(16, 4, 1, bit_state=BitState.fixed(8, 8))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prequantize_weights(convs)
+    for c, bits in zip(convs, (4, 8)):
+        assert c.prequantized.dtype == torch.bfloat16
+        assert torch.equal(c.prequantized, fake_quant_weight(c.weight, bits).to(torch.bfloat16))
+    sum(c.prequantized.float().sum() for c in convs).backward()
+    for c in convs:
+        assert c.weight.grad.dtype == torch.float32 and torch.equal(c.weight.grad, torch.ones_like(c.weight))

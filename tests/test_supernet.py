@@ -154,3 +154,19 @@ def test_cross_entropy_alone_reaches_the_sampled_bit_logits(space, mode):
             # comparable to the op logits' gradients (a factor on the weights gives ~1e-5 of them)
             assert layer.beta_w.grad[rows].abs().mean() > 1e-3 * alpha, mode
             assert layer.beta_a.grad[rows].abs().mean() > 1e-3 * alpha, mode
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_batched_weight_quantization_gives_the_per_conv_forward(space, mode, monkeypatch):
+    import fbnas.supernet as supernet_module
+
+    x = torch.randn(4, 1, 28, 28)
+    outs = []
+    for batched in (True, False):
+        if not batched:
+            monkeypatch.setattr(supernet_module, "prequantize_weights", lambda convs: None)
+        torch.manual_seed(0)
+        net = Supernet(space, mode=mode, bit_sampling="hard")
+        outs.append(net(x))
+        assert all(c.prequantized is None for c in net.modules() if hasattr(c, "prequantized"))
+    assert torch.equal(outs[0], outs[1])

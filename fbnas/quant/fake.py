@@ -135,6 +135,71 @@ def mixed_weight(w: torch.Tensor, state: BitState) -> torch.Tensor:
     return sum(p * fake_quant_weight(w, b) for p, b in zip(state.w_probs, state.w_choices))
 
 
+class _BatchedSTEWeights(torch.autograd.Function):
+    """Q_b(W) of many convs at once, each at its own bits (all >= 2): the weights are concatenated and every
+    output channel's scale, rounding and rescaling run as a handful of kernels over the whole batch, instead
+    of ~7 kernels per conv (a supernet step is bound by kernel launches on a GPU). Identity gradient to each
+    weight, as _STEWeight; the result is bitwise equal to fake_quant_weight per conv. With `out_dtype` (the
+    autocast dtype) the results are cast once, here, not by autocast at every conv."""
+
+    @staticmethod
+    def forward(ctx, row_of_elem, qmax_rows, n_rows: int, out_dtype, *weights):
+        flat = torch.cat([w.reshape(-1) for w in weights])
+        rowmax = torch.zeros(n_rows, device=flat.device, dtype=flat.dtype)
+        rowmax.scatter_reduce_(0, row_of_elem, flat.abs(), "amax")
+        scale = (rowmax / qmax_rows).clamp_min(_EPS).index_select(0, row_of_elem)
+        q = torch.round(flat / scale).mul_(scale)
+        ctx.in_dtype = flat.dtype
+        ctx.numels = [w.numel() for w in weights]
+        if out_dtype is not None and out_dtype != flat.dtype:
+            q = q.to(out_dtype)
+        return tuple(t.view_as(w) for t, w in zip(q.split(ctx.numels), weights))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if all(g.dtype == ctx.in_dtype for g in grads):
+            return (None, None, None, None, *grads)
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(ctx.in_dtype)
+        return (None, None, None, None, *(g.view_as(h) for g, h in zip(flat.split(ctx.numels), grads)))
+
+
+_ROW_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _row_constant(n: int, value: float, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    key = (n, value, device, dtype)
+    if key not in _ROW_CONSTANTS:
+        _ROW_CONSTANTS[key] = torch.full((n,), value, device=device, dtype=dtype)
+    return _ROW_CONSTANTS[key]
+
+
+def prequantize_weights(convs: Sequence["QConv2d"]) -> None:
+    """Quantize the weights of `convs` (each at the bits of its BitState: the sampled or only option) in one
+    batch and hand each conv its result for its next forward. Convs at 1 bit, with mixed (soft) bits or with
+    quantization off keep quantizing their own weights."""
+    batch, bits = [], []
+    for c in convs:
+        st = c.bit_state
+        b = st.w_choices[st.w_index] if st.w_index is not None else (
+            st.w_choices[0] if st.w_probs is None else None)
+        if st.enabled and b is not None and 2 <= b < 32:
+            batch.append(c)
+            bits.append(b)
+    if not batch:
+        return
+    w0 = batch[0].weight
+    dev = w0.device
+    rows = [c.weight.shape[0] for c in batch]
+    lengths = torch.cat([_row_constant(r, c.weight.numel() // r, dev, torch.long) for r, c in zip(rows, batch)])
+    qmax = torch.cat([_row_constant(r, float(qmax_signed(b)), dev, w0.dtype) for r, b in zip(rows, bits)])
+    n_rows, n_elem = sum(rows), sum(c.weight.numel() for c in batch)
+    row_of_elem = torch.repeat_interleave(torch.arange(n_rows, device=dev), lengths, output_size=n_elem)
+    out_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+    for c, wq in zip(batch, _BatchedSTEWeights.apply(row_of_elem, qmax, n_rows, out_dtype,
+                                                     *(c.weight for c in batch))):
+        c.prequantized = wq
+
+
 # --------------------------------------------------------------------------- activation quantization
 
 def act_levels(bits: int, signed: bool) -> tuple[int, int]:
@@ -239,9 +304,8 @@ class ActQuantizer(nn.Module):
                 lo = -hi
             else:
                 hi = mse_clip_range(x, hi, self.clip_bits, False)
-        if initialized:
-            self.running_min.lerp_(lo.float(), self.momentum)
-            self.running_max.lerp_(hi.float(), self.momentum)
+        if initialized:  # one multi-tensor kernel for both ends
+            torch._foreach_lerp_((self.running_min, self.running_max), (lo.float(), hi.float()), self.momentum)
             return
         self.running_min.copy_(lo)
         self.running_max.copy_(hi)
@@ -286,12 +350,16 @@ class QConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.bit_state = bit_state if bit_state is not None else BitState.float()
         self.act_quant = ActQuantizer()
+        self.prequantized: Optional[torch.Tensor] = None  # set by prequantize_weights, used by the next forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.bit_state
         if not st.enabled:
             return super().forward(x)
-        return self._conv_forward(self.act_quant(x, st), mixed_weight(self.weight, st), self.bias)
+        w, self.prequantized = self.prequantized, None
+        if w is None:
+            w = mixed_weight(self.weight, st)
+        return self._conv_forward(self.act_quant(x, st), w, self.bias)
 
 
 class QLinear(nn.Linear):
