@@ -54,9 +54,10 @@ def main() -> None:
                     help="ILP Omega: the measured loss rise per layer and (w, a) pair of the trained W8A8 model, or "
                          "HAWQ's weight perturbation (activation bits then follow weight bits)")
     ap.add_argument("--sensitivity-images", type=int, default=2000, help="training images for --sensitivity loss")
-    ap.add_argument("--act-clip", default="max",
+    ap.add_argument("--act-clip", default="mse",
                     help="activation ranges of the mixed model, comma-separated variants each trained and reported: "
                          "max (EMA of min/max) | mse (EMA of the MSE-optimal clip at the layer's bits)")
+    ap.add_argument("--w8-act-clip", choices=("max", "mse"), default="mse", help="activation ranges of W8A8")
     ap.add_argument("--mixed-epochs", type=int, default=None, help="phase-1 epochs of the mixed model (default --epochs)")
     ap.add_argument("--runs", default="/tmp/fbnas_int_deploy")
     ap.add_argument("--no-ort", action="store_true",
@@ -67,7 +68,7 @@ def main() -> None:
     arch8 = Arch.from_space(space, a.ops.split(","), 8, 8)
     data = load_dataset("fashion_mnist", train_subset=a.train_subset, test_subset=a.test_subset)
     base = dict(epochs=a.epochs, fold_epochs=a.fold_epochs, steps_per_epoch=a.steps, batch_size=a.batch_size,
-                lr=a.lr, device=a.device)
+                lr=a.lr, device=a.device, act_clip=a.w8_act_clip)
     runs = Path(a.runs)
     t0 = time.time()
     fp32 = train(arch8, data, TrainSettings(**base, quantized=False), runs / "fp32")
@@ -95,7 +96,7 @@ def main() -> None:
     mixed = {}
     for clip in clips:
         name = "mixed" if len(clips) == 1 else f"mixed_{clip}"
-        mixed[name] = (clip, train(ilp.arch, data, TrainSettings(**tuned, act_clip=clip), runs / name))
+        mixed[name] = (clip, train(ilp.arch, data, TrainSettings(**dict(tuned, act_clip=clip)), runs / name))
     x = data.test.x[:a.ort_samples]
     xg = data.test.x if a.graph_samples <= 0 else data.test.x[:a.graph_samples]
     ort, graphs = {k: None for k in ("w8a8", *mixed)}, {}
@@ -119,6 +120,7 @@ def main() -> None:
     lines = [f"# Integer-only deployment, Fashion-MNIST ({len(data.test)} test images), arch {a.ops}",
              "", f"device {a.device}; epochs {a.epochs} + {a.fold_epochs} folded; steps/epoch {a.steps or 'all'}; "
              f"wall {time.time() - t0:.0f} s", "",
+             f"W8A8 activation ranges: {a.w8_act_clip}; "
              f"ILP limit: {a.limit} <= {a.ratio} x W8A8 ({a.lut_device} LUT for latency); sensitivity: {source}; "
              "mixed model: "
              + (f"fine-tuned from the W8A8 model at lr x {a.mixed_lr_scale}" if a.mixed_init == "w8a8"

@@ -29,6 +29,7 @@ from fbnas.quant.onnx_graph import fp32_graph, ort_session, qdq_graph, qlinear_g
 
 ARCHS = {
     "fmnist": "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3",
+    "fmnist28": "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3",  # the deployed child (bench/int_deploy.py)
     "fbnet_cifar100": ",".join(["ir_k3_e1"] + ["ir_k3_e6", "ir_k5_e3", "ir_k3_e3", "ir_k5_e6"] * 5 + ["ir_k3_e6"]),
 }
 

@@ -58,7 +58,7 @@ class TrainSettings:
     weights: str = ""  # init=weights: an unfolded model of the same ops (model_bn.safetensors, or a float run's
     # model.safetensors), e.g. fine-tune a mixed-bit model from its trained W8A8 or FP32 version
     rounding: str = "half_even"
-    act_clip: str = "max"  # activation ranges: max (EMA of min/max) | mse (EMA of the MSE-optimal clip at the bits)
+    act_clip: str = "mse"  # activation ranges: mse (EMA of the MSE-optimal clip at the bits) | max (EMA of min/max)
     calib_batches: int = 8
     steps_per_epoch: int = 0  # 0 = whole epochs (a limit is for smoke tests)
     eval_batch_size: int = 500
