@@ -53,6 +53,16 @@ if [ "$part" = quality ]; then
   for g in 0 0.5; do tail -n 25 "$OUT/hessian_search_effect_g$g.log"; done
   tar czf "$OUT/gpu_searches.tgz" -C /tmp gs --exclude=checkpoints 2>/dev/null
 fi
+if [ "$part" = step2 ]; then
+  timeout 200 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
+    --configs reference_fp32_all_paths,fbnas_hard_bits --out "$OUT/supernet_step_cuda.json" 2>&1 \
+    | grep -v Warn | tee "$OUT/supernet_step.txt"
+  timeout 100 python3 bench/supernet_step.py --device cuda --batch 256 --steps 10 --warmup 5 --profile \
+    --configs fbnas_hard_bits 2>&1 | grep -v Warn > "$OUT/supernet_step_profile.txt"; head -n 30 "$OUT/supernet_step_profile.txt" | cut -c1-60,100-200
+  timeout 280 python3 bench/hessian.py --device cuda --batch-size 64 --batches 1 --max-probes ${HESS_PROBES:-320} \
+    --out "$OUT/hessian_speed_cuda" > "$OUT/hessian_speed.log" 2>&1; echo "hessian rc=$?"
+  tail -n 40 "$OUT/hessian_speed.log"
+fi
 if [ "$part" = step ]; then
   timeout 250 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
     --configs ${CONFIGS:-reference_fp32_all_paths,fbnas_hard_bits} --out "$OUT/supernet_step_cuda.json" 2>&1 \

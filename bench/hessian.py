@@ -174,7 +174,8 @@ def main(argv=None) -> int:
                  "ms_per_probe_engine": None if per_probe is None else per_probe * 1e3,
                  "probe_over_fb": None if per_probe is None else per_probe / fb,
                  "engine_ms_per_probe": {k: v * 1e3 for k, v in engine_costs.items()},
-                 "ms_per_probe_overall": ours_s / max(ours.n_hvp, 1) * 1e3},
+                 "ms_per_probe_overall": ours_s / max(ours.n_hvp, 1) * 1e3,
+                 "engine_selection_seconds": ours.settings.get("engine_selection_seconds")},
         "speedup": base["seconds"] / ours_s,
         # a run stopped by the cap is extrapolated to the target with SE ~ 1/sqrt(probes)
         "baseline_seconds_to_target": base["seconds"] * max(1.0, (base["max_rel_se"] / args.target) ** 2),
@@ -197,10 +198,18 @@ def main(argv=None) -> int:
         f"**{res['baseline_seconds_to_target'] / res['ours_seconds_to_target']:.2f}x** "
         f"({res['baseline_seconds_to_target']:.1f} s vs {res['ours_seconds_to_target']:.1f} s).",
         f"One forward+backward: {fb * 1e3:.2f} ms. "
-        f"Engine timings per probe (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in res['ours']['engine_ms_per_probe'].items()),
+        f"Engine timings per probe (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in res['ours']['engine_ms_per_probe'].items())
+        + (f" (engine choice took {res['ours']['engine_selection_seconds']:.1f} s of our time)"
+           if res['ours']['engine_selection_seconds'] is not None else ""),
         f"Largest disagreement between the two estimates: {agree:.2f} combined SE.", "",
-        "Reproduce: `python bench/hessian.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
-    ]
+        "Reproduce: `python bench/hessian.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
+        "| layer | Tr(H)/n (ours) | rel SE (ours) | Tr(H)/n (PyHessian-style) | rel SE (PyHessian-style) |",
+        "|---|---:|---:|---:|---:|",
+    ] + [f"| {k} | {ours.groups[k].trace_per_param:.4e} | {ours.groups[k].rel_se:.3f} | "
+         f"{base['trace_per_param'][k]:.4e} | {base['rel_se'][k]:.3f} |" for k in groups]
+    res["layers_table"] = {k: {"ours": ours.groups[k].trace_per_param, "ours_rel_se": ours.groups[k].rel_se,
+                               "baseline": base["trace_per_param"][k], "baseline_rel_se": base["rel_se"][k]}
+                           for k in groups}
     md = "\n".join(lines) + "\n"
     print(md)
     atomic_write_json(args.out + ".json", res)

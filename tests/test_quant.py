@@ -154,3 +154,14 @@ def test_batched_weight_quantization_under_autocast_casts_once_and_returns_float
     sum(c.prequantized.float().sum() for c in convs).backward()
     for c in convs:
         assert c.weight.grad.dtype == torch.float32 and torch.equal(c.weight.grad, torch.ones_like(c.weight))
+
+
+def test_batched_weights_start_aligned():
+    from fbnas.quant.fake import prequantize_weights
+    convs = [QConv2d(3, 5, 3, bit_state=BitState.fixed(4, 8)), QConv2d(5, 7, 1, bit_state=BitState.fixed(8, 8)),
+             QConv2d(7, 7, 3, groups=7, bit_state=BitState.fixed(2, 8))]
+    prequantize_weights(convs)
+    base = convs[0].prequantized.data_ptr()
+    for c, bits in zip(convs, (4, 8, 2)):
+        assert (c.prequantized.data_ptr() - base) % (64 * 4) == 0  # 64 float32 elements apart
+        assert torch.equal(c.prequantized, fake_quant_weight(c.weight, bits))

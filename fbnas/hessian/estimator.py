@@ -47,6 +47,7 @@ DEFAULT_MAX_PROBES = 400
 DEFAULT_MIN_PROBES = 24
 DEFAULT_PROBES_PER_ROUND = 16
 METHODS = ("auto", "loop", "batched", "func")
+AUTO_CUTOFF = 4.0  # auto: drop an engine whose warm-up per probe exceeds this x the best so far
 
 
 class HessianConvergenceWarning(UserWarning):
@@ -290,10 +291,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _auto_engine(problem: _Problem, active: list[int], chunk: int):
-    """Time each engine on batch 0 with throw-away probes; keep the fastest per probe."""
-    candidates = ["loop", f"batched:{chunk}"]
-    if problem.device.type == "cuda":
-        candidates.append(f"func:{chunk}")
+    """Time each engine on batch 0 with throw-away probes; keep the fastest per probe. Forward-over-reverse goes
+    first on CUDA (usually the fastest there); an engine whose warm-up call alone costs more than
+    AUTO_CUTOFF x the best per probe so far is dropped without its timed call (double backward through
+    grouped convs can be 20-30x a forward+backward, and timing it in full would cost more than it could save)."""
+    candidates = ([f"func:{chunk}"] if problem.device.type == "cuda" else []) + ["loop", f"batched:{chunk}"]
     gen = torch.Generator(device=problem.device).manual_seed(12345)
     best, best_t, timings = None, math.inf, {}
     for name in candidates:
@@ -301,8 +303,14 @@ def _auto_engine(problem: _Problem, active: list[int], chunk: int):
         n = 1 if name == "loop" else chunk
         try:
             probes = _rademacher([problem.params[i] for i in active], n, gen)
+            t0 = time.perf_counter()
             engine.hvp(0, active, probes)  # warm-up (and the graph for graph engines)
             _sync(problem.device)
+            warm = (time.perf_counter() - t0) / n
+            if warm > AUTO_CUTOFF * best_t:
+                timings[name] = warm
+                engine.release()
+                continue
             t0 = time.perf_counter()
             for _ in range(2 if n == 1 else 1):
                 engine.hvp(0, active, probes)
@@ -391,7 +399,7 @@ def hutchinson_traces(model: nn.Module, loss_fn: Optional[LossFn], batches: Sequ
         running = [g for g, idx in pb.groups.items() if idx]
         done_at: dict[str, int] = {}
         gen = torch.Generator(device=device).manual_seed(int(seed))
-        engine, timings = None, {}
+        engine, timings, selection_s = None, {}, 0.0
         n_done = 0  # probes per group so far (all running groups have the same count)
         per_round = max(1, int(probes_per_round))
         while running:
@@ -399,7 +407,9 @@ def hutchinson_traces(model: nn.Module, loss_fn: Optional[LossFn], batches: Sequ
             pos = {i: k for k, i in enumerate(active)}
             if engine is None:
                 if method == "auto":
+                    t_sel = time.perf_counter()
                     engine, timings = _auto_engine(pb, active, per_round)
+                    selection_s = time.perf_counter() - t_sel
                 else:
                     engine = _make_engine(pb, method, per_round)
             member = torch.zeros(len(running), len(active), dtype=torch.float64)
@@ -454,6 +464,7 @@ def hutchinson_traces(model: nn.Module, loss_fn: Optional[LossFn], batches: Sequ
                 "seed": seed, "batches": n_batches, "method": method, "probes_per_round": per_round}
     if timings:
         settings["engine_seconds_per_probe"] = timings
+        settings["engine_selection_seconds"] = selection_s
     return TraceResult(results, engine.name if engine is not None else "none", n_done,
                        time.perf_counter() - t_start, settings)
 

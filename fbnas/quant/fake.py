@@ -135,16 +135,25 @@ def mixed_weight(w: torch.Tensor, state: BitState) -> torch.Tensor:
     return sum(p * fake_quant_weight(w, b) for p, b in zip(state.w_probs, state.w_choices))
 
 
+_ALIGN = 64  # elements: every weight in a batch starts 128-byte aligned, as cuDNN's fast kernels need
+
+
 class _BatchedSTEWeights(torch.autograd.Function):
-    """Q_b(W) of many convs at once, each at its own bits (all >= 2): the weights are concatenated and every
-    output channel's scale, rounding and rescaling run as a handful of kernels over the whole batch, instead
-    of ~7 kernels per conv (a supernet step is bound by kernel launches on a GPU). Identity gradient to each
-    weight, as _STEWeight; the result is bitwise equal to fake_quant_weight per conv. With `out_dtype` (the
-    autocast dtype) the results are cast once, here, not by autocast at every conv."""
+    """Q_b(W) of many convs at once, each at its own bits (all >= 2): the weights are concatenated (each padded
+    with zeros to a multiple of _ALIGN elements, so that every result starts aligned) and every output
+    channel's scale, rounding and rescaling run as a handful of kernels over the whole batch, instead of ~7
+    kernels per conv (a supernet step is bound by kernel launches on a GPU). Identity gradient to each weight,
+    as _STEWeight; the result is bitwise equal to fake_quant_weight per conv. With `out_dtype` (the autocast
+    dtype) the results are cast once, here, not by autocast at every conv."""
 
     @staticmethod
-    def forward(ctx, row_of_elem, qmax_rows, n_rows: int, out_dtype, *weights):
-        flat = torch.cat([w.reshape(-1) for w in weights])
+    def forward(ctx, row_of_elem, qmax_rows, n_rows: int, pads: list[int], out_dtype, *weights):
+        parts = []
+        for w, pad in zip(weights, pads):
+            parts.append(w.reshape(-1))
+            if pad:
+                parts.append(_constant(pad, 0.0, w.device, w.dtype))
+        flat = torch.cat(parts)
         rowmax = torch.zeros(n_rows, device=flat.device, dtype=flat.dtype)
         rowmax.scatter_reduce_(0, row_of_elem, flat.abs(), "amax")
         scale = (rowmax / qmax_rows).clamp_min(_EPS).index_select(0, row_of_elem)
@@ -153,24 +162,36 @@ class _BatchedSTEWeights(torch.autograd.Function):
         ctx.numels = [w.numel() for w in weights]
         if out_dtype is not None and out_dtype != flat.dtype:
             q = q.to(out_dtype)
-        return tuple(t.view_as(w) for t, w in zip(q.split(ctx.numels), weights))
+        chunks = q.split([n + pad for n, pad in zip(ctx.numels, pads)])
+        return tuple(t[:w.numel()].view_as(w) for t, w in zip(chunks, weights))
 
     @staticmethod
     def backward(ctx, *grads):
         if all(g.dtype == ctx.in_dtype for g in grads):
-            return (None, None, None, None, *grads)
+            return (None, None, None, None, None, *grads)
         flat = torch.cat([g.reshape(-1) for g in grads]).to(ctx.in_dtype)
-        return (None, None, None, None, *(g.view_as(h) for g, h in zip(flat.split(ctx.numels), grads)))
+        return (None, None, None, None, None, *(g.view_as(h) for g, h in zip(flat.split(ctx.numels), grads)))
 
 
-_ROW_CONSTANTS: dict[tuple, torch.Tensor] = {}
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
-def _row_constant(n: int, value: float, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+def _constant(n: int, value: float, device: torch.device, dtype=torch.float32) -> torch.Tensor:
     key = (n, value, device, dtype)
-    if key not in _ROW_CONSTANTS:
-        _ROW_CONSTANTS[key] = torch.full((n,), value, device=device, dtype=dtype)
-    return _ROW_CONSTANTS[key]
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.full((n,), value, device=device, dtype=dtype)
+    return _CONSTANTS[key]
+
+
+def _row_lengths(rows: int, per_row: int, pad: int, device: torch.device) -> torch.Tensor:
+    """Elements per output channel of a padded weight: the padding counts to the last channel (zeros: no
+    effect on its max |W|)."""
+    key = ("rows", rows, per_row, pad, device)
+    if key not in _CONSTANTS:
+        t = torch.full((rows,), per_row, dtype=torch.long)
+        t[-1] += pad
+        _CONSTANTS[key] = t.to(device)
+    return _CONSTANTS[key]
 
 
 def prequantize_weights(convs: Sequence["QConv2d"]) -> None:
@@ -190,12 +211,14 @@ def prequantize_weights(convs: Sequence["QConv2d"]) -> None:
     w0 = batch[0].weight
     dev = w0.device
     rows = [c.weight.shape[0] for c in batch]
-    lengths = torch.cat([_row_constant(r, c.weight.numel() // r, dev, torch.long) for r, c in zip(rows, batch)])
-    qmax = torch.cat([_row_constant(r, float(qmax_signed(b)), dev, w0.dtype) for r, b in zip(rows, bits)])
-    n_rows, n_elem = sum(rows), sum(c.weight.numel() for c in batch)
+    numels = [c.weight.numel() for c in batch]
+    pads = [-n % _ALIGN for n in numels]
+    lengths = torch.cat([_row_lengths(r, n // r, pad, dev) for r, n, pad in zip(rows, numels, pads)])
+    qmax = torch.cat([_constant(r, float(qmax_signed(b)), dev, w0.dtype) for r, b in zip(rows, bits)])
+    n_rows, n_elem = sum(rows), sum(numels) + sum(pads)
     row_of_elem = torch.repeat_interleave(torch.arange(n_rows, device=dev), lengths, output_size=n_elem)
     out_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-    for c, wq in zip(batch, _BatchedSTEWeights.apply(row_of_elem, qmax, n_rows, out_dtype,
+    for c, wq in zip(batch, _BatchedSTEWeights.apply(row_of_elem, qmax, n_rows, pads, out_dtype,
                                                      *(c.weight for c in batch))):
         c.prequantized = wq
 
