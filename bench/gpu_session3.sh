@@ -33,18 +33,21 @@ if [ "$part" = step_hessian ]; then
   tail -n 14 "$OUT/hessian_speed.log"
 fi
 if [ "$part" = quality ]; then
+  timeout 200 python3 bench/hessian.py --device cuda --batch-size 64 --batches 1 --max-probes ${HESS_PROBES:-256} \
+    --out "$OUT/hessian_speed_cuda" > "$OUT/hessian_speed.log" 2>&1; echo "hessian rc=$?"
+  head -n 14 "$OUT/hessian_speed.log"
   rm -rf /tmp/gs; mkdir -p /tmp/gs
   for g in 0 0.5; do
-    timeout 520 python3 bench/hessian_search_effect.py --accelerator cuda --threads 2 --gammas $g --epochs 6 \
+    timeout 380 python3 bench/hessian_search_effect.py --accelerator cuda --threads 2 --gammas $g --epochs 6 \
       --warmup-epochs 2 --steps 100 --batch-size 128 --train-subset 16000 --runs /tmp/gs/heff$g \
       --out "$OUT/hessian_search_effect_cuda_g$g" > "$OUT/hessian_search_effect_g$g.log" 2>&1 &
   done
-  timeout 520 python3 bench/gumbel_vs_ilp.py --device cuda --epochs 8 --fold-epochs 2 --steps 300 \
+  timeout 380 python3 bench/gumbel_vs_ilp.py --device cuda --epochs 6 --fold-epochs 2 --steps 250 --search-steps 150 \
     --runs /tmp/gs/gvi --out "$OUT/gumbel_vs_ilp_cuda.md" > "$OUT/gumbel_vs_ilp.log" 2>&1 &
   for run in "sd835 objective.beta=0.0" "sd835 objective.beta=0.2" "sd835 objective.beta=0.6" \
              "sd835 objective.beta=1.5" "bitfusion objective.beta=0.6"; do
     set -- $run; name=$1_${2#objective.beta=}
-    timeout 520 python3 -m fbnas.cli search accelerator=cuda device=$1 $2 threads=2 progress=false \
+    timeout 380 python3 -m fbnas.cli search accelerator=cuda device=$1 $2 threads=2 progress=false \
       hydra.run.dir=/tmp/gs/$name > /tmp/gs/$name.log 2>&1 &
   done
   wait

@@ -137,7 +137,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # the same for both estimators
     arch, model, data, order = make_child(args.space, device, args.train_steps, args.batch_size, args.seed)
     batches = [(data.x[order[i * args.batch_size:(i + 1) * args.batch_size]].to(device),
                 data.y[order[i * args.batch_size:(i + 1) * args.batch_size]].to(device)) for i in range(args.batches)]

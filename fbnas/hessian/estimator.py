@@ -299,6 +299,8 @@ def _auto_engine(problem: _Problem, active: list[int], chunk: int):
     gen = torch.Generator(device=problem.device).manual_seed(12345)
     best, best_t, timings = None, math.inf, {}
     for name in candidates:
+        if name.startswith("batched") and "loop" in timings and timings["loop"] > AUTO_CUTOFF * best_t:
+            continue  # the same double-backward graph as the loop, which was already too slow
         engine = _make_engine(problem, name, chunk)
         n = 1 if name == "loop" else chunk
         try:
@@ -308,7 +310,7 @@ def _auto_engine(problem: _Problem, active: list[int], chunk: int):
             _sync(problem.device)
             warm = (time.perf_counter() - t0) / n
             if warm > AUTO_CUTOFF * best_t:
-                timings[name] = warm
+                timings[name] = warm  # a warm-up time (an upper bound): enough to rule the engine out
                 engine.release()
                 continue
             t0 = time.perf_counter()
