@@ -66,6 +66,22 @@ if [ "$part" = step2 ]; then
     --out "$OUT/hessian_speed_cuda" > "$OUT/hessian_speed.log" 2>&1; echo "hessian rc=$?"
   tail -n 40 "$OUT/hessian_speed.log"
 fi
+if [ "$part" = final ]; then
+  rm -rf /tmp/gs /tmp/fbnas_int; mkdir -p /tmp/gs
+  timeout 540 python3 bench/gumbel_vs_ilp.py --device cuda --epochs 5 --fold-epochs 1 --steps 250 --search-steps 120 \
+    --runs /tmp/gs/gvi --out "$OUT/gumbel_vs_ilp_cuda.md" > "$OUT/gumbel_vs_ilp.log" 2>&1 &
+  for g in ${GAMMAS:-0.05 0.15}; do
+    timeout 540 python3 bench/hessian_search_effect.py --accelerator cuda --threads 2 --gammas $g --epochs 6 \
+      --warmup-epochs 2 --steps 100 --batch-size 128 --train-subset 16000 --runs /tmp/gs/heff$g \
+      --out "$OUT/hessian_search_effect_cuda_g$g" > "$OUT/heff_g$g.log" 2>&1 &
+  done
+  timeout 540 python3 bench/int_deploy.py --device cuda --no-ort --epochs 8 --fold-epochs 2 --steps 300 \
+    --act-clip mse --w8-act-clip mse --runs /tmp/fbnas_int --out "$OUT/int_deploy.md" > "$OUT/int_deploy.log" 2>&1 &
+  wait
+  cat "$OUT/gumbel_vs_ilp_cuda.md"; tail -n 5 "$OUT/gumbel_vs_ilp.log"
+  for g in ${GAMMAS:-0.05 0.15}; do grep -A 14 "^| gamma" "$OUT/hessian_search_effect_cuda_g$g.md"; tail -n 2 "$OUT/heff_g$g.log"; done
+  cat "$OUT/int_deploy.md"; tail -n 3 "$OUT/int_deploy.log"
+fi
 if [ "$part" = step ]; then
   timeout 250 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
     --configs ${CONFIGS:-reference_fp32_all_paths,fbnas_hard_bits} --out "$OUT/supernet_step_cuda.json" 2>&1 \
