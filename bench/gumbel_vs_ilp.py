@@ -11,7 +11,7 @@ and a table of integer-only accuracy, predicted latency, BOPs and size is printe
     python bench/gumbel_vs_ilp.py --device cuda                               # H100: search + 3 trainings
     python bench/gumbel_vs_ilp.py --arch runs/search/.../arch.json --device cuda
     python bench/gumbel_vs_ilp.py --search-epochs 1 --search-steps 2 --epochs 1 --fold-epochs 1 --steps 2 \\
-        --train-subset 512 --test-subset 256 --device cpu                      # smoke
+        --train-subset 2000 --test-subset 256 --device cpu                     # smoke
 """
 from __future__ import annotations
 
