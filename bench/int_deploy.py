@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--ort-samples", type=int, default=1000, help="images for the accumulator check")
     ap.add_argument("--graph-samples", type=int, default=0, help="images for the whole-graph top-1 (0 = test set)")
     ap.add_argument("--lsb-samples", type=int, default=1000, help="images whose every tensor is compared")
+    ap.add_argument("--w8-init", choices=("scratch", "fp32"), default="scratch",
+                    help="W8A8 QAT from scratch, or fine-tuned from the FP32 model at lr x --mixed-lr-scale")
     ap.add_argument("--mixed-init", choices=("w8a8", "scratch"), default="w8a8",
                     help="the mixed model fine-tunes the trained W8A8 model (HAWQ-V3's flow) or trains from scratch")
     ap.add_argument("--mixed-lr-scale", type=float, default=0.2, help="mixed fine-tune lr = lr x this")
@@ -72,7 +74,10 @@ def main() -> None:
     runs = Path(a.runs)
     t0 = time.time()
     fp32 = train(arch8, data, TrainSettings(**base, quantized=False), runs / "fp32")
-    w8 = train(arch8, data, TrainSettings(**base), runs / "w8a8")
+    w8_settings = dict(base)
+    if a.w8_init == "fp32":
+        w8_settings.update(lr=a.lr * a.mixed_lr_scale, init="weights", weights=str(runs / "fp32" / "model.safetensors"))
+    w8 = train(arch8, data, TrainSettings(**w8_settings), runs / "w8a8")
     if a.sensitivity == "loss":
         unfolded = load_unfolded(runs / "w8a8" / "model_bn.safetensors").to(a.device)
         g = torch.Generator().manual_seed(1)
@@ -120,8 +125,9 @@ def main() -> None:
     lines = [f"# Integer-only deployment, Fashion-MNIST ({len(data.test)} test images), arch {a.ops}",
              "", f"device {a.device}; epochs {a.epochs} + {a.fold_epochs} folded; steps/epoch {a.steps or 'all'}; "
              f"wall {time.time() - t0:.0f} s", "",
-             f"W8A8 activation ranges: {a.w8_act_clip}; "
-             f"ILP limit: {a.limit} <= {a.ratio} x W8A8 ({a.lut_device} LUT for latency); sensitivity: {source}; "
+             f"W8A8 activation ranges: {a.w8_act_clip}, "
+             + ("trained from scratch; " if a.w8_init == "scratch" else f"fine-tuned from FP32 at lr x {a.mixed_lr_scale}; ")
+             + f"ILP limit: {a.limit} <= {a.ratio} x W8A8 ({a.lut_device} LUT for latency); sensitivity: {source}; "
              "mixed model: "
              + (f"fine-tuned from the W8A8 model at lr x {a.mixed_lr_scale}" if a.mixed_init == "w8a8"
                 else "trained from scratch") + f", {tuned['epochs']} + {a.fold_epochs} folded epochs", "",
