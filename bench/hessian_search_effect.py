@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hessian-probes", type=int, default=32)
     ap.add_argument("--trace-probes", type=int, default=200, help="probe cap of the per-layer traces of each result")
     ap.add_argument("--op-trace-probes", type=int, default=64, help="probe cap of the per-op traces of the supernet")
+    ap.add_argument("--beta", type=float, default=None, help="latency exponent of the multiplicative objective "
+                    "(default: the search default); lower keeps more layers with weights")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST idx files (default: the system copy)")
     ap.add_argument("--accelerator", default="cpu")
@@ -108,6 +110,8 @@ def main(argv=None) -> int:
         cfg.data.train_subset = args.train_subset
         cfg.data.root = args.data_root
         cfg.data.batch_size = args.batch_size
+        if args.beta is not None:
+            cfg.objective.beta = args.beta
         cfg.objective.hessian = HessianConfig(gamma=gamma, refresh_every=args.refresh_every,
                                               max_probes=args.hessian_probes, batches=1)
         run_dir = Path(args.runs) / f"gamma_{gamma:g}"
@@ -131,7 +135,8 @@ def main(argv=None) -> int:
     lines = [f"# Effect of the Hessian penalty on the searched bits ({args.space}, latency device {args.device})", "",
              f"Search: {args.epochs} epochs ({args.warmup_epochs} warm-up), <= {args.steps or 'all'} steps/epoch, "
              f"{args.train_subset or 'all'} training images, batch {args.batch_size}, seed {args.seed}; penalty "
-             f"refreshed every {args.refresh_every} steps with <= {args.hessian_probes} probes per op.", "",
+             f"refreshed every {args.refresh_every} steps with <= {args.hessian_probes} probes per op"
+             + (f"; latency exponent beta {args.beta}" if args.beta is not None else "") + ".", "",
              "| gamma | Spearman(layer trace, chosen w bits) of the derived arch | Spearman(op trace, expected w bits) "
              "over all supernet ops | supernet val acc | latency (ms) |", "|---|---|---|---|---|"]
     for gamma, r in results.items():
