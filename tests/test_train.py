@@ -71,3 +71,20 @@ def test_corrupt_safetensors_is_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable safetensors file") as exc:
         load_folded(bad)
     assert "\n" not in str(exc.value)
+
+
+def test_mse_clipping_reaches_every_activation_quantizer_and_bad_mode_is_refused(run):
+    from fbnas.errors import ConfigError
+    from fbnas.quant.fold import QuantPoint
+
+    out, *_ = run
+    folded = load_folded(out / "model.safetensors")
+    from fbnas.train import set_act_clipping
+
+    set_act_clipping(folded, "mse")
+    points = [m for m in folded.modules() if isinstance(m, QuantPoint)]
+    assert points and all(p.observer.clip_bits == p.bits for p in points)
+    set_act_clipping(folded, "max")
+    assert all(p.observer.clip_bits is None for p in points)
+    with pytest.raises(ConfigError, match="act_clip"):
+        TrainSettings(act_clip="percentile").check()
