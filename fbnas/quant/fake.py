@@ -58,6 +58,12 @@ class BitState:
         self.w_probs = self.a_probs = None
         self.w_index = self.a_index = None
 
+    def single_w_bits(self) -> Optional[int]:
+        """The one weight bit-width in use (the sampled option, or the only one), or None while options mix."""
+        if self.w_index is not None:
+            return self.w_choices[self.w_index]
+        return self.w_choices[0] if self.w_probs is None else None
+
 
 # ------------------------------------------------------------------------------- weight quantization
 
@@ -100,14 +106,16 @@ class _STEWeight(torch.autograd.Function):
         return grad, None
 
 
-_ZERO_POINTS: dict[torch.device, torch.Tensor] = {}
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
-def _zero_point(device: torch.device) -> torch.Tensor:
-    """A cached int32 scalar zero: the zero point of symmetric per-tensor quantization."""
-    if device not in _ZERO_POINTS:
-        _ZERO_POINTS[device] = torch.zeros((), dtype=torch.int32, device=device)
-    return _ZERO_POINTS[device]
+def _constant(shape: int | tuple[int, ...], value: float, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """A cached tensor filled with `value` (made once per shape, value, device and dtype; never written)."""
+    key = (shape, value, device, dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.full(shape if isinstance(shape, tuple) else (shape,), value, device=device,
+                                     dtype=dtype)
+    return _CONSTANTS[key]
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -128,10 +136,9 @@ def quant_error_sq(w: torch.Tensor, bits: int) -> torch.Tensor:
 def mixed_weight(w: torch.Tensor, state: BitState) -> torch.Tensor:
     if not state.enabled:
         return w
-    if state.w_index is not None:
-        return fake_quant_weight(w, state.w_choices[state.w_index])
-    if state.w_probs is None:
-        return fake_quant_weight(w, state.w_choices[0])
+    bits = state.single_w_bits()
+    if bits is not None:
+        return fake_quant_weight(w, bits)
     return sum(p * fake_quant_weight(w, b) for p, b in zip(state.w_probs, state.w_choices))
 
 
@@ -173,16 +180,6 @@ class _BatchedSTEWeights(torch.autograd.Function):
         return (None, None, None, None, None, *(g.view_as(h) for g, h in zip(flat.split(ctx.numels), grads)))
 
 
-_CONSTANTS: dict[tuple, torch.Tensor] = {}
-
-
-def _constant(n: int, value: float, device: torch.device, dtype=torch.float32) -> torch.Tensor:
-    key = (n, value, device, dtype)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = torch.full((n,), value, device=device, dtype=dtype)
-    return _CONSTANTS[key]
-
-
 def _row_lengths(rows: int, per_row: int, pad: int, device: torch.device) -> torch.Tensor:
     """Elements per output channel of a padded weight: the padding counts to the last channel (zeros: no
     effect on its max |W|)."""
@@ -200,10 +197,8 @@ def prequantize_weights(convs: Sequence["QConv2d"]) -> None:
     quantization off keep quantizing their own weights."""
     batch, bits = [], []
     for c in convs:
-        st = c.bit_state
-        b = st.w_choices[st.w_index] if st.w_index is not None else (
-            st.w_choices[0] if st.w_probs is None else None)
-        if st.enabled and b is not None and 2 <= b < 32:
+        b = c.bit_state.single_w_bits()
+        if c.bit_state.enabled and b is not None and 2 <= b < 32:
             batch.append(c)
             bits.append(b)
     if not batch:
@@ -346,7 +341,8 @@ class ActQuantizer(nn.Module):
 
     def quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         lo, hi = self.levels(bits)
-        return torch.fake_quantize_per_tensor_affine(x, self.scale(bits), _zero_point(x.device), lo, hi)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale(bits), _constant((), 0, x.device, torch.int32),
+                                                     lo, hi)
 
     def forward(self, x: torch.Tensor, state: BitState) -> torch.Tensor:
         if not state.enabled:
