@@ -166,12 +166,12 @@ def loss_sensitivity(model: torch.nn.Module, n_layers: int, w_choices: Sequence[
 
 
 def _layer_bit_state(model: torch.nn.Module, i: int):
-    from .quant.fake import QConv2d
+    from .quant.fake import bit_states
 
-    states = {id(m.bit_state): m.bit_state for m in model.layers[i].modules() if isinstance(m, QConv2d)}
+    states = bit_states(model.layers[i])
     if len(states) != 1:
         raise ConfigError(f"layers.{i} has {len(states)} bit states; loss_sensitivity needs an FbnasNet layer")
-    return next(iter(states.values()))
+    return states[0]
 
 
 # ------------------------------------------------------------------------------------------------ ILP

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, NonFiniteLossError
-from ..quant.fake import QConv2d, QLinear
+from ..quant.fake import bit_states
 
 log = logging.getLogger("fbnas")
 
@@ -111,8 +111,7 @@ class TraceResult:
 def float_eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (BN running statistics) and quantizers off, restored on exit."""
     training = [(m, m.training) for m in model.modules()]
-    states = {id(m.bit_state): m.bit_state for m in model.modules() if isinstance(m, (QConv2d, QLinear))}
-    enabled = [(s, s.enabled) for s in states.values()]
+    enabled = [(s, s.enabled) for s in bit_states(model)]
     model.eval()
     for s, _ in enabled:
         s.enabled = False

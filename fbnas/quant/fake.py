@@ -413,6 +413,12 @@ class ConvBNAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+def bit_states(module: nn.Module) -> list[BitState]:
+    """The distinct BitStates of the quantized convs and linears under `module` (one op shares one)."""
+    return list({id(m.bit_state): m.bit_state for m in module.modules()
+                 if isinstance(m, (QConv2d, QLinear))}.values())
+
+
 def set_bit_state(modules: Sequence[nn.Module] | nn.Module, state: BitState) -> None:
     """Point every QConv2d/QLinear under `modules` at one shared BitState."""
     mods = [modules] if isinstance(modules, nn.Module) else list(modules)
