@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # The GPU session for the core issue (run through the device tool from the repo root; hydra wheels in .devwheels).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .devwheels/*.whl
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" bench/results
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source bench/gpu_env.sh
+mkdir -p bench/results
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 python3 bench/supernet_step.py --device cuda --batch 256 --steps 20 --warmup 5 \
   --out bench/results/supernet_step_cuda.json 2>&1 | grep -v Warn | tee "$OUT/supernet_step.txt"

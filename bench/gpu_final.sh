@@ -3,10 +3,8 @@
 # deployment accuracy (onnxruntime checks run later on CPU from the returned run directories), Hessian speed,
 # LUT additivity on CUDA. Each part is time-boxed so the whole stays under 10 minutes.
 set -u
-mkdir -p /usr/share/datasets && cp -r .data/fashion-mnist /usr/share/datasets/
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .devwheels/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" bench/results
+source bench/gpu_env.sh
+mkdir -p bench/results
 timeout 110 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
   --configs reference_fp32_all_paths,fbnas_hard_bits,fbnas_soft_bits --out "$OUT/supernet_step_cuda.json" 2>&1 \
   | grep -v Warn | tee "$OUT/supernet_step.txt"

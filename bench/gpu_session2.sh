@@ -4,11 +4,7 @@
 # Hessian-trace speed and GPU searches (platform awareness, Hessian effect).
 set -u
 part=${1:-deploy}
-mkdir -p /usr/share/datasets && cp -r .data/fashion-mnist /usr/share/datasets/
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .devwheels/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source bench/gpu_env.sh
 if [ "$part" = deploy ]; then
   rm -rf /tmp/fbnas_int
   timeout 330 python3 bench/int_deploy.py --device cuda --no-ort --epochs 8 --fold-epochs 2 --steps 300 \

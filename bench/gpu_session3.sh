@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# Third GPU session (device tool, repo root, carry .devwheels and .data).
-#   probe:  CUDA-graph additivity (and eager for comparison), a profile of the hard supernet step, Hessian speed
-#   step:   the supernet step benchmark (reference vs fbnas hard + bits)
-#   deploy: integer deployment (W8A8, ILP mixed bits fine-tuned from W8A8)
+# Third GPU session (device tool, repo root, carry .devwheels and .data). Parts:
+#   probe:        CUDA-graph additivity (and eager for comparison), a profile of the hard supernet step, Hessian speed
+#   step_hessian, step2: the supernet step (reference vs hard + bits), its profile, hvp_profile, Hessian speed
+#   quality:      Hessian speed, then side by side: Hessian search effect, Gumbel vs ILP, the sweep and platform searches
+#   final:        Gumbel vs ILP, gentler Hessian penalties, deployment (all side by side)
+#   step:         the supernet step benchmark alone;  deploy: integer deployment alone ($DEPLOY_ARGS)
 set -u
 part=${1:-probe}
-mkdir -p /usr/share/datasets && cp -r .data/fashion-mnist /usr/share/datasets/
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .devwheels/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source bench/gpu_env.sh
 if [ "$part" = probe ]; then
   timeout 150 python3 bench/lut_additivity.py --backend cuda --archs 50 --out "$OUT/lut_additivity_cuda.json" \
     > "$OUT/lut_additivity_cuda.txt" 2>&1; echo "additivity graphs rc=$?"; tail -n 2 "$OUT/lut_additivity_cuda.txt"
