@@ -1,8 +1,9 @@
 """int8 ONNX vs fp32 ONNX of the same architecture in onnxruntime (CPU): p50 latency per model and the ratio.
 
 For each architecture (a Fashion-MNIST child and a bigger fbnet_cifar100 child, W8A8 unless --bits) the folded
-network is exported three ways (fbnas.quant.onnx_graph): fp32 (BN folded), qdq (Q/DQ around float ops, which
-onnxruntime fuses into QLinearConv etc.) and qlinear (QLinearConv/ConvInteger/MatMulInteger graph). All run with
+network is exported four ways (fbnas.quant.onnx_graph): fp32 (BN folded), qdq (Q/DQ around float ops, which
+onnxruntime fuses into QLinearConv etc.) as is and channel-aligned (fbnas.quant.align: what `fbnas export` writes),
+and qlinear (QLinearConv/QLinearAdd/MatMulInteger graph), channel-aligned. All run with
 every onnxruntime graph optimisation, `--threads` intra-op threads (default 1), warm-up, then `--repeats`
 timed runs per model, interleaved round-robin so that load on a shared machine hits all models alike.
 Weights are random (timing does not depend on their values) unless --weights gives a trained model.safetensors.
@@ -23,6 +24,7 @@ import torch
 from fbnas import Arch, build_model, load_space
 from fbnas.io import atomic_write_text
 from fbnas.latency.measured import _cpu_name
+from fbnas.quant.align import align_channels
 from fbnas.quant.fold import fold_model
 from fbnas.quant.integer import to_integer
 from fbnas.quant.onnx_graph import fp32_graph, ort_session, qdq_graph, qlinear_graph
@@ -56,7 +58,9 @@ def build_models(space_name: str, ops: str, bits: int, weights: str = "") -> tup
         folded.calibrate([x[:16], x[16:]])
     folded.eval()
     integer = to_integer(folded)
-    return arch, {"fp32": fp32_graph(folded), "qdq": qdq_graph(integer), "qlinear": qlinear_graph(integer)}
+    aligned, _ = align_channels(integer)
+    return arch, {"fp32": fp32_graph(folded), "qdq": qdq_graph(integer), "qdq_aligned": qdq_graph(aligned),
+                  "qlinear_aligned": qlinear_graph(aligned)}
 
 
 def time_models(models: dict, batch: int, shape: tuple, threads: int, warmup: int, repeats: int) -> dict:
@@ -92,17 +96,19 @@ def main() -> None:
              f"{_cpu_name()}, {a.threads} intra-op thread(s), all graph optimisations, "
              f"{a.warmup} warm-up + {a.repeats} timed runs per model (interleaved), p50 [p10, p90] ms; W{a.bits}A{a.bits}, "
              f"{'trained weights ' + a.weights if a.weights else 'random weights'}", "",
-             "| arch | batch | fp32 | int8 qdq | int8 qlinear | fp32 / qdq | fp32 / qlinear |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| arch | batch | fp32 | int8 qdq | int8 qdq aligned | int8 qlinear aligned | fp32 / qdq | "
+             "fp32 / qdq aligned | fp32 / qlinear aligned |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in a.archs.split(","):
         arch, models = build_models(name, ARCHS[name], a.bits, a.weights if name == "fmnist" else "")
         shape = (arch.in_channels, arch.input_size, arch.input_size)
         for batch in (int(b) for b in a.batches.split(",")):
             r = time_models(models, batch, shape, a.threads, a.warmup, a.repeats)
             cell = {k: f"{v['p50']:.3f} [{v['p10']:.3f}, {v['p90']:.3f}]" for k, v in r.items()}
-            lines.append(f"| {name} ({arch.macs() / 1e6:.1f} M MACs) | {batch} | {cell['fp32']} | {cell['qdq']} | "
-                         f"{cell['qlinear']} | {r['fp32']['p50'] / r['qdq']['p50']:.2f}x | "
-                         f"{r['fp32']['p50'] / r['qlinear']['p50']:.2f}x |")
+            int8 = ("qdq", "qdq_aligned", "qlinear_aligned")
+            lines.append(f"| {name} ({arch.macs() / 1e6:.1f} M MACs) | {batch} | {cell['fp32']} | "
+                         + " | ".join(cell[k] for k in int8) + " | "
+                         + " | ".join(f"{r['fp32']['p50'] / r[k]['p50']:.2f}x" for k in int8) + " |")
             print(lines[-1], flush=True)
     lines += ["", "Ratios > 1 mean the int8 model is faster. Command: `python bench/onnx_int8_speed.py "
                   f"--archs {a.archs} --batches {a.batches} --threads {a.threads} --repeats {a.repeats}`"]

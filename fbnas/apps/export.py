@@ -16,6 +16,7 @@ class ExportConfig:
     run: str = MISSING  # a finished `fbnas train` run directory
     out: str = ""  # default: <run>/export
     formats: list = field(default_factory=lambda: ["all"])  # arch safetensors pt2 onnx_fp32 onnx_qdq onnx_qlinear card
+    align: bool = True  # quantized ONNX: zero channels for onnxruntime's int8 kernels (fbnas.quant.align)
 
 
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
@@ -29,7 +30,7 @@ def _app(cfg: DictConfig) -> None:
     from ..quant.bundle import export_run
 
     out = cfg.out or str(Path(cfg.run) / "export")
-    written = export_run(cfg.run, out, list(cfg.formats))
+    written = export_run(cfg.run, out, list(cfg.formats), align=cfg.align)
     for fmt, path in written.items():
         print(f"{fmt:<12} {path}")
 

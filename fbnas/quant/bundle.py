@@ -8,6 +8,8 @@
     onnx_fp32     model_fp32.onnx: the float network (BN folded) of the run's weights
     onnx_qdq      model_qdq.onnx: QuantizeLinear/DequantizeLinear form, int8 (int4/uint4 for <= 4-bit layers, opset 21)
     onnx_qlinear  model_qlinear.onnx: QLinearConv/QLinearAdd integer graph (not in the default set)
+                  Both quantized ONNX forms carry zero channels where onnxruntime's int8 kernels need them
+                  (fbnas.quant.align; same logits bit for bit) unless align=False.
     card          model_card.md: architecture, bits, predicted latency/size/BOPs, accuracies, files and how to load
 Every file is written atomically; the quantized formats need a quantized run.
 """
@@ -97,8 +99,10 @@ def _save_pt2(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Non
         torch.export.save(program, str(tmp))
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = ()) -> dict[str, Path]:
+def export_run(run_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = (),
+               align: bool = True) -> dict[str, Path]:
     """Write the requested formats of a finished training run into out_dir; returns format -> path."""
+    from .align import align_channels
     from .integer import to_integer
     from .onnx_graph import fp32_graph, qdq_graph, qlinear_graph, save_onnx
 
@@ -109,6 +113,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: Sequence[str] 
     arch = run.arch
     folded = run.folded()
     integer = to_integer(folded) if run.quantized else None
+    onnx_integer = align_channels(integer)[0] if integer is not None and align else integer
     example = torch.zeros(2, arch.in_channels, arch.input_size, arch.input_size)
     written: dict[str, Path] = {}
     for fmt in fmts:
@@ -126,10 +131,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: Sequence[str] 
             save_onnx(fp32_graph(folded), written[fmt])
         elif fmt == "onnx_qdq":
             written[fmt] = out / "model_qdq.onnx"
-            save_onnx(qdq_graph(integer), written[fmt])
+            save_onnx(qdq_graph(onnx_integer), written[fmt])
         elif fmt == "onnx_qlinear":
             written[fmt] = out / "model_qlinear.onnx"
-            save_onnx(qlinear_graph(integer), written[fmt])
+            save_onnx(qlinear_graph(onnx_integer), written[fmt])
     if "card" in fmts:
         written["card"] = out / "model_card.md"
         atomic_write_text(written["card"], model_card(run, {k: v for k, v in written.items() if k != "card"}))

@@ -100,10 +100,11 @@ class IntInput(nn.Module):
         super().__init__()
         self.register_buffer("scale", scale.detach().double().reshape(()))
         self.lo, self.hi, self.rounding = lo, hi, rounding
+        self.pad_channels = 0  # zero channels appended for int8 kernels (quant.align)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.clamp(round_float(x.double() / self.scale, self.rounding), self.lo, self.hi)
-        return q.to(torch.int32)
+        q = torch.clamp(round_float(x.double() / self.scale, self.rounding), self.lo, self.hi).to(torch.int32)
+        return F.pad(q, (0, 0, 0, 0, 0, self.pad_channels)) if self.pad_channels else q
 
 
 class IntConv(nn.Module):

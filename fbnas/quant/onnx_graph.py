@@ -114,7 +114,7 @@ def _tensor_shapes(model: torch.nn.Module, x_shape: list) -> dict[str, tuple]:
         node = model.nodes[key] if key in model.nodes else None
         src = shapes[st.inputs[0]] if st.inputs else None
         if st.kind == "input":
-            shapes[st.output] = tuple(x_shape)
+            shapes[st.output] = (x_shape[0] + getattr(node, "pad_channels", 0),) + tuple(x_shape[1:])
         elif st.kind == "conv":
             co, _, kh, kw = node.weight.shape
             (sh, sw), (ph, pw) = node.stride, node.padding
@@ -151,6 +151,15 @@ def _layout(g: _Graph, st: Step, name: str, shapes: dict) -> str:
     if st.kind == "split":
         return _slice(g, name, *st.attrs["channels"], st.name)
     return _shuffle(g, name, shapes[st.inputs[0]], st.attrs["groups"], st.name)
+
+
+def _graph_input(g: _Graph, integer: IntegerNet) -> str:
+    """The float graph input, with the zero channels of an aligned net's input quantizer (quant.align) appended:
+    0.0 quantizes to the zero point, the code of 0."""
+    extra = integer.input_node.pad_channels
+    if not extra:
+        return "input"
+    return g.op("Pad", ["input", g.const("input.pads", np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64))], "input")
 
 
 def _conv_attrs(node) -> dict:
@@ -287,7 +296,7 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: 
         key = node_key(st.name)
         node = integer.nodes[key] if key in integer.nodes else None
         if st.kind == "input":
-            env[st.output] = quantize(st.output, "input", "input")
+            env[st.output] = quantize(st.output, _graph_input(g, integer), "input")
         elif st.kind in ("conv", "linear"):
             s_acc = integer.acc_scales[st.name]
             s_in = integer.scales[st.inputs[0]]
@@ -380,7 +389,7 @@ def qlinear_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branch
         if st.kind == "input":
             lo, hi = integer.levels[st.output]
             _, zp, _ = _container((lo, hi), four_bit=False)
-            v = g.op("Cast", ["input"], "input", to=TensorProto.DOUBLE)
+            v = g.op("Cast", [_graph_input(g, integer)], "input", to=TensorProto.DOUBLE)
             v = g.op("Div", [v, g.const("input.scale", _f64(node.scale).reshape(()))], "input")
             env[st.output] = (to_codes(round_(v, "input"), (lo, hi), zp, "input"), zp, integer.scales[st.output])
         elif st.kind == "conv":
