@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from .arch import Arch
 from .blocks import build_op
 from .model import Head, make_stem
-from .quant.fake import BitState, QConv2d, prequantize_weights
+from .quant.fake import (BitState, QConv2d, QLinear, deferred_range_updates, prequantize_weights,
+                         prescale_activations)
 from .space import LayerShape, SearchSpace
 
 MODES = ("soft", "hard")
@@ -149,7 +150,10 @@ class Supernet(nn.Module):
         self.register_buffer("bit_op_mask", self.op_has_bits(), persistent=False)
         self._op_convs = [[[m for m in op.modules() if isinstance(m, QConv2d)] for op in layer.ops]
                           for layer in self.mixed_layers]
+        self._fixed_convs = [m for part in (self.stem, self.head) for m in part.modules()
+                             if isinstance(m, (QConv2d, QLinear))]
         self._prequantized: list[QConv2d] = []  # convs handed a batch-quantized weight for this forward
+        self._prescaled: list[nn.Module] = []  # convs whose input quantizer got a batch-computed scale
         self._sampler_snapshot: Optional[tuple[torch.Tensor, Optional[torch.cuda.Event]]] = None
         self._weights: Optional[tuple[torch.Tensor, ...]] = None  # this forward's (ops, w, a, soft ops, soft w, soft a)
 
@@ -214,6 +218,9 @@ class Supernet(nn.Module):
         if self.hard_bits and self.quantized:
             prequantize_weights(running_convs)
             self._prequantized = running_convs
+        if self.quantized:
+            self._prescaled = running_convs + self._fixed_convs
+            prescale_activations(self._prescaled)
 
     def _lagged_logits(self, flat: torch.Tensor) -> torch.Tensor:
         """The host copy of the arch logits that picks this forward's discrete choices: the logits as they were
@@ -275,13 +282,18 @@ class Supernet(nn.Module):
         else:
             self.sample()
             hard = self.mode == "hard"
-        x = self.stem(x)
-        for layer in self.mixed_layers:
-            x = layer(x, hard)
-        for conv in self._prequantized:  # a conv that did not run must not keep this sample's weight
-            conv.prequantized = None
-        self._prequantized = []
-        return self.head(x)
+        try:
+            with deferred_range_updates(self.training):  # activation ranges move together, after the forward
+                x = self.stem(x)
+                for layer in self.mixed_layers:
+                    x = layer(x, hard)
+                return self.head(x)
+        finally:
+            for conv in self._prequantized:  # a conv that did not run must not keep this sample's weight
+                conv.prequantized = None
+            for conv in self._prescaled:
+                conv.act_quant.prescale = None
+            self._prequantized, self._prescaled = [], []
 
     # ------------------------------------------------------------------ the sample as tensors
     def sample_weights(self, soft: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from fbnas.quant.fake import (ActQuantizer, BitState, QConv2d, act_levels, fake_quant_weight, mse_clip_range,
+from fbnas.quant.fake import (ActQuantizer, BitState, QConv2d, act_levels, deferred_range_updates,
+                              prescale_activations, fake_quant_weight, mse_clip_range,
                               quant_error_sq, quantize_weight_int, weight_scale)
 
 
@@ -165,3 +167,80 @@ def test_batched_weights_start_aligned():
     for c, bits in zip(convs, (4, 8, 2)):
         assert (c.prequantized.data_ptr() - base) % (64 * 4) == 0  # 64 float32 elements apart
         assert torch.equal(c.prequantized, fake_quant_weight(c.weight, bits))
+
+
+def _observed_pair(signed: bool):
+    torch.manual_seed(3)
+    xs = [torch.randn(64, 8) * (1.0 + i) for i in range(4)]
+    xs = xs if signed else [torch.relu(x) for x in xs]
+    return xs, ActQuantizer(), ActQuantizer()
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_deferred_range_updates_give_the_same_ema(signed):
+    xs, now, later = _observed_pair(signed)
+    now.observe(xs[0])
+    later.observe(xs[0])
+    for x in xs[1:]:
+        now.observe(x)
+        with deferred_range_updates():
+            before = later.scale(8).clone()
+            later.observe(x)
+            assert torch.equal(later.scale(8), before)  # quantizes with the range as of the block's start
+        assert torch.equal(later.running_max, now.running_max)
+        assert torch.equal(later.running_min, now.running_min)
+    assert now.signed == signed
+    if signed:
+        assert torch.equal(now.running_min, -now.running_max)
+        assert float(now.running_max) > 0
+
+
+def test_prescaled_activation_scale_equals_the_computed_one():
+    xs, q, _ = _observed_pair(True)
+    conv = QConv2d(4, 4, 1, bit_state=BitState((8,), (4, 8)))
+    conv.act_quant = q
+    q.observe(xs[0])
+    conv.bit_state.a_index = 0
+    prescale_activations([conv])
+    assert q.prescale is not None and q.prescale[0] == 4
+    q.prescale, expected = None, q.scale(4)
+    prescale_activations([conv])
+    assert torch.equal(q.scale(4), expected)
+    q.observe(xs[1])  # the range moved: the precomputed scale is dropped
+    assert q.prescale is None and not torch.equal(q.scale(4), expected)
+
+
+def test_signed_ranges_of_old_files_load_symmetric_with_the_same_scale():
+    q = ActQuantizer()
+    state = {"running_min": torch.tensor(-3.0), "running_max": torch.tensor(2.0),
+             "initialized": torch.tensor(True)}
+    q.load_state_dict(state)
+    assert q.signed and float(q.running_max) == 3.0 and float(q.running_min) == -3.0
+    assert float(q.scale(8)) == pytest.approx(3.0 / 127)
+
+
+def test_supernet_quantizes_with_the_ranges_from_before_its_forward_and_moves_them_after():
+    from fbnas import load_space
+    from fbnas.supernet import Supernet
+
+    torch.manual_seed(0)
+    net = Supernet(load_space("fmnist"), mode="hard").train()
+    x = torch.randn(4, 1, 28, 28)
+    net(x)  # first forward: ranges initialised
+    before = {id(m.act_quant): m.act_quant.running_max.clone() for m in net.modules() if isinstance(m, QConv2d)}
+    used = {}
+
+    def record(m, _):
+        st = m.bit_state
+        bits = st.a_choices[st.a_index if st.a_index is not None else 0]
+        used[id(m.act_quant)] = (m.act_quant, bits, m.act_quant.scale(bits).clone())
+
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if isinstance(m, QConv2d)]
+    net(x * 3)
+    for h in hooks:
+        h.remove()
+    assert len(used) >= 4
+    for q, bits, scale in used.values():
+        assert torch.equal(scale, (before[id(q)] / q.top_level(bits)).clamp_min(1e-8))  # the old range
+        assert not torch.equal(q.running_max, before[id(q)])  # moved after the forward
+        assert q.prescale is None

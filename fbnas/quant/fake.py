@@ -1,8 +1,8 @@
 """Fake quantization with straight-through gradients, and bit-mixing (EdMIPS-style) convolutions.
 
 Weights: per-output-channel symmetric, S_c = max|W_c| / (2^(b-1) - 1), W_q = clamp(round(W/S_c)) * S_c.
-Activations: static ranges from an EMA of the batch min/max; unsigned [0, 2^b - 1] while the observed
-minimum is >= 0 (after ReLU), symmetric signed otherwise. A quantizer with known bits (`clip_bits`, a trained
+Activations: static ranges from an EMA of the batch max (max |x| when signed); unsigned [0, 2^b - 1] while the
+observed minimum is >= 0 (after ReLU), symmetric signed otherwise. A quantizer with known bits (`clip_bits`, a trained
 child) can instead track an EMA of each batch's MSE-optimal clipping range at those bits (`mse_clip_range`):
 at 4 bits and below the min/max range wastes most levels on a few outliers.
 
@@ -15,6 +15,8 @@ training mode would cancel it and no gradient would reach the bit logits).
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -247,6 +249,70 @@ def mse_clip_range(x: torch.Tensor, span: torch.Tensor, bits: int, signed: bool)
 
 
 
+_DEFERRED: Optional[dict[int, tuple["ActQuantizer", torch.Tensor]]] = None
+
+
+@contextmanager
+def deferred_range_updates(enabled: bool = True):
+    """Within the block, initialised ActQuantizers without MSE clipping quantize with their range as of the
+    block's start and queue what they observe; at its end every queued range moves in a few multi-tensor
+    kernels (instead of ~4 kernels per quantizer: a supernet step on a GPU is bound by kernel launches). The
+    EMA is the same, one forward later."""
+    global _DEFERRED
+    if not enabled or _DEFERRED is not None:
+        yield
+        return
+    _DEFERRED = {}
+    try:
+        yield
+        pending = list(_DEFERRED.values())
+    finally:
+        _DEFERRED = None
+    _update_ranges(pending)
+
+
+@torch.no_grad()
+def _update_ranges(pending: list[tuple["ActQuantizer", torch.Tensor]]) -> None:
+    by_momentum: dict[float, list[tuple[ActQuantizer, torch.Tensor]]] = {}
+    for q, x in pending:
+        by_momentum.setdefault(q.momentum, []).append((q, x))
+    for momentum, items in by_momentum.items():
+        quantizers = [q for q, _ in items]
+        spans = torch._foreach_norm([x for _, x in items], math.inf, dtype=torch.float32)  # max |x| per tensor
+        torch._foreach_lerp_([q.running_max for q in quantizers], spans, momentum)
+        signed = [q for q in quantizers if q.signed]
+        if signed:
+            torch._foreach_copy_([q.running_min for q in signed], torch._foreach_neg([q.running_max for q in signed]))
+        for q in quantizers:
+            q.prescale = None
+
+
+def prescale_activations(convs: Sequence[nn.Module]) -> None:
+    """Compute, in one batch, the input scale of each conv/linear in `convs` at its one activation bit-width
+    (sampled or fixed) and hand it to the conv's quantizer for its next forward (cleared when its range
+    moves). Quantizers with mixed (soft) bits, MSE clipping or no range yet compute their own."""
+    batch, tops = [], []
+    for c in convs:
+        st, q = c.bit_state, c.act_quant
+        if not st.enabled or q.clip_bits is not None or not q._host_state()[0]:
+            continue
+        if st.a_index is not None:
+            bits = st.a_choices[st.a_index]
+        elif st.a_probs is None:
+            bits = st.a_choices[0]
+        else:
+            continue
+        batch.append((q, bits))
+        tops.append(float(q.top_level(bits)))
+    if not batch:
+        return
+    maxes = torch.stack([q.running_max for q, _ in batch])
+    top = torch.tensor(tops, dtype=maxes.dtype, pin_memory=maxes.is_cuda).to(maxes.device, non_blocking=True)
+    scales = (maxes / top).clamp_min_(_EPS)
+    for i, (q, bits) in enumerate(batch):
+        q.prescale = (bits, scales[i])
+
+
 class _MixedAct(torch.autograd.Function):
     """sum_b p_b Q_b(x), saving only x and p; the per-option Q_b(x) are recomputed in backward.
     scales, los, his: [n_options] tensors."""
@@ -273,7 +339,8 @@ class _MixedAct(torch.autograd.Function):
 
 
 class ActQuantizer(nn.Module):
-    """Activation fake-quantizer with an EMA min/max range.
+    """Activation fake-quantizer with an EMA range: [0, running_max] (unsigned) or [-running_max, running_max]
+    (signed; running_min = -running_max).
 
     Signed (symmetric) or unsigned is decided once, at the first observation: a tensor after a ReLU is never
     negative, a linear output always is. After that the forward path never reads a value back to the host
@@ -290,6 +357,7 @@ class ActQuantizer(nn.Module):
         self.frozen = False
         self.clip_bits: Optional[int] = None  # set: track the MSE-optimal range at these bits, not min/max
         self._state: Optional[tuple[bool, bool]] = None  # host copy of (initialized, signed)
+        self.prescale: Optional[tuple[int, torch.Tensor]] = None  # (bits, scale) from prescale_activations
 
     def _host_state(self) -> tuple[bool, bool]:
         if self._state is None:
@@ -297,10 +365,15 @@ class ActQuantizer(nn.Module):
         return self._state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "signed_flag"
-        if key not in state_dict and prefix + "running_min" in state_dict:  # files from before the flag
-            state_dict[key] = state_dict[prefix + "running_min"] < 0
+        key, lo_key, hi_key = prefix + "signed_flag", prefix + "running_min", prefix + "running_max"
+        if key not in state_dict and lo_key in state_dict:  # files from before the flag
+            state_dict[key] = state_dict[lo_key] < 0
+        if lo_key in state_dict and hi_key in state_dict and bool(state_dict.get(key, False)):
+            # files from before signed ranges were kept symmetric: the same scale, max(|min|, |max|)
+            span = torch.maximum(state_dict[lo_key].abs(), state_dict[hi_key].abs())
+            state_dict[lo_key], state_dict[hi_key] = -span, span
         self._state = None
+        self.prescale = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -309,19 +382,25 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        """Move the EMA range towards x's: max(x) (unsigned) or max|x| (signed, kept as [-span, span]), or the
+        MSE-optimal clip at clip_bits. Inside deferred_range_updates the move waits for the block's end."""
         x = x.detach()
-        lo, hi = torch.aminmax(x)
         initialized = self._host_state()[0]
+        if initialized and self.clip_bits is None and _DEFERRED is not None:
+            _DEFERRED[id(self)] = (self, x)
+            return
+        self.prescale = None  # the range moves: a precomputed scale is stale
+        lo, hi = torch.aminmax(x)
         if not initialized:
             signed = bool(lo < 0)  # the one host read, at the first observation
             self.signed_flag.fill_(signed)
             self._state = (False, signed)
-        if self.clip_bits is not None:
-            if self.signed:
-                hi = mse_clip_range(x, torch.maximum(lo.abs(), hi.abs()), self.clip_bits, True)
-                lo = -hi
-            else:
-                hi = mse_clip_range(x, hi, self.clip_bits, False)
+        if self.signed:
+            span = torch.maximum(lo.abs(), hi.abs())
+            hi = span if self.clip_bits is None else mse_clip_range(x, span, self.clip_bits, True)
+            lo = -hi
+        elif self.clip_bits is not None:
+            hi = mse_clip_range(x, hi, self.clip_bits, False)
         if initialized:  # one multi-tensor kernel for both ends
             torch._foreach_lerp_((self.running_min, self.running_max), (lo.float(), hi.float()), self.momentum)
             return
@@ -333,11 +412,13 @@ class ActQuantizer(nn.Module):
     def levels(self, bits: int) -> tuple[int, int]:
         return act_levels(bits, self.signed)
 
+    def top_level(self, bits: int) -> int:
+        return qmax_signed(bits) if self.signed else 2 ** bits - 1
+
     def scale(self, bits: int) -> torch.Tensor:
-        if self.signed:
-            span = torch.maximum(self.running_min.abs(), self.running_max.abs())
-            return (span / qmax_signed(bits)).clamp_min(_EPS)
-        return (self.running_max / (2 ** bits - 1)).clamp_min(_EPS)
+        if self.prescale is not None and self.prescale[0] == bits:
+            return self.prescale[1]
+        return (self.running_max / self.top_level(bits)).clamp_min(_EPS)
 
     def quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         lo, hi = self.levels(bits)
