@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fourth GPU session (device tool, repo root, carry .devwheels and .data). Parts:
 #   step:   the supernet step benchmark (reference vs hard + bits) and a profile of the hard step
+#   sweep:  `fbnas search -m` over the latency exponent ($BETAS)
 #   heff:   the Hessian search effect, bits-only searches side by side ($SEEDS x $BETAS x $GAMMAS;
 #           a BETAS entry is default, a latency exponent, or t<ms> for a latency target)
 set -u
@@ -31,4 +32,9 @@ if [ "$part" = heff ]; then  # bits-only Hessian search effect, side by side: ga
   wait
   for f in /tmp/heff/*.md; do echo "== $f"; grep -A 4 "^| gamma" $f; done | tee "$OUT/heff_summary.txt"
   tar czf "$OUT/heff.tgz" -C /tmp heff
+fi
+if [ "$part" = sweep ]; then  # the latency-weight sweep as a Hydra multirun, on the GPU
+  timeout 560 python3 -m fbnas.cli search -m accelerator=cuda objective.beta=${BETAS:-0.0,0.6,1.5} progress=false \
+    hydra.sweep.dir=/tmp/sweep > "$OUT/sweep.log" 2>&1; echo "sweep rc=$?"
+  python3 bench/summarize_runs.py /tmp/sweep | tee "$OUT/sweep_summary.txt"
 fi
