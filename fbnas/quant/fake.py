@@ -66,6 +66,12 @@ class BitState:
             return self.w_choices[self.w_index]
         return self.w_choices[0] if self.w_probs is None else None
 
+    def single_a_bits(self) -> Optional[int]:
+        """The one activation bit-width in use (the sampled option, or the only one), or None while options mix."""
+        if self.a_index is not None:
+            return self.a_choices[self.a_index]
+        return self.a_choices[0] if self.a_probs is None else None
+
 
 # ------------------------------------------------------------------------------- weight quantization
 
@@ -294,13 +300,8 @@ def prescale_activations(convs: Sequence[nn.Module]) -> None:
     batch, tops = [], []
     for c in convs:
         st, q = c.bit_state, c.act_quant
-        if not st.enabled or q.clip_bits is not None or not q._host_state()[0]:
-            continue
-        if st.a_index is not None:
-            bits = st.a_choices[st.a_index]
-        elif st.a_probs is None:
-            bits = st.a_choices[0]
-        else:
+        bits = st.single_a_bits()
+        if not st.enabled or bits is None or q.clip_bits is not None or not q._host_state()[0]:
             continue
         batch.append((q, bits))
         tops.append(float(q.top_level(bits)))
@@ -430,10 +431,9 @@ class ActQuantizer(nn.Module):
             return x
         if self.training and not self.frozen:
             self.observe(x)
-        if state.a_index is not None:
-            return self.quantize(x, state.a_choices[state.a_index])
-        if state.a_probs is None:
-            return self.quantize(x, state.a_choices[0])
+        bits = state.single_a_bits()
+        if bits is not None:
+            return self.quantize(x, bits)
         levels = [self.levels(b) for b in state.a_choices]
         scales = torch.stack([self.scale(b) for b in state.a_choices]).to(x.dtype)
         los = torch.tensor([lv[0] for lv in levels], dtype=x.dtype, device=x.device)
