@@ -80,6 +80,9 @@ def test_onnxruntime_fuses_8bit_qdq_into_integer_kernels(models, tmp_path):
     ort.InferenceSession(qdq_graph(integer).SerializeToString(), opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
     assert ops.count("QLinearConv") >= 10, ops
+    # the classifier too: the pooled codes are flattened before their DQ, so DQ -> Gemm fuses into QGemm and no
+    # float Gemm or DequantizeLinear of a constant is left to run per inference
+    assert "QGemm" in ops and "Gemm" not in ops and "DequantizeLinear" not in ops, ops
 
 
 def test_fp32_graph_equals_float_network(models):

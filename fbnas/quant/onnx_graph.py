@@ -5,7 +5,8 @@ fake-quant and the integer-only models run, in three forms:
   qdq      QuantizeLinear/DequantizeLinear around float ops (opset 21): per-channel weight scales (int8 weights;
            int4 for w_bits <= 4), int32 bias at S_w*S_in, activations uint8 (8-bit) or uint4 (<= 4-bit) with zero
            point 0 (unsigned levels) or the mid level (signed). onnxruntime fuses the 8-bit patterns into
-           QLinearConv, QLinearAdd, QLinearGlobalAveragePool.
+           QLinearConv, QLinearAdd, QLinearGlobalAveragePool and (the pooled codes are flattened before their DQ)
+           the classifier into QGemm; an aligned net's extra input channels are padded onto the input codes.
   qlinear  an integer graph: QLinearConv (uint8 activations, int8 per-channel weights, int32 bias) for every conv,
            QLinearAdd / QLinearConcat (com.microsoft) for residual adds and concats, MatMulInteger for the
            classifier; the input quantizer and the pool use the integer model's exact arithmetic (float64
@@ -265,17 +266,24 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: 
     extra: list = []
     debug_names: dict[str, tuple[str, int, Optional[float]]] = {}
 
-    def quantize(t: str, real: str, base: str) -> str:
-        """Q then DQ of a float tensor at tensor t's scale and levels; returns the dequantized name."""
+    def quantize(t: str, real: str, base: str, flatten: bool = False, pad_channels: int = 0) -> str:
+        """Q then DQ of a float tensor at tensor t's scale and levels; returns the dequantized name. flatten: the
+        pooled (N, C, 1, 1) codes are flattened before the DQ, so that onnxruntime sees DQ -> Gemm and fuses the
+        classifier into an integer QGemm."""
         s = integer.scales[t]
         elem, zp, _ = _container(integer.levels[t], four_bit=True)
         sc = g.const(f"{base}.scale", _f32(s).reshape(()))
         z = g.const(f"{base}.zero_point", np.array(zp), elem) if elem == TensorProto.UINT4 else \
             g.const(f"{base}.zero_point", np.array(zp, np.uint8))
         q = g.op("QuantizeLinear", [real, sc, z], f"{base}.q")
+        if flatten:
+            q = g.op("Flatten", [q], base, axis=1)
+        if pad_channels:  # an aligned input (quant.align): zero channels appended to the codes, the zero point
+            q = g.op("Pad", [q, g.const(f"{base}.pads", np.array([0, 0, 0, 0, 0, pad_channels, 0, 0], np.int64)), z],
+                     base)
         dq = g.op("DequantizeLinear", [q, sc, z], f"{base}.dq")
         if debug_outputs:  # the dequantized values (uint4 codes have no numpy type); codes = dq / scale
-            extra.append((dq, TensorProto.FLOAT, shapes[t] if len(shapes[t]) != 1 else shapes[t] + (1, 1)))
+            extra.append((dq, TensorProto.FLOAT, shapes[t] + ((1, 1) if len(shapes[t]) == 1 and not flatten else ())))
             debug_names[t] = (dq, 0, float(_f32(s)))
         return dq
 
@@ -296,7 +304,7 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: 
         key = node_key(st.name)
         node = integer.nodes[key] if key in integer.nodes else None
         if st.kind == "input":
-            env[st.output] = quantize(st.output, _graph_input(g, integer), "input")
+            env[st.output] = quantize(st.output, "input", "input", pad_channels=integer.input_node.pad_channels)
         elif st.kind in ("conv", "linear"):
             s_acc = integer.acc_scales[st.name]
             s_in = integer.scales[st.inputs[0]]
@@ -328,8 +336,7 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: 
             env[st.output] = _layout(g, st, env[st.inputs[0]], shapes)
         elif st.kind == "pool":
             p = g.op("GlobalAveragePool", [env[st.inputs[0]]], st.name)
-            dq = quantize(st.output, p, st.name)
-            env[st.output] = g.op("Flatten", [dq], st.name, axis=1)
+            env[st.output] = quantize(st.output, p, st.name, flatten=True)
     model = g.model("fbnas_qdq", x_shape, arch.num_classes, extra if debug_outputs else None)
     return (model, debug_names) if debug_outputs else model
 
@@ -521,17 +528,26 @@ def has_4bit_activations(model) -> bool:
         for n in model.graph.node if len(n.input) > 2)
 
 
-def ort_session(model, threads: int = 1, optimize: bool = True):
-    """An onnxruntime CPU session (all graph optimisations unless optimize=False). onnxruntime's QDQ fuser turns
-    DQ(uint4) -> Conv -> Q into a QLinearConv that rejects uint4 inputs, so it is disabled for graphs with 4-bit
-    activations (those run their Q/DQ pairs as written)."""
+def ort_session(model, threads: int = 1, optimize: bool = True, profile_prefix: Optional[str] = None,
+                optimized_path: Optional[str] = None):
+    """An onnxruntime CPU session (all graph optimisations unless optimize=False; `threads` intra-op threads,
+    sequential). onnxruntime's QDQ fuser turns DQ(uint4) -> Conv -> Q into a QLinearConv that rejects uint4
+    inputs, so it is disabled for graphs with 4-bit activations (those run their Q/DQ pairs as written).
+    profile_prefix: profile every run into <prefix>*.json; optimized_path: write the optimized graph there."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
     if isinstance(model, (bytes, str)):
         import onnx
 
