@@ -1,12 +1,15 @@
 """Additivity of a measured latency table on real hardware: the LUT sum of random architectures vs their
 measured whole-model latency, same backend, same threads.
 
-    PYTHONPATH=$PWD python bench/lut_additivity.py --backend ort|torch|cuda [--archs 50] [--space fbnet_cifar100]
-        [--threads 1] [--repeats 100] [--out bench/results/lut_additivity_<backend>.json]
+    PYTHONPATH=$PWD python bench/lut_additivity.py --backend ort|torch|cuda|ort_int8 [--archs 50]
+        [--space fbnet_cifar100] [--threads 1] [--repeats 100] [--random-bits]
+        [--out bench/results/lut_additivity_<backend>.json]
 
-Builds the measured table (each distinct op shape a standalone float32 micro-model), samples --archs
-architectures uniformly from the space (seeded), builds each with fbnas.build_model(arch, quantized=False),
-times it the same way, and prints Spearman and the mean absolute percentage error (targets: >= 0.95, <= 10%).
+Builds the measured table (float backends: each distinct op shape a standalone float32 micro-model; ort_int8:
+in-network differences of the exported int8 graphs, fbnas/latency/measured_int8.py), samples --archs
+architectures uniformly from the space (seeded; --random-bits also draws each layer's bits), builds each
+(float: fbnas.build_model(arch, quantized=False); ort_int8: its exported int8 graph), times it the same way, and
+prints Spearman and the mean absolute percentage error (targets: >= 0.95, <= 10%).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from fbnas.latency import arch_latency, build_table, load_device
 from fbnas.latency.measured import backend_versions, time_module
 from fbnas.space import load_space
 
-DEVICES = {"ort": "host_ort", "torch": "host_torch", "cuda": "cuda"}
+DEVICES = {"ort": "host_ort", "torch": "host_torch", "cuda": "cuda", "ort_int8": "host_ort_int8"}
 
 
 def main() -> int:
@@ -40,6 +43,7 @@ def main() -> int:
     ap.add_argument("--graph-unroll", type=int, default=None,
                     help="cuda: calls per CUDA graph (0 = eager launches); default: the device YAML's")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--random-bits", action="store_true", help="draw each layer's w/a bits from the space too")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -54,7 +58,8 @@ def main() -> int:
     t0 = time.time()
     table = build_table(space, dev, warmup=warmup, repeats=repeats)
     t_table = time.time() - t0
-    print(f"measured table: {table.calibration['distinct_shapes_timed']} op shapes in {t_table:.1f} s "
+    timed = table.calibration.get("distinct_shapes_timed", table.calibration.get("networks_timed"))
+    print(f"measured table: {timed} op shapes / networks in {t_table:.1f} s "
           f"({args.backend}, {args.threads} thread(s), warmup {warmup}, repeats {repeats}, "
           f"graph unroll {unroll})", flush=True)
 
@@ -62,12 +67,20 @@ def main() -> int:
     rows = []
     for i in range(args.archs):
         ops = [space.candidates[j] for j in rng.integers(0, len(space.candidates), space.num_layers)]
-        arch = Arch.from_space(space, ops, max(space.w_bits), max(space.a_bits))
-        torch.manual_seed(i)
-        model = build_model(arch, quantized=False).eval()
-        x = torch.randn(dev.params.batch, space.in_channels, space.input_size, space.input_size)
-        whole = time_module(model, x, args.backend, args.threads, warmup, repeats, unroll)
-        rows.append({"ops": ops, "lut_sum_ms": arch_latency(table, arch), "measured_p50_ms": whole.p50,
+        if args.random_bits:
+            wb = [int(b) for b in rng.choice(space.w_bits, space.num_layers)]
+            ab = [int(b) for b in rng.choice(space.a_bits, space.num_layers)]
+        else:
+            wb, ab = max(space.w_bits), max(space.a_bits)
+        arch = Arch.from_space(space, ops, wb, ab)
+        if args.backend == "ort_int8":
+            (whole,) = dev.model().time_archs([arch], warmup, repeats)
+        else:
+            torch.manual_seed(i)
+            model = build_model(arch, quantized=False).eval()
+            x = torch.randn(dev.params.batch, space.in_channels, space.input_size, space.input_size)
+            whole = time_module(model, x, args.backend, args.threads, warmup, repeats, unroll)
+        rows.append({"ops": ops, "w_bits": wb, "a_bits": ab, "lut_sum_ms": arch_latency(table, arch), "measured_p50_ms": whole.p50,
                      "measured_p10_ms": whole.p10, "measured_p90_ms": whole.p90})
         print(f"  arch {i + 1:>3}/{args.archs}: LUT sum {rows[-1]['lut_sum_ms']:.3f} ms, "
               f"measured {whole.p50:.3f} ms", flush=True)
@@ -83,9 +96,9 @@ def main() -> int:
     out = args.out or f"bench/results/lut_additivity_{args.backend}.json"
     atomic_write_json(out, {"backend": args.backend, "space": args.space, "threads": args.threads,
                             "warmup": warmup, "repeats": repeats, "graph_unroll": unroll,
-                            "archs": args.archs, "seed": args.seed,
+                            "archs": args.archs, "seed": args.seed, "random_bits": args.random_bits,
                             "spearman": rho, "mape_percent": mape, "mean_lut_over_measured": bias,
-                            "table_seconds": t_table, "versions": backend_versions(args.backend), "rows": rows})
+                            "table_seconds": t_table, "versions": backend_versions("ort" if args.backend == "ort_int8" else args.backend), "rows": rows})
     print(f"wrote {out}")
     return 0 if ok else 1
 

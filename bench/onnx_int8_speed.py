@@ -10,6 +10,8 @@ Weights are random (timing does not depend on their values) unless --weights giv
 
     python bench/onnx_int8_speed.py                                   # both archs, batch 1 and 32
     python bench/onnx_int8_speed.py --repeats 20 --batches 1 --archs fmnist   # smoke
+    python bench/onnx_int8_speed.py --archs runs/.../arch.json,fmnist          # a found architecture (its bits
+                                                                              # are kept unless --bits)
 """
 from __future__ import annotations
 
@@ -19,43 +21,41 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from fbnas import Arch, build_model, load_space
+from fbnas import Arch, load_space
+from fbnas.arch import load_arch
 from fbnas.io import atomic_write_text
 from fbnas.latency.measured import _cpu_name
+from fbnas.latency.measured_int8 import calibrated_random_network
 from fbnas.quant.align import align_channels
-from fbnas.quant.fold import fold_model
 from fbnas.quant.integer import to_integer
 from fbnas.quant.onnx_graph import fp32_graph, ort_session, qdq_graph, qlinear_graph
 
-ARCHS = {
-    "fmnist": "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3",
-    "fmnist28": "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3",  # the deployed child (bench/int_deploy.py)
-    "fbnet_cifar100": ",".join(["ir_k3_e1"] + ["ir_k3_e6", "ir_k5_e3", "ir_k3_e3", "ir_k5_e6"] * 5 + ["ir_k3_e6"]),
+ARCHS = {  # name: (space, ops per layer)
+    "fmnist": ("fmnist", "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3"),
+    "fmnist28": ("fmnist28", "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3"),  # bench/int_deploy.py's child
+    "fmnist_sd835": ("fmnist", "skip,ir_k3_e6,skip,ir_k3_e6,skip,ir_k5_e3"),  # default search, device=sd835
+    "fbnet_cifar100": ("fbnet_cifar100",
+                       ",".join(["ir_k3_e1"] + ["ir_k3_e6", "ir_k5_e3", "ir_k3_e3", "ir_k5_e6"] * 5 + ["ir_k3_e6"])),
 }
 
 
-def build_models(space_name: str, ops: str, bits: int, weights: str = "") -> tuple[Arch, dict]:
-    """fp32 / qdq / qlinear ONNX models of one architecture (random weights + calibrated ranges, or trained)."""
-    space = load_space(space_name)
+def build_models(name: str, bits: int | None, weights: str = "") -> tuple[Arch, dict]:
+    """fp32 / qdq / qlinear ONNX models of one architecture: a key of ARCHS or an arch.json path (random weights
+    with calibrated ranges), or trained weights."""
     if weights:
         from fbnas.quant.artifacts import load_folded
 
         folded = load_folded(weights)
         arch = folded.arch
     else:
-        arch = Arch.from_space(space, ops.split(","), bits, bits)
-        torch.manual_seed(0)
-        net = build_model(arch)
-        x = torch.randn(32, arch.in_channels, arch.input_size, arch.input_size)
-        for m in net.modules():  # BN statistics of random inputs, so that activations stay O(1) through depth
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.momentum = None
-        with torch.no_grad():
-            net.train()(x)
-        folded = fold_model(net.eval())
-        folded.calibrate([x[:16], x[16:]])
+        if name.endswith(".json"):
+            arch = load_arch(name)
+            arch = arch if bits is None else arch.with_bits(bits, bits)
+        else:
+            space, ops = ARCHS[name]
+            arch = Arch.from_space(load_space(space), ops.split(","), bits or 8, bits or 8)
+        folded = calibrated_random_network(arch)
     folded.eval()
     integer = to_integer(folded)
     aligned, _ = align_channels(integer)
@@ -81,8 +81,8 @@ def time_models(models: dict, batch: int, shape: tuple, threads: int, warmup: in
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--archs", default="fmnist,fbnet_cifar100", help="comma list of keys of ARCHS")
-    ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--archs", default="fmnist,fbnet_cifar100", help="comma list of keys of ARCHS or arch.json paths")
+    ap.add_argument("--bits", type=int, default=None, help="W/A bits of every layer (default: 8; an arch.json's own)")
     ap.add_argument("--weights", default="", help="trained model.safetensors (fmnist arch only)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--threads", type=int, default=1)
@@ -94,19 +94,23 @@ def main() -> None:
 
     lines = [f"# int8 ONNX vs fp32 ONNX in onnxruntime {onnxruntime.__version__} (CPU)", "",
              f"{_cpu_name()}, {a.threads} intra-op thread(s), all graph optimisations, "
-             f"{a.warmup} warm-up + {a.repeats} timed runs per model (interleaved), p50 [p10, p90] ms; W{a.bits}A{a.bits}, "
+             f"{a.warmup} warm-up + {a.repeats} timed runs per model (interleaved), p50 [p10, p90] ms; "
+             f"{'W8A8 presets' if a.bits is None else f'W{a.bits}A{a.bits}'}, "
              f"{'trained weights ' + a.weights if a.weights else 'random weights'}", "",
              "| arch | batch | fp32 | int8 qdq | int8 qdq aligned | int8 qlinear aligned | fp32 / qdq | "
              "fp32 / qdq aligned | fp32 / qlinear aligned |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in a.archs.split(","):
-        arch, models = build_models(name, ARCHS[name], a.bits, a.weights if name == "fmnist" else "")
+        arch, models = build_models(name, a.bits, a.weights if name == "fmnist" else "")
+        label = name
+        if name.endswith(".json"):  # a found architecture: its ops and bits
+            label = f"{name}: " + ", ".join(f"{l.op} w{l.w_bits}a{l.a_bits}" for l in arch.layers)
         shape = (arch.in_channels, arch.input_size, arch.input_size)
         for batch in (int(b) for b in a.batches.split(",")):
             r = time_models(models, batch, shape, a.threads, a.warmup, a.repeats)
             cell = {k: f"{v['p50']:.3f} [{v['p10']:.3f}, {v['p90']:.3f}]" for k, v in r.items()}
             int8 = ("qdq", "qdq_aligned", "qlinear_aligned")
-            lines.append(f"| {name} ({arch.macs() / 1e6:.1f} M MACs) | {batch} | {cell['fp32']} | "
+            lines.append(f"| {label} ({arch.macs() / 1e6:.1f} M MACs) | {batch} | {cell['fp32']} | "
                          + " | ".join(cell[k] for k in int8) + " | "
                          + " | ".join(f"{r['fp32']['p50'] / r[k]['p50']:.2f}x" for k in int8) + " |")
             print(lines[-1], flush=True)

@@ -209,3 +209,55 @@ def test_calibration_targets_hold_for_shipped_devices():
     assert not failed
     macs, fp32 = results[-3].value, results[-2].value
     assert fp32 > macs + 0.02
+
+
+# ------------------------------------------------------------------------------------ measured int8 (onnxruntime)
+
+def test_int8_part_of_node_names():
+    from fbnas.latency.measured_int8 import part_of
+
+    assert part_of("layers.3.pw:Conv_token_14") == "layers.3"
+    assert part_of("layers.12.add:Add") == "layers.12"
+    assert part_of("input.q:QuantizeLinear") == part_of("stem:Conv_token_1") == "stem"
+    assert part_of("head.conv:Conv") == "head" and part_of("head.pool:GlobalAveragePool") == "pool"
+    assert part_of("head.classifier:Gemm") == "classifier"
+    assert part_of("Transpose_token_78") is None and part_of("layersX:Conv") is None
+
+
+def test_int8_node_parts_cover_onnxruntime_inserted_nodes(tmp_path, fmnist):
+    import onnx
+
+    from fbnas.latency.measured_int8 import int8_graph, node_parts
+    from fbnas.quant.onnx_graph import ort_session
+
+    arch = Arch.from_space(fmnist, ["ir_k3_e1", "shuffle_k3", "shuffle_k3", "sqnxt_k3", "skip", "ir_k3_e3"], 8, 8)
+    opt = tmp_path / "opt.onnx"
+    ort_session(int8_graph(arch), optimized_path=str(opt))
+    graph = onnx.load(str(opt))
+    parts = node_parts(graph)
+    assert set(parts) == {n.name for n in graph.graph.node}
+    assert set(parts.values()) == {"stem", "layers.0", "layers.1", "layers.2", "layers.3", "layers.5", "head", "pool",
+                                   "classifier"}  # layers.4 (skip, identity) runs no node
+    inserted = [n.name for n in graph.graph.node if n.op_type == "Transpose" and ":" not in n.name]
+    assert inserted and all(parts[n] for n in inserted)
+
+
+def test_int8_table_by_in_network_differences(fmnist):
+    import dataclasses
+
+    from fbnas.latency import load_device
+
+    small = dataclasses.replace(fmnist, stages=fmnist.stages[:1], candidates=("ir_k3_e1", "sqnxt_k3", "skip"),
+                                w_bits=(4, 8), a_bits=(8,))
+    dev = load_device("host_ort_int8")
+    table = build_table(small, dev, warmup=2, repeats=10)
+    assert table.source == "measured" and table.check(small) == [] and table.backend["name"] == "ort_int8"
+    cal = table.calibration
+    assert cal["base_arch"] == ["skip w8a8"] and cal["networks_timed"] == 1 + 5  # base + every other variant
+    base = Arch.from_space(small, ["skip"], 8, 8)
+    # the base network's parts split its measured wall time
+    assert arch_latency(table, base) == pytest.approx(cal["base_wall_ms_p50"], abs=1e-3)
+    assert table.entries["skip|14x14|16->16|s1|w8a8"].p50 == 0.0  # identity: no node
+    for key, e in table.entries.items():
+        assert 0 <= e.p10 <= e.p50 <= e.p90 and math.isfinite(e.p90), key
+    assert table.entries["ir_k3_e1|14x14|16->16|s1|w8a8"].p50 > 0

@@ -65,7 +65,7 @@ def device_types() -> list[str]:
 
 
 def _ensure_types() -> None:
-    from . import analytic, measured  # noqa: F401  (register the built-in device types)
+    from . import analytic, measured, measured_int8  # noqa: F401  (register the built-in device types)
 
 
 @dataclass(frozen=True)
