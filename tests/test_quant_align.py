@@ -65,3 +65,48 @@ def test_aligned_onnx_graphs_agree_with_the_integer_model(nets):
     got = ort_session(exact).run(None, {"input": x.numpy()})[0]
     plain = ort_session(qlinear_graph(integer, exact_branches=True)).run(None, {"input": x.numpy()})[0]
     np.testing.assert_array_equal(got, plain)  # padding changes nothing the kernels compute
+
+
+@pytest.mark.parametrize("c,k,pad,stride,size", [(1, 3, 1, 2, 28), (3, 3, 1, 2, 32), (3, 7, 3, 2, 16), (2, 5, 2, 2, 12),
+                                                 (1, 3, 1, 4, 16), (3, 3, 0, 2, 10)])
+def test_space_to_depth_first_conv_keeps_every_accumulator(c, k, pad, stride, size):
+    from fbnas.quant.align import _space_to_depth_first_conv
+    from fbnas.quant.integer import IntConv, int_conv2d, space_to_depth
+
+    torch.manual_seed(k * 10 + c)
+    w = torch.randint(-127, 128, (8, c, k, k))
+    conv = IntConv("stem", w, torch.zeros(8), (stride, stride), (pad, pad), 1, 0, None, 0, 0, "half_even")
+    x = torch.randint(-128, 128, (2, c, size, size))
+    ref = int_conv2d(x, conv.weight, conv.stride, conv.padding, 1)
+    assert _space_to_depth_first_conv(conv, size) == stride
+    assert conv.stride == (1, 1) and conv.weight.shape[1] == c * stride * stride
+    assert conv.weight.shape[2] == -(-k // stride) or conv.weight.shape[2] == -(-k // stride) + 1
+    got = int_conv2d(space_to_depth(x, stride), conv.weight, conv.stride, conv.padding, 1)
+    assert torch.equal(got, ref)
+    # the weights are a permutation of the original taps plus zeros
+    assert int(conv.weight.abs().sum()) == int(w.abs().sum())
+
+
+def test_stride2_stem_becomes_a_space_to_depth_conv_end_to_end():
+    pytest.importorskip("onnxruntime")
+    from fbnas.arch import Arch
+    from fbnas.latency.measured_int8 import calibrated_random_network
+    from fbnas.quant.onnx_graph import ort_session, qdq_graph, qlinear_graph
+    from fbnas.space import load_space
+
+    arch = Arch.from_space(load_space("fmnist"), ["ir_k3_e1", "ir_k3_e3", "shuffle_k3", "sqnxt_k3", "ir_k3_e3",
+                                                  "ir_k3_e6"], 8, 8)
+    integer = to_integer(calibrated_random_network(arch, calib_batch=8))
+    aligned, added = align_channels(integer)
+    assert added["space_to_depth"] == 2 and "input" not in added  # 1 channel -> 4 by the rearrangement, no pad
+    assert tuple(aligned.nodes["stem"].weight.shape) == (16, 4, 2, 2)
+    assert integer.input_node.space_to_depth == 1 and integer.nodes["stem"].stride == (2, 2)  # original untouched
+    x = torch.randn(6, 1, 28, 28)
+    rec_i, rec_a = {}, {}
+    with torch.no_grad():
+        li, la = integer(x, record=rec_i), aligned(x, record=rec_a)
+    assert torch.equal(li, la) and torch.equal(rec_i["stem"], rec_a["stem"])
+    exact = ort_session(qlinear_graph(aligned)).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_array_equal(exact, ort_session(qlinear_graph(integer)).run(None, {"input": x.numpy()})[0])
+    qdq = ort_session(qdq_graph(aligned)).run(None, {"input": x.numpy()})[0]
+    assert (qdq.argmax(1) == li.numpy().argmax(1)).all()

@@ -9,8 +9,13 @@ integer program itself:
   * a depthwise conv whose input comes only from a dense conv and whose output goes only to a dense conv gets
     zero channels up to the multiple: the producer writes them (zero weights and bias, so zero codes), the
     depthwise conv keeps them at zero, the consumer ignores them (zero weights);
-  * the first conv's input channels (1 for Fashion-MNIST) are padded to `min_input_channels` with zero channels
-    that the input quantizer appends (code = zero point, value 0) and zero weights.
+  * a strided first conv (the usual stride-2 stem) reads its input rearranged by ONNX SpaceToDepth (b x b
+    pixel blocks into channels) as a stride-1 conv with a ceil(k/b)-wide kernel and asymmetric padding: every
+    original tap lands on one (channel, tap) of the new kernel, the others are zero weights. Same accumulators,
+    and a 1-channel Fashion-MNIST stem becomes a 4-channel 2x2 conv (the fast kernel, a third of the taps);
+  * the first conv's input channels, if still not a multiple of `input_channel_multiple` (1 for a stride-1 Fashion-MNIST
+    stem), are padded with zero channels that the input quantizer appends (code = zero point, value 0) and zero
+    weights.
 
 Every padded channel is exactly zero, so logits (and every unpadded tensor) are bit-identical to the original
 program's; tests/test_quant_align.py checks that, and the ONNX export of the aligned net against onnxruntime.
@@ -22,10 +27,10 @@ import copy
 import torch
 
 from .fold import node_key
-from .integer import IntConv, IntegerNet
+from .integer import IntConv, IntegerNet, conv_pads
 
 DEFAULT_CHANNEL_MULTIPLE = 16
-DEFAULT_MIN_INPUT_CHANNELS = 4
+DEFAULT_INPUT_CHANNEL_MULTIPLE = 4
 
 
 def _pad_dim(t: torch.Tensor, dim: int, extra: int, fill_from_first: bool = False) -> torch.Tensor:
@@ -61,9 +66,10 @@ def _is_dense(node) -> bool:
 
 
 def align_channels(integer: IntegerNet, multiple: int = DEFAULT_CHANNEL_MULTIPLE,
-                   min_input_channels: int = DEFAULT_MIN_INPUT_CHANNELS) -> tuple[IntegerNet, dict[str, int]]:
-    """A copy of `integer` with zero channels added where onnxruntime's int8 kernels need them (module
-    docstring); returns (aligned net, {step name: channels added})."""
+                   input_channel_multiple: int = DEFAULT_INPUT_CHANNEL_MULTIPLE, space_to_depth: bool = True
+                   ) -> tuple[IntegerNet, dict[str, int]]:
+    """A copy of `integer` laid out for onnxruntime's int8 kernels (module docstring); returns (aligned net,
+    {step name: channels added, and "space_to_depth": block size if the first conv was rewritten})."""
     net = copy.deepcopy(integer)
     by_output = {st.output: st for st in net.steps}
     consumers: dict[str, list] = {}
@@ -99,9 +105,41 @@ def align_channels(integer: IntegerNet, multiple: int = DEFAULT_CHANNEL_MULTIPLE
     first = consumers.get(inp.output, [])
     if len(first) == 1 and first[0].kind == "conv" and _is_dense(node(first[0])):
         conv = node(first[0])
-        extra = min_input_channels - conv.weight.shape[1]
+        if space_to_depth:
+            block = _space_to_depth_first_conv(conv, net.arch.input_size)
+            if block > 1:
+                net.input_node.space_to_depth = block
+                added["space_to_depth"] = block
+        extra = -conv.weight.shape[1] % input_channel_multiple
         if extra > 0:
             conv.weight = _pad_dim(conv.weight, 1, extra)
             net.input_node.pad_channels = extra
             added[inp.name] = extra
     return net, added
+
+
+def _space_to_depth_first_conv(conv: IntConv, size: int) -> int:
+    """Rewrite a first conv of stride b > 1 (square, b dividing the input size) into the stride-1 conv over the
+    SpaceToDepth(b) input with the same accumulators (module docstring); returns b, or 1 if it does not apply.
+    Original tap a (offset a - pad from b*i) reads block row i + (a - pad) // b at phase (a - pad) % b."""
+    (sh, sw), (pt, pl, pb, pr) = conv.stride, conv_pads(conv.padding)
+    co, c, kh, kw = conv.weight.shape
+    b = sh
+    if b < 2 or sw != b or kh != kw or size % b or (pt, pl) != (pb, pr) or pt != pl:
+        return 1
+    pad = pt
+    out = (size + 2 * pad - kh) // b + 1
+    u_lo, u_hi = (-pad) // b, (kh - 1 - pad) // b
+    k2 = u_hi - u_lo + 1
+    w2 = conv.weight.new_zeros((co, c * b * b, k2, k2))
+    for a in range(kh):
+        u, p = (a - pad) // b - u_lo, (a - pad) % b
+        for a2 in range(kw):
+            v, q = (a2 - pad) // b - u_lo, (a2 - pad) % b
+            ch = (p * b + q) * c
+            w2[:, ch:ch + c, u, v] = conv.weight[:, :, a, a2]
+    bottom = max(0, (out - 1) + u_hi - (size // b - 1))
+    conv.weight = w2
+    conv.stride = (1, 1)
+    conv.padding = (-u_lo, -u_lo, bottom, bottom)
+    return b

@@ -64,15 +64,28 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, offset: int = 0) -> torch.Tenso
     return out
 
 
+def conv_pads(padding: Sequence[int]) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of a conv's padding given as (h, w) or as (top, left, bottom, right)."""
+    return (padding[0], padding[1], padding[0], padding[1]) if len(padding) == 2 else tuple(padding)
+
+
+def space_to_depth(x: torch.Tensor, block: int) -> torch.Tensor:
+    """ONNX SpaceToDepth: [N, C, H, W] -> [N, C*b*b, H/b, W/b], channel (row phase * b + column phase) * C + c."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
+    return x.reshape(n, c * block * block, h // block, w // block)
+
+
 def int_conv2d(x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int], groups: int,
                offset: int = 0) -> torch.Tensor:
-    """Exact integer conv2d: x [N, C, H, W] integer activations, w [Co, C/g, kh, kw] int8 -> int32 [N, Co, Ho, Wo]."""
+    """Exact integer conv2d: x [N, C, H, W] integer activations, w [Co, C/g, kh, kw] int8 -> int32 [N, Co, Ho, Wo].
+    padding: (h, w), or (top, left, bottom, right)."""
     n, c, h, wd = x.shape
     co, cig, kh, kw = w.shape
     sh, sw = stride
-    ph, pw = padding
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    xp = F.pad(x.to(torch.int32), (pw, pw, ph, ph))
+    pt, pl, pb, pr = conv_pads(padding)
+    ho, wo = (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1
+    xp = F.pad(x.to(torch.int32), (pl, pr, pt, pb))
     taps = [xp[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] for i in range(kh) for j in range(kw)]
     if cig == 1 and groups == c == co:  # depthwise: int32 multiply-adds per tap
         wt = w.to(torch.int32).reshape(co, kh * kw)
@@ -100,10 +113,13 @@ class IntInput(nn.Module):
         super().__init__()
         self.register_buffer("scale", scale.detach().double().reshape(()))
         self.lo, self.hi, self.rounding = lo, hi, rounding
+        self.space_to_depth = 1  # codes rearranged by ONNX SpaceToDepth for the first conv (quant.align)
         self.pad_channels = 0  # zero channels appended for int8 kernels (quant.align)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.clamp(round_float(x.double() / self.scale, self.rounding), self.lo, self.hi).to(torch.int32)
+        if self.space_to_depth > 1:
+            q = space_to_depth(q, self.space_to_depth)
         return F.pad(q, (0, 0, 0, 0, 0, self.pad_channels)) if self.pad_channels else q
 
 

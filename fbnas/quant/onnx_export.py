@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from .fold import node_key
-from .integer import IntConv, IntegerNet, IntLinear
+from .integer import IntConv, IntegerNet, IntLinear, conv_pads
 from .onnx_graph import ONNX_IR_VERSION, debug_codes, ort_session, qdq_graph, qlinear_graph
 
 CHECK_MODES = ("qlinear", "qdq", "accumulators")
@@ -66,9 +66,9 @@ class _OrtAccumulator(nn.Module):
                 self.sessions[key] = _session("MatMulInteger", x.dtype, x.shape, np.ascontiguousarray(w.T), {},
                                               self.opset)
             else:
-                ph, pw = self.node.padding
                 self.sessions[key] = _session("ConvInteger", x.dtype, x.shape, w,
-                                              {"pads": [ph, pw, ph, pw], "strides": list(self.node.stride),
+                                              {"pads": list(conv_pads(self.node.padding)),
+                                               "strides": list(self.node.stride),
                                                "group": self.node.groups}, self.opset)
         acc = torch.from_numpy(self.sessions[key].run(None, {"x": x})[0]).to(q.device)
         bias = self.node.bias if isinstance(self.node, IntLinear) else self.node.bias.view(1, -1, 1, 1)

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigError
 from .fold import FoldedConv, FoldedNet, Step, node_key
-from .integer import IntConv, IntegerNet, IntInput, IntLinear, IntMerge, IntPool
+from .integer import IntConv, IntegerNet, IntInput, IntLinear, IntMerge, IntPool, conv_pads
 
 ONNX_IR_VERSION = 10  # onnxruntime 1.17+ reads IR 10 (opset 21, int4); newer onnx writes 11 by default
 OPSET = 21
@@ -115,11 +115,12 @@ def _tensor_shapes(model: torch.nn.Module, x_shape: list) -> dict[str, tuple]:
         node = model.nodes[key] if key in model.nodes else None
         src = shapes[st.inputs[0]] if st.inputs else None
         if st.kind == "input":
-            shapes[st.output] = (x_shape[0] + getattr(node, "pad_channels", 0),) + tuple(x_shape[1:])
+            b = getattr(node, "space_to_depth", 1)
+            shapes[st.output] = (x_shape[0] * b * b + getattr(node, "pad_channels", 0), x_shape[1] // b, x_shape[2] // b)
         elif st.kind == "conv":
             co, _, kh, kw = node.weight.shape
-            (sh, sw), (ph, pw) = node.stride, node.padding
-            shapes[st.output] = (co, (src[1] + 2 * ph - kh) // sh + 1, (src[2] + 2 * pw - kw) // sw + 1)
+            (sh, sw), (pt, pl, pb, pr) = node.stride, conv_pads(node.padding)
+            shapes[st.output] = (co, (src[1] + pt + pb - kh) // sh + 1, (src[2] + pl + pr - kw) // sw + 1)
         elif st.kind == "concat":
             shapes[st.output] = (sum(shapes[t][0] for t in st.inputs),) + src[1:]
         elif st.kind == "split":
@@ -154,19 +155,21 @@ def _layout(g: _Graph, st: Step, name: str, shapes: dict) -> str:
     return _shuffle(g, name, shapes[st.inputs[0]], st.attrs["groups"], st.name)
 
 
-def _graph_input(g: _Graph, integer: IntegerNet) -> str:
-    """The float graph input, with the zero channels of an aligned net's input quantizer (quant.align) appended:
-    0.0 quantizes to the zero point, the code of 0."""
-    extra = integer.input_node.pad_channels
-    if not extra:
-        return "input"
-    return g.op("Pad", ["input", g.const("input.pads", np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64))], "input")
+def _input_layout(g: _Graph, integer: IntegerNet, codes: str, pad_value: Optional[str] = None) -> str:
+    """The input codes as an aligned net's first conv reads them (quant.align): rearranged by SpaceToDepth, then
+    zero channels appended (pad_value: the zero point, the code of 0)."""
+    node = integer.input_node
+    if node.space_to_depth > 1:
+        codes = g.op("SpaceToDepth", [codes], "input.s2d", blocksize=node.space_to_depth)
+    if node.pad_channels:
+        pads = g.const("input.pads", np.array([0, 0, 0, 0, 0, node.pad_channels, 0, 0], np.int64))
+        codes = g.op("Pad", [codes, pads] + ([pad_value] if pad_value else []), "input")
+    return codes
 
 
 def _conv_attrs(node) -> dict:
     w = node.weight
-    ph, pw = node.padding
-    return {"kernel_shape": list(w.shape[2:]), "pads": [ph, pw, ph, pw], "strides": list(node.stride),
+    return {"kernel_shape": list(w.shape[2:]), "pads": list(conv_pads(node.padding)), "strides": list(node.stride),
             "group": int(node.groups)}
 
 
@@ -266,7 +269,7 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: 
     extra: list = []
     debug_names: dict[str, tuple[str, int, Optional[float]]] = {}
 
-    def quantize(t: str, real: str, base: str, flatten: bool = False, pad_channels: int = 0) -> str:
+    def quantize(t: str, real: str, base: str, flatten: bool = False, layout_input: bool = False) -> str:
         """Q then DQ of a float tensor at tensor t's scale and levels; returns the dequantized name. flatten: the
         pooled (N, C, 1, 1) codes are flattened before the DQ, so that onnxruntime sees DQ -> Gemm and fuses the
         classifier into an integer QGemm."""
@@ -278,9 +281,8 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: 
         q = g.op("QuantizeLinear", [real, sc, z], f"{base}.q")
         if flatten:
             q = g.op("Flatten", [q], base, axis=1)
-        if pad_channels:  # an aligned input (quant.align): zero channels appended to the codes, the zero point
-            q = g.op("Pad", [q, g.const(f"{base}.pads", np.array([0, 0, 0, 0, 0, pad_channels, 0, 0], np.int64)), z],
-                     base)
+        if layout_input:  # an aligned net's input codes (quant.align)
+            q = _input_layout(g, integer, q, z)
         dq = g.op("DequantizeLinear", [q, sc, z], f"{base}.dq")
         if debug_outputs:  # the dequantized values (uint4 codes have no numpy type); codes = dq / scale
             extra.append((dq, TensorProto.FLOAT, shapes[t] + ((1, 1) if len(shapes[t]) == 1 and not flatten else ())))
@@ -304,7 +306,7 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: 
         key = node_key(st.name)
         node = integer.nodes[key] if key in integer.nodes else None
         if st.kind == "input":
-            env[st.output] = quantize(st.output, "input", "input", pad_channels=integer.input_node.pad_channels)
+            env[st.output] = quantize(st.output, "input", "input", layout_input=True)
         elif st.kind in ("conv", "linear"):
             s_acc = integer.acc_scales[st.name]
             s_in = integer.scales[st.inputs[0]]
@@ -396,9 +398,11 @@ def qlinear_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branch
         if st.kind == "input":
             lo, hi = integer.levels[st.output]
             _, zp, _ = _container((lo, hi), four_bit=False)
-            v = g.op("Cast", [_graph_input(g, integer)], "input", to=TensorProto.DOUBLE)
+            v = g.op("Cast", ["input"], "input", to=TensorProto.DOUBLE)
             v = g.op("Div", [v, g.const("input.scale", _f64(node.scale).reshape(()))], "input")
-            env[st.output] = (to_codes(round_(v, "input"), (lo, hi), zp, "input"), zp, integer.scales[st.output])
+            codes = to_codes(round_(v, "input"), (lo, hi), zp, "input")
+            zp_code = g.const("input.pad_value", np.array(zp, np.uint8))
+            env[st.output] = (_input_layout(g, integer, codes, zp_code), zp, integer.scales[st.output])
         elif st.kind == "conv":
             x, zp_in, s_in = env[st.inputs[0]]
             s_acc = integer.acc_scales[st.name]
