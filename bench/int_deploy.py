@@ -70,7 +70,7 @@ def main() -> None:
     arch8 = Arch.from_space(space, a.ops.split(","), 8, 8)
     data = load_dataset("fashion_mnist", train_subset=a.train_subset, test_subset=a.test_subset)
     base = dict(epochs=a.epochs, fold_epochs=a.fold_epochs, steps_per_epoch=a.steps, batch_size=a.batch_size,
-                lr=a.lr, device=a.device, act_clip=a.w8_act_clip)
+                lr=a.lr, accelerator=a.device, act_clip=a.w8_act_clip)
     runs = Path(a.runs)
     t0 = time.time()
     fp32 = train(arch8, data, TrainSettings(**base, quantized=False), runs / "fp32")

@@ -63,7 +63,7 @@ class TrainSettings:
     steps_per_epoch: int = 0  # 0 = whole epochs (a limit is for smoke tests)
     eval_batch_size: int = 500
     seed: int = 0
-    device: str = "cpu"
+    accelerator: str = "auto"  # auto | cpu | cuda | cuda:N (as in `fbnas search`)
 
     def check(self) -> None:
         check_rounding(self.rounding)
@@ -210,7 +210,9 @@ def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, r
     s.check()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(s.device)
+    from .search import resolve_device
+
+    device = resolve_device(s.accelerator)
     if device.type == "cuda":  # TF32 would make float convs on integer-valued tensors inexact
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -88,3 +88,19 @@ def test_mse_clipping_reaches_every_activation_quantizer_and_bad_mode_is_refused
     assert all(p.observer.clip_bits is None for p in points)
     with pytest.raises(ConfigError, match="act_clip"):
         TrainSettings(act_clip="percentile").check()
+
+
+def test_train_command_takes_accelerator_and_refuses_a_missing_gpu_in_one_line(run, tmp_path, capsys):
+    from fbnas.cli import main
+
+    _, arch, _, _, _ = run
+    arch.save(tmp_path / "arch.json")
+    common = [f"arch={tmp_path / 'arch.json'}", "data.name=synthetic", "epochs=1", "fold_epochs=1", "batch_size=32",
+              "steps_per_epoch=1", "calib_batches=1", "eval_batch_size=64"]
+    assert main(["train", *common, "accelerator=cpu", f"hydra.run.dir={tmp_path / 'cpu'}"]) == 0
+    assert json.loads((tmp_path / "cpu" / "metrics.json").read_text())["settings"]["accelerator"] == "cpu"
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert main(["train", *common, "accelerator=cuda", f"hydra.run.dir={tmp_path / 'gpu'}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "accelerator" in err and "\n" not in err and not (tmp_path / "gpu" / "metrics.json").exists()
