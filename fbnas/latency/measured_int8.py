@@ -9,7 +9,8 @@ to ~3x the unprofiled run).
 
 So ops are timed by difference, in context. A base network (`skip` in every layer, or the candidate with the
 fewest MACs, at the space's highest bits) is timed once; for every layer i, op X and bits, the network with
-layer i replaced by X is timed interleaved with the base, and X costs base_i + (wall(with X) - wall(base)) there.
+layer i replaced by X is run alternately with the base, and X costs base_i plus the median of the paired
+differences wall(with X) - wall(base) there (pairs cancel slow spells of the machine).
 base_i, like the stem, head, pool and classifier, is the base network's unprofiled wall time split over its
 parts in proportion to their profiled kernel times. A key used by several layers keeps the median. Differences
 are what the search's latency term sees (a constant per layer does not move it); sums of entries predict the
@@ -116,6 +117,11 @@ def _feed(model, batch: int, seed: int = 0) -> dict:
 def time_interleaved(models: list, batch: int, threads: int, warmup: int, repeats: int) -> list[Stats]:
     """Wall time (ms) of each model, runs interleaved round-robin so that drift and background load hit all
     alike."""
+    return [Stats.of(t) for t in run_interleaved(models, batch, threads, warmup, repeats)]
+
+
+def run_interleaved(models: list, batch: int, threads: int, warmup: int, repeats: int) -> list[list[float]]:
+    """The wall time (ms) of every timed run of each model, runs interleaved round-robin."""
     sessions = [ort_session(m, threads) for m in models]
     feeds = [_feed(m, batch) for m in models]
     for _ in range(warmup):
@@ -127,7 +133,7 @@ def time_interleaved(models: list, batch: int, threads: int, warmup: int, repeat
             t0 = time.perf_counter_ns()
             s.run(None, f)
             t.append((time.perf_counter_ns() - t0) / 1e6)
-    return [Stats.of(t) for t in times]
+    return times
 
 
 def profiled_kernel_ms(model, batch: int, threads: int, warmup: int, repeats: int) -> dict[str, float]:
@@ -207,27 +213,30 @@ class OrtInt8Device(DeviceModel):
         w, r = self._reps(warmup, repeats)
         base = self.base_arch(space)
         base_graph = int8_graph(base)
-        (base_wall,) = time_interleaved([base_graph], self.p.batch, self.device.threads, w, r)
-        base_ms = split_wall(base_wall.p50, profiled_kernel_ms(base_graph, self.p.batch, self.device.threads, w, r))
-        measured: dict[str, list[Stats]] = {}
-        networks = 1
-        for part, sig in arch_signatures(base):
-            ms = base_ms.get(part, 0.0)
-            measured.setdefault(sig.key, []).append(_shift(base_wall, ms - base_wall.p50))
+        base_runs = run_interleaved([base_graph], self.p.batch, self.device.threads, w, r)[0]
+        diffs: list[tuple[str, str, Stats]] = []  # (key, part, paired difference to the base)
         variants = [(i, op, wb, ab) for i in range(len(base.layers)) for op in space.candidates
                     for wb in space.w_bits for ab in space.a_bits]
         for n, (i, op, wb, ab) in enumerate(variants):
             layers = list(base.layers)
             layers[i] = replace(layers[i], op=op, w_bits=wb, a_bits=ab)
-            arch = replace(base, layers=tuple(layers))
-            sig = dict(arch_signatures(arch))[f"layers.{i}"]
             if layers[i] == base.layers[i]:
                 continue  # the base network's own layer: its share of the base
-            networks += 1
-            base_t, with_t = time_interleaved([base_graph, int8_graph(arch)], self.p.batch, self.device.threads, w, r)
-            measured.setdefault(sig.key, []).append(_shift(with_t, base_ms.get(f"layers.{i}", 0.0) - base_t.p50))
+            arch = replace(base, layers=tuple(layers))
+            base_t, with_t = run_interleaved([base_graph, int8_graph(arch)], self.p.batch, self.device.threads, w, r)
+            base_runs += base_t
+            diff = Stats.of([b - a for a, b in zip(base_t, with_t)])  # paired: a slow spell hits both runs
+            diffs.append((dict(arch_signatures(arch))[f"layers.{i}"].key, f"layers.{i}", diff))
             if progress:
-                progress(n + 1, len(variants), f"layers.{i} {op} w{wb}a{ab}: {with_t.p50 - base_t.p50:+.4f} ms")
+                progress(n + 1, len(variants), f"layers.{i} {op} w{wb}a{ab}: {diff.p50:+.4f} ms")
+        base_wall = Stats.of(base_runs)  # every base run of the build
+        base_ms = split_wall(base_wall.p50, profiled_kernel_ms(base_graph, self.p.batch, self.device.threads, w, r))
+        measured: dict[str, list[Stats]] = {}
+        for part, sig in arch_signatures(base):
+            ms = base_ms.get(part, 0.0)
+            measured.setdefault(sig.key, []).append(Stats(ms, ms, ms, base_wall.n))
+        for key, part, diff in diffs:
+            measured.setdefault(key, []).append(_shift(diff, base_ms.get(part, 0.0)))
         missing = sorted(set(signatures) - set(measured))
         if missing:
             raise ConfigError(f"the int8 networks of space {space.name} do not cover {len(missing)} keys, e.g. "
@@ -241,12 +250,13 @@ class OrtInt8Device(DeviceModel):
             device=device.name, source="measured", entries=entries, threads=device.threads, space=space.name,
             backend={"name": "ort_int8", "versions": backend_versions("ort")},
             calibration={"notes": "int8 QDQ graphs as `fbnas export` writes them, timed whole in onnxruntime: each "
-                                  "layer variant as the difference to a base network (interleaved runs), the base "
-                                  "split over its parts by profiled kernel time; median over layers sharing a key",
+                                  "layer variant as the median paired difference to a base network (alternate runs), the "
+                                  "base (all its runs) split over its parts by profiled kernel time; median over "
+                                  "layers sharing a key",
                          "warmup": w, "repeats": r, "batch": self.p.batch,
                          "base_arch": [f"{l.op} w{l.w_bits}a{l.a_bits}" for l in base.layers],
                          "base_wall_ms_p50": round(base_wall.p50, 4),
-                         "networks_timed": networks},
+                         "networks_timed": 1 + len(diffs)},
             device_config=device.to_dict())
 
 
