@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import logging
 import re
 import statistics
 import tempfile
@@ -40,8 +39,6 @@ from .keys import OpSignature, arch_signatures
 from .measured import Stats, backend_versions
 from ..quant.onnx_graph import ort_session
 
-log = logging.getLogger("fbnas.latency")
-
 _PART_RE = re.compile(r"^(?:(?P<layer>layers\.\d+)|(?P<stem>stem|input)|head\.(?P<head>conv|pool|classifier))[.:_]")
 _HEAD_PARTS = {"conv": "head", "pool": "pool", "classifier": "classifier"}
 
@@ -49,7 +46,7 @@ _HEAD_PARTS = {"conv": "head", "pool": "pool", "classifier": "classifier"}
 @dataclass(frozen=True)
 class OrtInt8Params:
     warmup: int = 20     # untimed runs before timing
-    repeats: int = 100   # timed runs (profiled, then again unprofiled for the wall time)
+    repeats: int = 100   # timed runs of each network (and of the base beside it)
     batch: int = 1
 
 
@@ -261,4 +258,4 @@ class OrtInt8Device(DeviceModel):
 
 
 register_device_type("ort_int8", OrtInt8Params, OrtInt8Device, analytic=False,
-                     doc="this machine's CPU running the exported int8 (QDQ) graphs in onnxruntime, profiled per part")
+                     doc="this machine's CPU running the exported int8 (QDQ) graphs in onnxruntime, ops timed in context")

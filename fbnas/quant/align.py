@@ -131,6 +131,9 @@ def _space_to_depth_first_conv(conv: IntConv, size: int) -> int:
     out = (size + 2 * pad - kh) // b + 1
     u_lo, u_hi = (-pad) // b, (kh - 1 - pad) // b
     k2 = u_hi - u_lo + 1
+    bottom = max(0, (out - 1) + u_hi - (size // b - 1))
+    if size // b - u_lo + bottom - k2 + 1 != out:  # the rewritten conv would not give the same output size
+        return 1
     w2 = conv.weight.new_zeros((co, c * b * b, k2, k2))
     for a in range(kh):
         u, p = (a - pad) // b - u_lo, (a - pad) % b
@@ -138,7 +141,6 @@ def _space_to_depth_first_conv(conv: IntConv, size: int) -> int:
             v, q = (a2 - pad) // b - u_lo, (a2 - pad) % b
             ch = (p * b + q) * c
             w2[:, ch:ch + c, u, v] = conv.weight[:, :, a, a2]
-    bottom = max(0, (out - 1) + u_hi - (size // b - 1))
     conv.weight = w2
     conv.stride = (1, 1)
     conv.padding = (-u_lo, -u_lo, bottom, bottom)
