@@ -37,6 +37,7 @@ class QuantizeConfig:
     mode: str = "qlinear"  # onnx: qlinear | qdq | accumulators
     lsb_samples: int = 1000  # onnx qlinear/qdq: images whose every tensor is compared (top-1 uses all `samples`)
     exact_branches: bool = False  # onnx: requantize add/concat branches exactly (slower graph; see onnx_graph)
+    align: bool = True  # onnx: check (and write) the int8-kernel layout that `fbnas export` ships (quant.align)
     bits: list = field(default_factory=lambda: [8, 4])  # compare: naive-vs-integer at these w/a bits
     data: QuantizeData = field(default_factory=QuantizeData)
     hessian: str = ""  # ilp: fbnas-hessian/1 traces (else weight perturbation of `weights`)

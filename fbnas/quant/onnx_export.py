@@ -214,7 +214,8 @@ def format_graph_check(res: dict) -> str:
 
 def onnx_command(cfg, weights, arch, test_images) -> None:
     """`fbnas quantize onnx mode=qlinear|qdq|accumulators`: the onnxruntime checks on `samples` test images
-    (0 = the whole test set); `out=<file>.onnx` also writes the checked graph (qlinear or qdq)."""
+    (0 = the whole test set), of the channel-aligned graph unless align=false; `out=<file>.onnx` also writes the
+    checked graph (qlinear or qdq)."""
     from .artifacts import load_folded
     from .integer import to_integer
     from .onnx_graph import export_graph, save_onnx
@@ -224,6 +225,11 @@ def onnx_command(cfg, weights, arch, test_images) -> None:
     folded = load_folded(weights, arch, cfg.arch)
     folded.set_rounding(cfg.rounding)
     integer = to_integer(folded)
+    if getattr(cfg, "align", True):  # the layout `fbnas export` ships; logits are bit-identical to the plain net's
+        from .align import align_channels
+
+        integer, added = align_channels(integer)
+        print(f"checking the channel-aligned graph (as `fbnas export` writes it): {added or 'nothing to align'}")
     x = test_images(cfg, cfg.samples)
     if cfg.mode == "accumulators":
         res = check_with_onnxruntime(integer, x, cfg.opset)
