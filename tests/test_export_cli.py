@@ -2,6 +2,7 @@
 limit, `fbnas quantize onnx mode=qlinear`, `fbnas export` with chosen formats."""
 import json
 
+import onnx
 import pytest
 
 from fbnas.cli import main
@@ -42,7 +43,12 @@ def test_quantize_ilp_infeasible_latency_is_one_line(run, capsys):
 def test_quantize_onnx_qlinear_on_fashion_mnist(run, capsys):
     onnx_path = run / "model_qlinear.onnx"
     assert main(["quantize", "onnx", f"run={run}", "mode=qlinear", "samples=64", f"out={onnx_path}"]) == 0
-    assert "PASS" in capsys.readouterr().out and onnx_path.is_file()
+    out = capsys.readouterr().out
+    assert "PASS" in out and onnx_path.is_file() and "channel-aligned" in out  # the graph `fbnas export` ships
+    shipped = onnx.load(str(onnx_path))
+    assert any(n.op_type == "Pad" for n in shipped.graph.node)  # fmnist28's stride-1 stem: input padded to 4 channels
+    assert main(["quantize", "onnx", f"run={run}", "mode=qlinear", "samples=64", "align=false"]) == 0
+    assert "channel-aligned" not in capsys.readouterr().out
 
 
 def test_export_selected_formats(run):
