@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .accelerator import resolve_device
 from .arch import Arch
 from .config import SearchConfig
 from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
@@ -43,17 +44,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"field 'accelerator' is {name!r} but no CUDA device is available; use accelerator=cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"field 'accelerator' is {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 class LatencyModel:

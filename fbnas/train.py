@@ -25,6 +25,7 @@ from .arch import Arch
 from .data import DataBundle, make_loader
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .io import append_jsonl, atomic_path, atomic_write_json
+from .accelerator import resolve_device
 from .model import build_model
 from .quant.artifacts import load_supernet_into, load_unfolded_into, save_integer, save_state
 from .quant.dyadic import check_rounding
@@ -210,8 +211,6 @@ def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, r
     s.check()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from .search import resolve_device
-
     device = resolve_device(s.accelerator)
     if device.type == "cuda":  # TF32 would make float convs on integer-valued tensors inexact
         torch.backends.cudnn.allow_tf32 = False

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..accelerator import resolve_device
 from ..errors import CheckpointError, ConfigError
 from .estimator import DEFAULT_MAX_PROBES, DEFAULT_MIN_PROBES, TraceResult, hutchinson_traces
 from .groups import child_groups, supernet_groups
@@ -39,14 +40,6 @@ class HessianRunConfig:
     bits: Optional[list] = None  # bit-widths for omega; default: the space's weight bits
     plot: bool = True
     threads: int = 0  # >0: torch.set_num_threads
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"field 'accelerator' is {name!r} but CUDA is not available; use accelerator=cpu")
-    return torch.device(name)
 
 
 def _load_child(cfg: HessianRunConfig) -> tuple[nn.Module, str]:
@@ -132,7 +125,7 @@ def run_hessian(cfg: HessianRunConfig) -> tuple[dict, list[Path], TraceResult]:
         raise ConfigError("fields 'batches' and 'batch_size' must be >= 1")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.accelerator)
+    device = resolve_device(cfg.accelerator)
     search_conf: dict = {}
     if cfg.checkpoint:
         model, space_name, search_conf = _load_supernet(cfg)
