@@ -16,20 +16,16 @@ Weights are random (timing does not depend on their values) unless --weights giv
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
-
-import numpy as np
 
 from fbnas import Arch, load_space
 from fbnas.arch import load_arch
 from fbnas.io import atomic_write_text
 from fbnas.latency.measured import _cpu_name
-from fbnas.latency.measured_int8 import calibrated_random_network
+from fbnas.latency.measured_int8 import calibrated_random_network, time_interleaved
 from fbnas.quant.align import align_channels
 from fbnas.quant.integer import to_integer
-from fbnas.quant.onnx_graph import fp32_graph, ort_session, qdq_graph, qlinear_graph
+from fbnas.quant.onnx_graph import fp32_graph, qdq_graph, qlinear_graph
 
 ARCHS = {  # name: (space, ops per layer)
     "fmnist": ("fmnist", "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3"),
@@ -63,20 +59,9 @@ def build_models(name: str, bits: int | None, weights: str = "") -> tuple[Arch, 
                   "qlinear_aligned": qlinear_graph(aligned)}
 
 
-def time_models(models: dict, batch: int, shape: tuple, threads: int, warmup: int, repeats: int) -> dict:
-    sessions = {k: ort_session(m, threads=threads) for k, m in models.items()}
-    x = np.random.default_rng(0).standard_normal((batch,) + shape).astype(np.float32)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(warmup):
-        for s in sessions.values():
-            s.run(None, {"input": x})
-    for _ in range(repeats):
-        for k, s in sessions.items():  # round-robin: background load hits every model alike
-            t0 = time.perf_counter()
-            s.run(None, {"input": x})
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: {"p50": statistics.median(v), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
-            for k, v in times.items()}
+def time_models(models: dict, batch: int, threads: int, warmup: int, repeats: int) -> dict:
+    """{name: Stats (ms)} of each model, runs interleaved round-robin (background load hits every model alike)."""
+    return dict(zip(models, time_interleaved(list(models.values()), batch, threads, warmup, repeats)))
 
 
 def main() -> None:
@@ -105,14 +90,13 @@ def main() -> None:
         label = name
         if name.endswith(".json"):  # a found architecture: its ops and bits
             label = f"{name}: " + ", ".join(f"{l.op} w{l.w_bits}a{l.a_bits}" for l in arch.layers)
-        shape = (arch.in_channels, arch.input_size, arch.input_size)
         for batch in (int(b) for b in a.batches.split(",")):
-            r = time_models(models, batch, shape, a.threads, a.warmup, a.repeats)
-            cell = {k: f"{v['p50']:.3f} [{v['p10']:.3f}, {v['p90']:.3f}]" for k, v in r.items()}
+            r = time_models(models, batch, a.threads, a.warmup, a.repeats)
+            cell = {k: f"{v.p50:.3f} [{v.p10:.3f}, {v.p90:.3f}]" for k, v in r.items()}
             int8 = ("qdq", "qdq_aligned", "qlinear_aligned")
             lines.append(f"| {label} ({arch.macs() / 1e6:.1f} M MACs) | {batch} | {cell['fp32']} | "
                          + " | ".join(cell[k] for k in int8) + " | "
-                         + " | ".join(f"{r['fp32']['p50'] / r[k]['p50']:.2f}x" for k in int8) + " |")
+                         + " | ".join(f"{r['fp32'].p50 / r[k].p50:.2f}x" for k in int8) + " |")
             print(lines[-1], flush=True)
     lines += ["", "Ratios > 1 mean the int8 model is faster. Command: `python bench/onnx_int8_speed.py "
                   f"--archs {a.archs} --batches {a.batches} --threads {a.threads} --repeats {a.repeats}`"]

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..quant.onnx_graph import ort_session
 from .devices import Device, DeviceModel, register_device_type
 from .keys import OpSignature, unique_shapes
 
@@ -173,18 +174,6 @@ def _cuda_graph(module: nn.Module, x: torch.Tensor, unroll: int) -> Callable[[],
         for _ in range(unroll):
             module(x)
     return graph.replay
-
-
-def ort_session(model_bytes: bytes, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 def time_ort(module: nn.Module, example: torch.Tensor, threads: int, warmup: int, repeats: int) -> Stats:

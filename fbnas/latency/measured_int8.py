@@ -34,10 +34,10 @@ import torch
 
 from ..arch import Arch
 from ..errors import ConfigError
+from ..quant.onnx_graph import ort_session
 from .devices import Device, DeviceModel, register_device_type
 from .keys import OpSignature, arch_signatures
 from .measured import Stats, backend_versions
-from ..quant.onnx_graph import ort_session
 
 _PART_RE = re.compile(r"^(?:(?P<layer>layers\.\d+)|(?P<stem>stem|input)|head\.(?P<head>conv|pool|classifier))[.:_]")
 _HEAD_PARTS = {"conv": "head", "pool": "pool", "classifier": "classifier"}

@@ -254,7 +254,6 @@ def mse_clip_range(x: torch.Tensor, span: torch.Tensor, bits: int, signed: bool)
     return clips[err.argmin()]
 
 
-
 _DEFERRED: Optional[dict[int, tuple["ActQuantizer", torch.Tensor]]] = None
 
 

@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from .fold import node_key
-from .integer import IntConv, IntegerNet, IntLinear, conv_pads
-from .onnx_graph import ONNX_IR_VERSION, debug_codes, ort_session, qdq_graph, qlinear_graph
+from .integer import IntConv, IntegerNet, IntLinear
+from .onnx_graph import ONNX_IR_VERSION, conv_attrs, debug_codes, ort_session, qdq_graph, qlinear_graph
 
 CHECK_MODES = ("qlinear", "qdq", "accumulators")
 MAX_MISMATCH_FRACTION = 1e-4
@@ -66,10 +66,7 @@ class _OrtAccumulator(nn.Module):
                 self.sessions[key] = _session("MatMulInteger", x.dtype, x.shape, np.ascontiguousarray(w.T), {},
                                               self.opset)
             else:
-                self.sessions[key] = _session("ConvInteger", x.dtype, x.shape, w,
-                                              {"pads": list(conv_pads(self.node.padding)),
-                                               "strides": list(self.node.stride),
-                                               "group": self.node.groups}, self.opset)
+                self.sessions[key] = _session("ConvInteger", x.dtype, x.shape, w, conv_attrs(self.node), self.opset)
         acc = torch.from_numpy(self.sessions[key].run(None, {"x": x})[0]).to(q.device)
         bias = self.node.bias if isinstance(self.node, IntLinear) else self.node.bias.view(1, -1, 1, 1)
         return acc + bias
@@ -225,7 +222,7 @@ def onnx_command(cfg, weights, arch, test_images) -> None:
     folded = load_folded(weights, arch, cfg.arch)
     folded.set_rounding(cfg.rounding)
     integer = to_integer(folded)
-    if getattr(cfg, "align", True):  # the layout `fbnas export` ships; logits are bit-identical to the plain net's
+    if cfg.align:  # the layout `fbnas export` ships; logits are bit-identical to the plain net's
         from .align import align_channels
 
         integer, added = align_channels(integer)

@@ -167,7 +167,7 @@ def _input_layout(g: _Graph, integer: IntegerNet, codes: str, pad_value: Optiona
     return codes
 
 
-def _conv_attrs(node) -> dict:
+def conv_attrs(node) -> dict:
     w = node.weight
     return {"kernel_shape": list(w.shape[2:]), "pads": list(conv_pads(node.padding)), "strides": list(node.stride),
             "group": int(node.groups)}
@@ -189,7 +189,7 @@ def fp32_graph(folded: FoldedNet):
         elif st.kind == "conv":
             w = g.const(f"{st.name}.weight", _f32(node.weight))
             b = g.const(f"{st.name}.bias", _f32(node.bias))
-            y = g.op("Conv", [env[st.inputs[0]], w, b], st.name, **_conv_attrs(node))
+            y = g.op("Conv", [env[st.inputs[0]], w, b], st.name, **conv_attrs(node))
             if node.relu and not node.raw:
                 y = g.op("Relu", [y], st.name)
             env[st.output] = y
@@ -327,7 +327,7 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: 
             if st.kind == "linear":
                 g.nodes.append(_gemm(g, x, w_dq, b_dq, st.name, "logits"))
                 continue
-            y = g.op("Conv", [x, w_dq, b_dq], st.name, **_conv_attrs(node))
+            y = g.op("Conv", [x, w_dq, b_dq], st.name, **conv_attrs(node))
             # a ReLU is the quantizer's saturation at zero point 0 (levels [0, hi])
             env[st.output] = quantize_branch(st.output, y, st.name) if node.raw else quantize(st.output, y, st.name)
         elif st.kind in ("add", "concat"):
@@ -409,7 +409,7 @@ def qlinear_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branch
             if node.raw and exact_branches:  # int32 accumulator, requantized exactly by the merge
                 acc = g.op("ConvInteger", [x, g.const(f"{st.name}.weight_q", node.weight.cpu().numpy().astype(np.int8)),
                                            g.const(f"{st.name}.x_zp", np.array(zp_in, np.uint8))], st.name,
-                           **_conv_attrs(node))
+                           **conv_attrs(node))
                 bias = node.bias.cpu().numpy().astype(np.int32).reshape(1, -1, 1, 1)
                 env[st.output] = (g.op("Add", [acc, g.const(f"{st.name}.bias_q", bias)], st.name), None, s_acc)
                 continue
@@ -425,7 +425,7 @@ def qlinear_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branch
                                      g.const(f"{st.name}.w_zp", np.zeros(node.weight.shape[0], np.int8)),
                                      *qparams(f"{st.name}.y", s_out, zp),
                                      g.const(f"{st.name}.bias_q", node.bias.cpu().numpy().astype(np.int32))],
-                     st.name, **_conv_attrs(node))
+                     st.name, **conv_attrs(node))
             if levels is not None:
                 y = clip_levels(y, levels, zp, st.name)
                 qlinear_tensors.append(st.output)
