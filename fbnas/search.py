@@ -73,6 +73,13 @@ class LatencyModel:
         return float(expected_cost(self.matrix.double(), ops, ws, as_)) + self.fixed_ms
 
 
+def device_space(space: SearchSpace, device: Any) -> SearchSpace:
+    """The space with the bit choices the device's runtime runs (its `bits`); the others are never offered."""
+    from .latency import load_device
+
+    return space.with_bits(*load_device(device).search_bits(space.w_bits, space.a_bits))
+
+
 class Searcher:
     def __init__(self, cfg: SearchConfig, out_dir: str | Path):
         self.cfg = cfg
@@ -84,7 +91,7 @@ class Searcher:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
-        self.space = load_space(cfg.space)
+        self.space = device_space(load_space(cfg.space), cfg.device_file or cfg.device)
         self.latency = LatencyModel(self.space, cfg.device_file or cfg.device, cfg.lut)
         self.data = self._load_data()
         self.supernet = Supernet(self.space, mode=cfg.mode, quantized=cfg.quantized, tau=cfg.tau,
@@ -313,7 +320,8 @@ class Searcher:
                     "supernet": self.supernet.generator.get_state(), "sampler": self.supernet.sampler_state(),
                     "w_loader": getattr(self.w_loader, "state_dict", lambda: None)(),
                     "a_loader": getattr(self.a_loader, "state_dict", lambda: None)()},
-            "space": self.space.name, "device": self.latency.device_name, "config": dataclasses.asdict(self.cfg),
+            "space": self.space.name, "space_bits": [list(self.space.w_bits), list(self.space.a_bits)],
+            "device": self.latency.device_name, "config": dataclasses.asdict(self.cfg),
             "fbnas_version": __version__,
         }
 

@@ -6,7 +6,7 @@ error names the file and the field.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,10 @@ class SearchSpace:
                 size = conv_out_size(size, stride)
                 c_in = stage.channels
         return out
+
+    def with_bits(self, w_bits: tuple[int, ...], a_bits: tuple[int, ...]) -> "SearchSpace":
+        """The same space with fewer bit choices (those a device's runtime runs)."""
+        return replace(self, w_bits=tuple(w_bits), a_bits=tuple(a_bits))
 
     @property
     def num_layers(self) -> int:

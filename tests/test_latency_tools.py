@@ -2,14 +2,17 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+import fbnas
+
 from fbnas.arch import Arch
 from fbnas.cli import main as cli
 from fbnas.errors import LatencyTableError
-from fbnas.latency import arch_latency, build_table, get_table, load_table, space_keys
+from fbnas.latency import arch_latency, build_table, get_table, load_device, load_table, space_keys
 from fbnas.latency.keys import parse_key, space_signatures
 from fbnas.latency.measured import exportable, signature_module, time_module
 from fbnas.latency.transfer import export_ops, import_csv
@@ -199,16 +202,48 @@ def test_time_module_percentiles():
 # ------------------------------------------------------------------------------------ calibration
 
 def test_calibration_targets_hold_for_shipped_devices():
-    from fbnas.latency.calibration import DEFAULT_ANCHORS, check_model_targets, check_pixel3_ranks
     from fbnas.latency import load_device
+    from fbnas.latency.calibration import check_model_targets, check_pixel3_ranks
 
-    if not (DEFAULT_ANCHORS / "model_anchors.csv").is_file():
-        pytest.skip("shared/latency_anchors not present")
-    results = check_model_targets(DEFAULT_ANCHORS) + check_pixel3_ranks(DEFAULT_ANCHORS, load_device("sd835"), 1000)
+    results = check_model_targets() + check_pixel3_ranks(load_device("sd835"), 1000)
     failed = [(r.name, r.value) for r in results if not r.ok]
     assert not failed
     macs, fp32 = results[-3].value, results[-2].value
     assert fp32 > macs + 0.02
+
+
+def test_whole_model_data_ships_with_the_package_and_every_network_traces():
+    from fbnas.latency.calibration import WHOLE_MODEL_CSV, net_macs, whole_model_measurements
+    from fbnas.latency.reference_nets import reference_net_names
+
+    assert WHOLE_MODEL_CSV.is_relative_to(Path(fbnas.__file__).parent)
+    rows = whole_model_measurements()
+    assert {m.soc for m in rows} == {"Snapdragon 835", "Apple A11"} and all(m.ms > 0 and m.source for m in rows)
+    assert {m.model for m in rows} <= set(reference_net_names())
+    # traced MACs equal the published counts of these networks (millions)
+    published = {"resnet18": 1814, "resnet50": 4089, "mobilenet_v2": 301, "vgg16": 15470, "mobilenet_v1": 569,
+                 "shufflenet_v2_x1_0": 146, "efficientnet_b0": 386}
+    for net, mmacs in published.items():
+        assert net_macs(net) / 1e6 == pytest.approx(mmacs, rel=0.01), net
+
+
+def test_whole_model_fit_recovers_its_own_constants():
+    """Measurements made by a known model are fitted back to that model's constants."""
+    from dataclasses import replace
+
+    from fbnas.latency.calibration import FITS, Measurement, fit_device, net_ms
+    from fbnas.latency.analytic import AnalyticCPU
+
+    spec = FITS["sd835"]
+    spec = replace(spec, fields=("eff_pw", "eff_dw", "t_op_us"), lower=(0.05, 0.02, 1.0), upper=(1.0, 1.0, 100.0))
+    truth = replace(load_device("sd835").params, eff_pw=0.6, eff_dw=0.3, t_op_us=20.0)
+    nets = ["mobilenet_v1", "mobilenet_v2", "resnet18", "squeezenet1_1", "shufflenet_v2_x1_0"]
+    rows = [Measurement("d", spec.soc, 1, spec.reference_framework, n, "fp32", 224,
+                        net_ms(AnalyticCPU(truth), n), "synthetic") for n in nets]
+    fit = fit_device(spec, rows)
+    assert fit.params["eff_pw"] == pytest.approx(0.6, rel=1e-3)
+    assert fit.params["eff_dw"] == pytest.approx(0.3, rel=1e-3)
+    assert fit.params["t_op_us"] == pytest.approx(20.0, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------ measured int8 (onnxruntime)

@@ -42,6 +42,8 @@ def test_search_writes_arch_metrics_checkpoint(search_run):
     assert len(arch["layers"]) == 6
     assert arch["predicted"]["sd835"]["latency_ms"] > 0
     assert arch["provenance"]["lut_sha256"] and arch["provenance"]["device"] == "sd835"
+    # the sd835 runtime runs W8A8 only (conf/device/sd835.yaml `bits`): the search offers nothing else
+    assert {(l["w_bits"], l["a_bits"]) for l in arch["layers"]} == {(8, 8)}
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
     assert (out / "checkpoints" / "last.pt").is_file()
@@ -86,7 +88,7 @@ def test_bad_input_one_line_exit_2_no_output(case, tmp_path):
         expect = "bit-widths must be integers in 1..8"
     elif case == "lut_missing_keys":
         lut = json.loads((REPO / "latency_tables" / "fmnist__sd835.json").read_text())
-        dropped = sorted(k for k in lut["entries"] if k.startswith("ir_k3_e6"))[:3]
+        dropped = sorted(k for k in lut["entries"] if k.startswith("ir_k3_e6") and k.endswith("w8a8"))[:3]
         for k in dropped:
             del lut["entries"][k]
         p = tmp_path / "partial.json"

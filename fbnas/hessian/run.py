@@ -81,7 +81,10 @@ def _load_supernet(cfg: HessianRunConfig) -> tuple[nn.Module, str, dict]:
     if not isinstance(state, dict) or "supernet" not in state or "space" not in state:
         raise CheckpointError(f"{path}: not an fbnas search checkpoint (needs keys 'supernet' and 'space')")
     conf = state.get("config") or {}
-    net = Supernet(load_space(state["space"]), mode=conf.get("mode", "soft"), quantized=conf.get("quantized", True))
+    space = load_space(state["space"])
+    if "space_bits" in state:  # the bit choices the search offered on its device
+        space = space.with_bits(*state["space_bits"])
+    net = Supernet(space, mode=conf.get("mode", "soft"), quantized=conf.get("quantized", True))
     try:
         net.load_state_dict(state["supernet"])
     except RuntimeError:

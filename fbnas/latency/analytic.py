@@ -20,9 +20,10 @@ Bit-serial accelerator, per kernel (cycles at freq):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..blocks import KernelSpec
-from .devices import DeviceModel, register_device_type
+from .devices import BitSupport, DeviceModel, register_device_type
 
 FP32_BITS = 32
 
@@ -58,14 +59,19 @@ class CPUParams:
     bandwidth_gbs: float        # achievable memory bandwidth (GB/s), shared by all threads
     t_op_us: float              # per fused-kernel overhead (dispatch, setup, packing)
     thread_efficiency: float    # each extra thread adds this fraction of one core
+    eff_conv3x3: Optional[float] = None  # dense 3x3 stride-1 convs (Winograd: can exceed 1 per direct MAC);
+                                         # default eff_conv
+    qdq_ns_per_elem: float = 1.0         # fp32 fallback of a bit pair the runtime has no kernel for
 
 
 class AnalyticCPU(DeviceModel):
     analytic = True
 
-    def __init__(self, params: CPUParams, threads: int = 1):
+    def __init__(self, params: CPUParams, threads: int = 1, bit_support: BitSupport = BitSupport()):
         self.p = params
         self.threads = threads
+        self.bit_support = bit_support
+        self.qdq_ns_per_elem = params.qdq_ns_per_elem
         speedup = 1.0 + (threads - 1) * params.thread_efficiency
         self.peak_macs_per_s = params.freq_ghz * 1e9 * params.simd_lanes * params.vector_pipes * speedup
 
@@ -73,6 +79,8 @@ class AnalyticCPU(DeviceModel):
         p = self.p
         kind = "pw" if k.kind == "conv" and k.kh == k.kw == 1 else k.kind
         eff = {"pw": p.eff_pw, "dw": p.eff_dw, "conv": p.eff_conv, "linear": p.eff_linear}[kind]
+        if kind == "conv" and k.kh == k.kw == 3 and k.stride == 1 and k.groups == 1 and p.eff_conv3x3:
+            eff = p.eff_conv3x3
         if not fp32:
             eff *= {"pw": p.int8_speedup_pw, "dw": p.int8_speedup_dw, "conv": p.int8_speedup_conv,
                     "linear": p.int8_speedup_linear}[kind]
@@ -89,7 +97,7 @@ class AnalyticCPU(DeviceModel):
         return (max(compute_s, memory_s) + extra_s + p.t_op_us * 1e-6) * 1e3
 
 
-register_device_type("analytic_cpu", CPUParams, lambda d: AnalyticCPU(d.params, d.threads), analytic=True,
+register_device_type("analytic_cpu", CPUParams, lambda d: AnalyticCPU(d.params, d.threads, d.bits), analytic=True,
                      doc="mobile CPU, per fused kernel: max(compute, memory) + overhead")
 
 
@@ -117,8 +125,9 @@ def bitfusion_speedup(w_bits: int, a_bits: int) -> int:
 class BitFusion(DeviceModel):
     analytic = True
 
-    def __init__(self, params: BitFusionParams):
+    def __init__(self, params: BitFusionParams, bit_support: BitSupport = BitSupport()):
         self.p = params
+        self.bit_support = bit_support
 
     def kernel_ms(self, k: KernelSpec, w_bits: int, a_bits: int) -> float:
         p = self.p
@@ -133,5 +142,5 @@ class BitFusion(DeviceModel):
         return cycles / (p.freq_mhz * 1e6) * 1e3
 
 
-register_device_type("bitfusion", BitFusionParams, lambda d: BitFusion(d.params), analytic=True,
+register_device_type("bitfusion", BitFusionParams, lambda d: BitFusion(d.params, d.bits), analytic=True,
                      doc="bit-serial accelerator: 2/4-bit MACs fuse into 8-bit units")

@@ -1,13 +1,14 @@
-"""Calibration of the analytic device models against public measurements (shared/latency_anchors/).
+"""Calibration of the analytic device models against whole-network measurements, and checks of what they rank.
 
-Targets (each read from the anchor files, not typed in):
-  - sd835 (1 big core) MobileNet-v1/v2 fp32 within +-25% of XNNPACK on a Pixel 2; sd835_4t (4 big cores) too
-  - a11 (1 big core) MobileNet-v1 fp32 and int8 within +-25% of TFLite on an iPhone 8
-  - sd835 MobileNet-v1 int8/fp32 time ratio in [0.42, 1.0] (TFLite 2018 on a Pixel 2 .. parity)
-  - rank agreement with the Pixel 3 (Snapdragon 845) per-block data of HW-NAS-Bench on the FBNet CIFAR-100
-    macro: Spearman >= 0.97 over >= 1000 random architectures (MACs alone: ~0.948)
+Data (inside the package, with sources: fbnas/latency/data/README.md):
+  whole_model_latency.csv      published whole-network latencies (Snapdragon 835: ncnn, XNNPACK, TFLite; A11:
+                               TFLite), one row per (device, framework, threads, network, precision)
+  pixel3_fbnet_cifar100_block_deltas.csv   HW-NAS-Bench per-block latencies on a Pixel 3 (FBNet CIFAR-100 macro)
 
-`fit_*` refit the few constants the YAML files mark as fitted (least squares on log ratios).
+Users deploy whole networks, so the device constants are fitted to whole networks: least squares on
+log(predicted / measured) over every fp32 row of the device's SoC, with one fitted level factor per framework
+(the device's reference framework fixed at 1: the model is that runtime; the others differ by their kernels'
+quality, not by what the hardware finds expensive). Per-block sums (Pixel 3) are a check, not a fit target.
 """
 from __future__ import annotations
 
@@ -15,31 +16,38 @@ import csv
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from ..blocks import op_kernels
 from ..errors import ConfigError
-from ..io import repo_root
 from ..space import SearchSpace, load_space
 from .analytic import AnalyticCPU
 from .devices import Device, load_device
-from .reference_nets import mobilenet_v1_kernels, mobilenet_v2_kernels
+from .reference_nets import reference_kernels
 
-DEFAULT_ANCHORS = repo_root().parent / "shared" / "latency_anchors"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+WHOLE_MODEL_CSV = DATA_DIR / "whole_model_latency.csv"
+PIXEL3_CSV = DATA_DIR / "pixel3_fbnet_cifar100_block_deltas.csv"
 TOLERANCE = 0.25
-PIXEL3_CSV = "derived/hwnasbench_fbnet_cifar100_lut_deltas.csv"
 
 
 @dataclass(frozen=True)
-class Target:
-    name: str
+class Measurement:
     device: str
-    model: str                 # mobilenet_v1 | mobilenet_v2
-    precision: str             # fp32 | int8
-    measured_ms: float
+    soc: str
+    threads: int
+    framework: str
+    model: str          # a reference network (reference_nets.reference_net_names())
+    precision: str      # fp32 | int8
+    input_size: int
+    ms: float
     source: str
+
+    @property
+    def group(self) -> str:
+        return f"{self.soc} / {self.framework} / {self.threads}t / {self.precision}"
 
 
 @dataclass(frozen=True)
@@ -51,77 +59,207 @@ class Result:
     detail: str = ""
 
 
-def anchors_dir(path: Optional[str | Path] = None) -> Path:
-    p = Path(path) if path else DEFAULT_ANCHORS
-    if not (p / "model_anchors.csv").is_file():
-        raise ConfigError(f"{p}: latency anchors not found (model_anchors.csv); pass --anchors <dir>")
-    return p
+def whole_model_measurements(path: Optional[str | Path] = None) -> list[Measurement]:
+    path = Path(path) if path else WHOLE_MODEL_CSV
+    with open(path, newline="") as f:
+        return [Measurement(r["device"], r["soc"], int(r["cores"].split()[0]), r["framework"], r["model"],
+                            r["precision"], int(r["input_size"]), float(r["latency_ms"]), r["source"])
+                for r in csv.DictReader(f)]
 
 
-def _anchor(rows: list[dict], device: str, framework: str, model: str, precision: str, cores: str) -> float:
-    for r in rows:
-        if (r["device"], r["framework"], r["model"], r["precision"], r["cores_used"]) == \
-                (device, framework, model, precision, cores):
-            return float(r["latency_ms"])
-    raise ConfigError(f"model_anchors.csv: no row for {device} / {framework} / {model} / {precision} / {cores}")
+def net_ms(model, net: str, bits: int = 32, size: int = 224) -> float:
+    return model.op_ms(reference_kernels(net, size), bits, bits)
 
 
-def model_targets(anchors: Path) -> list[Target]:
-    rows = list(csv.DictReader(open(anchors / "model_anchors.csv")))
-    xnn, tfl = "XNNPACK (2020-03)", "TFLite (2018 benchmark doc)"
-    v1, v2 = "MobileNet-v1 1.0 224", "MobileNet-v2 1.0 224"
-    src_x, src_t = "XNNPACK, Pixel 2", "TFLite, iPhone 8"
-    return [
-        Target("sd835 1t MobileNet-v1 fp32", "sd835", "mobilenet_v1", "fp32",
-               _anchor(rows, "Pixel 2", xnn, v1, "fp32", "1 big"), src_x),
-        Target("sd835 1t MobileNet-v2 fp32", "sd835", "mobilenet_v2", "fp32",
-               _anchor(rows, "Pixel 2", xnn, v2, "fp32", "1 big"), src_x),
-        Target("sd835 4t MobileNet-v1 fp32", "sd835_4t", "mobilenet_v1", "fp32",
-               _anchor(rows, "Pixel 2", xnn, v1, "fp32", "4 big"), src_x),
-        Target("sd835 4t MobileNet-v2 fp32", "sd835_4t", "mobilenet_v2", "fp32",
-               _anchor(rows, "Pixel 2", xnn, v2, "fp32", "4 big"), src_x),
-        Target("a11 1t MobileNet-v1 fp32", "a11", "mobilenet_v1", "fp32",
-               _anchor(rows, "iPhone 8", tfl, v1, "fp32", "1 big"), src_t),
-        Target("a11 1t MobileNet-v1 int8", "a11", "mobilenet_v1", "int8",
-               _anchor(rows, "iPhone 8", tfl, v1, "uint8", "1 big"), src_t),
-    ]
+def net_macs(net: str, size: int = 224) -> int:
+    return sum(k.macs for k in reference_kernels(net, size))
 
 
-NETS = {"mobilenet_v1": mobilenet_v1_kernels, "mobilenet_v2": mobilenet_v2_kernels}
-BITS = {"fp32": 32, "int8": 8}
+# ---------------------------------------------------------------------------------------------- fitting
+
+@dataclass(frozen=True)
+class FitSpec:
+    """Which constants of which device are fitted to which measurements."""
+    device: str                       # the 1-thread device file (threads come from each row)
+    soc: str
+    reference_framework: str          # its level is the device's level (factor 1)
+    fields: tuple[str, ...]           # CPUParams fields fitted
+    lower: tuple[float, ...]
+    upper: tuple[float, ...]
+    exclude_frameworks: tuple[str, ...] = ()
 
 
-def net_ms(model, net: str, precision: str) -> float:
-    b = BITS[precision]
-    return model.op_ms(NETS[net](), b, b)
+FITS = {
+    "sd835": FitSpec("sd835", "Snapdragon 835", "XNNPACK (2020-03)",
+                     ("eff_pw", "eff_dw", "eff_conv", "eff_conv3x3", "eff_linear", "bandwidth_gbs", "t_op_us",
+                      "thread_efficiency"),
+                     (0.05, 0.02, 0.05, 0.05, 0.01, 1.0, 0.5, 0.1),
+                     (1.0, 1.0, 1.0, 4.0, 1.0, 40.0, 200.0, 1.0),
+                     # two networks only, one of uncertain version (SqueezeNet 1.0 or 1.1): its level factor
+                     # would be fitted from the same two rows it is checked on
+                     exclude_frameworks=("TFLite (2018 benchmark doc)",)),
+}
 
 
-def _device_model(device: Device, params=None):
-    return device.model() if params is None else replace(device, params=params).model()
+@dataclass
+class Fit:
+    spec: FitSpec
+    params: dict[str, float]
+    framework_factor: dict[str, float]
+    rows: list[Measurement]
+
+    def model(self, base: Device, threads: int = 1) -> AnalyticCPU:
+        return AnalyticCPU(replace(base.params, **self.params), threads)
+
+    def predict(self, base: Device, m: Measurement) -> float:
+        return self.framework_factor[m.framework] * net_ms(self.model(base, m.threads), m.model, 32, m.input_size)
 
 
-def check_model_targets(anchors: Path, devices: Optional[dict[str, Device]] = None) -> list[Result]:
+def fit_rows(spec: FitSpec, rows: Optional[list[Measurement]] = None) -> list[Measurement]:
+    rows = rows if rows is not None else whole_model_measurements()
+    return [m for m in rows if m.soc == spec.soc and m.precision == "fp32"
+            and m.framework not in spec.exclude_frameworks]
+
+
+def fit_device(spec: FitSpec, rows: Sequence[Measurement]) -> Fit:
+    from scipy.optimize import least_squares
+
+    base = load_device(spec.device)
+    frameworks = sorted({m.framework for m in rows} - {spec.reference_framework})
+    n = len(spec.fields)
+    kernels = {(m.model, m.input_size): reference_kernels(m.model, m.input_size) for m in rows}
+
+    def unpack(x):
+        return dict(zip(spec.fields, x[:n])), {spec.reference_framework: 1.0, **dict(zip(frameworks, x[n:]))}
+
+    def resid(x):
+        params, factor = unpack(x)
+        p = replace(base.params, **params)
+        models = {t: AnalyticCPU(p, t) for t in {m.threads for m in rows}}
+        return np.array([math.log(factor[m.framework] * models[m.threads].op_ms(kernels[m.model, m.input_size], 32, 32)
+                                  / m.ms) for m in rows])
+
+    x0 = [min(max(getattr(base.params, f) or base.params.eff_conv, lo), hi)
+          for f, lo, hi in zip(spec.fields, spec.lower, spec.upper)]
+    x = least_squares(resid, np.array(x0 + [1.0] * len(frameworks)),
+                      bounds=(np.array(list(spec.lower) + [0.05] * len(frameworks)),
+                              np.array(list(spec.upper) + [20.0] * len(frameworks)))).x
+    params, factor = unpack([float(v) for v in x])
+    return Fit(spec, params, factor, list(rows))
+
+
+def fit_a11(rows: Optional[Sequence[Measurement]] = None) -> dict[str, float]:
+    """The A11 model keeps the sd835 file's ratios between kernel kinds (no A11 data separates them); one
+    factor on every efficiency is fitted to MobileNet-v1 fp32 and int8_speedup_pw to its int8 time (TFLite,
+    iPhone 8)."""
+    from scipy.optimize import least_squares
+
+    rows = list(rows) if rows is not None else whole_model_measurements()
+    base, ref = load_device("a11"), load_device("sd835").params
+    targets = [m for m in rows if m.soc == "Apple A11" and m.model == "mobilenet_v1"]
+    kinds = ("eff_pw", "eff_dw", "eff_conv", "eff_conv3x3", "eff_linear")
+
+    def params(x):
+        return replace(base.params, **{k: getattr(ref, k) * x[0] for k in kinds}, int8_speedup_pw=x[1])
+
+    def resid(x):
+        return np.array([math.log(net_ms(AnalyticCPU(params(x)), m.model, 32 if m.precision == "fp32" else 8)
+                                  / m.ms) for m in targets])
+
+    x = least_squares(resid, np.array([1.0, 1.3]), bounds=([0.1, 1.0], [3.0, 1.4])).x
+    p = params(x)
+    return {**{k: float(getattr(p, k)) for k in kinds}, "int8_speedup_pw": float(x[1])}
+
+
+def leave_one_network_out(spec: FitSpec, rows: Sequence[Measurement]) -> dict[Measurement, float]:
+    """Each network's rows predicted by a fit to every other network's rows."""
+    base = load_device(spec.device)
+    out = {}
+    for net in sorted({m.model for m in rows}):
+        held = [m for m in rows if m.model == net]
+        rest = [m for m in rows if m.model != net]
+        if not {m.framework for m in held} <= {m.framework for m in rest}:
+            continue  # a framework with no other network has no level to predict from
+        fit = fit_device(spec, rest)
+        for m in held:
+            out[m] = fit.predict(base, m)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def _spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).correlation)
+
+
+def rank_groups(rows: Sequence[Measurement], min_size: int = 4) -> dict[str, list[Measurement]]:
+    groups: dict[str, list[Measurement]] = {}
+    for m in rows:
+        groups.setdefault(m.group, []).append(m)
+    return {g: ms for g, ms in groups.items() if len(ms) >= min_size}
+
+
+def check_whole_model_ranks(device: Device, rows: Sequence[Measurement],
+                            predict: Optional[Callable[[Measurement], float]] = None,
+                            label: str = "zero-shot") -> list[Result]:
+    """Per group of networks measured together: Spearman of the device model vs MACs alone."""
+    out = []
+    for g, ms in sorted(rank_groups(rows).items()):
+        truth = [m.ms for m in ms]
+        macs_rho = _spearman(truth, [net_macs(m.model, m.input_size) for m in ms])
+        if predict is None:
+            pred = [net_ms(AnalyticCPU(device.params, m.threads, device.bits), m.model,
+                           32 if m.precision == "fp32" else 8, m.input_size) for m in ms]
+        else:
+            pred = [predict(m) for m in ms]
+        rho = _spearman(truth, pred)
+        out.append(Result(f"{g} ({len(ms)} nets), {label}", rho, f">= MACs alone ({macs_rho:.3f})",
+                          rho >= macs_rho - 1e-9, f"MACs {macs_rho:.3f}"))
+    return out
+
+
+ANCHOR_TARGETS = (  # (device file, network, precision, framework, threads): within +-25% of the measurement
+    ("sd835", "mobilenet_v1", "fp32", "XNNPACK (2020-03)", 1),
+    ("sd835", "mobilenet_v2", "fp32", "XNNPACK (2020-03)", 1),
+    ("sd835_4t", "mobilenet_v1", "fp32", "XNNPACK (2020-03)", 4),
+    ("sd835_4t", "mobilenet_v2", "fp32", "XNNPACK (2020-03)", 4),
+    ("a11", "mobilenet_v1", "fp32", "TFLite (2018 benchmark doc)", 1),
+    ("a11", "mobilenet_v1", "int8", "TFLite (2018 benchmark doc)", 1),
+)
+
+
+def check_model_targets(rows: Optional[Sequence[Measurement]] = None,
+                        devices: Optional[dict[str, Device]] = None) -> list[Result]:
+    rows = list(rows) if rows is not None else whole_model_measurements()
     devices = devices or {}
     out = []
-    for t in model_targets(anchors):
-        dev = devices.get(t.device) or load_device(t.device)
-        pred = net_ms(dev.model(), t.model, t.precision)
-        err = pred / t.measured_ms - 1
-        out.append(Result(t.name, pred, f"{t.measured_ms:g} ms +-25% ({t.source})", abs(err) <= TOLERANCE,
-                          f"{err:+.1%}"))
+    for dev_name, net, prec, framework, threads in ANCHOR_TARGETS:
+        dev = devices.get(dev_name) or load_device(dev_name)
+        soc = "Apple A11" if dev_name == "a11" else "Snapdragon 835"
+        m = next((m for m in rows if (m.soc, m.model, m.precision, m.framework, m.threads) ==
+                  (soc, net, prec, framework, threads)), None)
+        if m is None:
+            raise ConfigError(f"{WHOLE_MODEL_CSV.name}: no row for {soc} / {framework} / {net} / {prec} / {threads}t")
+        pred = net_ms(dev.model(), net, 32 if prec == "fp32" else 8)
+        err = pred / m.ms - 1
+        out.append(Result(f"{dev_name} {net} {prec}", pred, f"{m.ms:g} ms +-25% ({framework}, {m.device})",
+                          abs(err) <= TOLERANCE, f"{err:+.1%}"))
     sd835 = devices.get("sd835") or load_device("sd835")
-    m = sd835.model()
-    ratio = net_ms(m, "mobilenet_v1", "int8") / net_ms(m, "mobilenet_v1", "fp32")
-    out.append(Result("sd835 MobileNet-v1 int8/fp32", ratio, "in [0.42, 1.0]", 0.42 <= ratio <= 1.0))
+    ratio = net_ms(sd835.model(), "mobilenet_v1", 8) / net_ms(sd835.model(), "mobilenet_v1", 32)
+    out.append(Result("sd835 mobilenet_v1 int8/fp32", ratio, "in [0.42, 1.0]", 0.42 <= ratio <= 1.0))
     return out
 
 
 # ---------------------------------------------------------------------------------------------- Pixel 3 ranks
 
-def pixel3_deltas(anchors: Path, space: SearchSpace) -> tuple[np.ndarray, float]:
+def pixel3_deltas(space: SearchSpace, path: Optional[str | Path] = None) -> tuple[np.ndarray, float]:
     """[n_layers, n_ops] Pixel 3 latency deltas vs ir_k3_e1 at each layer of `space`, and the all-k3_e1 total.
     Fails if the CSV's (H_in, C_in, C_out, stride) groups do not match the space's layers."""
-    rows = list(csv.DictReader(open(anchors / PIXEL3_CSV)))
+    path = Path(path) if path else PIXEL3_CSV
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
     base = next(float(r["delta_ms_vs_k3e1_pixel3"]) for r in rows if r["group"].startswith("base_allk3e1"))
     delta = {}
     for r in rows:
@@ -134,7 +272,7 @@ def pixel3_deltas(anchors: Path, space: SearchSpace) -> tuple[np.ndarray, float]
         for i, op in enumerate(space.candidates):
             key = (l.h_in, l.c_in, l.c_out, l.stride, op)
             if key not in delta:
-                raise ConfigError(f"{PIXEL3_CSV}: no row for layer {l.index} {key}; the space does not match "
+                raise ConfigError(f"{path.name}: no row for layer {l.index} {key}; the space does not match "
                                   f"the HW-NAS-Bench FBNet CIFAR-100 macro")
             out[l.index, i] = delta[key]
     return out, base
@@ -154,60 +292,22 @@ def random_archs(space: SearchSpace, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, len(space.candidates), size=(n, space.num_layers))
 
 
-def check_pixel3_ranks(anchors: Path, device: Device, n_archs: int = 2000, seed: int = 0,
-                       bits: tuple[int, ...] = (32, 8)) -> list[Result]:
-    from scipy.stats import spearmanr
+def pixel3_latencies(space: SearchSpace, idx: np.ndarray) -> np.ndarray:
+    deltas, base = pixel3_deltas(space)
+    return base + deltas[np.arange(space.num_layers), idx].sum(1)
 
+
+def check_pixel3_ranks(device: Device, n_archs: int = 2000, seed: int = 0,
+                       bits: tuple[int, ...] = (32, 8)) -> list[Result]:
     space = load_space("fbnet_cifar100")
-    deltas, base = pixel3_deltas(anchors, space)
     idx = random_archs(space, n_archs, seed)
     rows = np.arange(space.num_layers)
-    truth = base + deltas[rows, idx].sum(1)
-    macs_rho = spearmanr(truth, layer_op_macs(space)[rows, idx].sum(1)).correlation
-    out = [Result(f"Pixel 3 rank: MACs alone ({n_archs} archs)", macs_rho, "baseline (README: 0.948)", True)]
+    truth = pixel3_latencies(space, idx)
+    macs_rho = _spearman(truth, layer_op_macs(space)[rows, idx].sum(1))
+    out = [Result(f"Pixel 3 per-block sums: MACs alone ({n_archs} archs)", macs_rho, "baseline", True)]
     for b in bits:
-        pred = layer_op_ms(device.model(), space, b)[rows, idx].sum(1)
-        rho = spearmanr(truth, pred).correlation
+        rho = _spearman(truth, layer_op_ms(device.model(), space, b)[rows, idx].sum(1))
         label = "fp32" if b > 8 else f"w{b}a{b}"
-        out.append(Result(f"Pixel 3 rank: {device.name} {label} ({n_archs} archs)", rho, ">= 0.97", rho >= 0.97))
+        out.append(Result(f"Pixel 3 per-block sums: {device.name} {label} ({n_archs} archs)", rho, ">= 0.97",
+                          rho >= 0.97))
     return out
-
-
-# ---------------------------------------------------------------------------------------------- fitting
-
-def _least_squares(residuals: Callable[[np.ndarray], np.ndarray], x0: list[float], lo: list[float],
-                   hi: list[float]) -> np.ndarray:
-    from scipy.optimize import least_squares
-
-    return least_squares(residuals, np.array(x0), bounds=(np.array(lo), np.array(hi))).x
-
-
-def fit_sd835(anchors: Path) -> dict[str, float]:
-    """eff_pw and eff_dw from MobileNet-v1/v2 at 1 thread, thread_efficiency from 4 threads (XNNPACK, Pixel 2)."""
-    base = load_device("sd835")
-    targets = [t for t in model_targets(anchors) if t.device in ("sd835", "sd835_4t")]
-
-    def resid(x):
-        p = replace(base.params, eff_pw=x[0], eff_dw=x[1], thread_efficiency=x[2])
-        return np.array([math.log(net_ms(AnalyticCPU(p, 4 if t.device == "sd835_4t" else 1), t.model, t.precision)
-                                  / t.measured_ms) for t in targets])
-
-    x = _least_squares(resid, [0.7, 0.25, 0.7], [0.05, 0.02, 0.1], [1.0, 1.0, 1.0])
-    return {"eff_pw": float(x[0]), "eff_dw": float(x[1]), "thread_efficiency": float(x[2])}
-
-
-def fit_a11(anchors: Path) -> dict[str, float]:
-    """eff_pw (eff_dw kept at the sd835 dw/pw ratio) from fp32, int8_speedup_pw from int8 (TFLite, iPhone 8)."""
-    base, ref = load_device("a11"), load_device("sd835").params
-    ratio = ref.eff_dw / ref.eff_pw
-    targets = [t for t in model_targets(anchors) if t.device == "a11"]
-
-    def params(x):
-        return replace(base.params, eff_pw=x[0], eff_dw=x[0] * ratio, int8_speedup_pw=x[1])
-
-    def resid(x):
-        return np.array([math.log(net_ms(AnalyticCPU(params(x)), t.model, t.precision) / t.measured_ms)
-                         for t in targets])
-
-    x = _least_squares(resid, [0.6, 1.3], [0.05, 1.0], [1.0, 1.4])
-    return {"eff_pw": float(x[0]), "eff_dw": float(x[0] * ratio), "int8_speedup_pw": float(x[1])}

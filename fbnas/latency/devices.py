@@ -6,6 +6,16 @@ device-model types (analytic_cpu, bitfusion, measured, ...).
     description: Snapdragon-835-like CPU model (not a measurement) ...
     threads: 1
     params: {freq_ghz: 2.4, ...}           # validated by the type's parameter dataclass
+    bits: {w8a8: int8, default: fp32_fallback}   # how the runtime executes each (weights, activations) pair
+
+`bits` (optional; default: every pair `native`) says how the device's runtime executes each bit pair:
+  native         the device's model (or measured table) prices the pair as it is (bit-serial accelerators)
+  int8           int8 kernels; weights or activations below 8 bits are widened to int8 when the model loads,
+                 so they cost what W8A8 costs (int4 weights unpacked to int8)
+  fp32_fallback  no kernel for the pair: the runtime dequantizes to float and runs fp32 kernels, plus a
+                 quantize-dequantize pass per tensor (what onnxruntime does with a 4-bit QDQ graph)
+  unsupported    the runtime cannot run the pair at all
+The search offers only pairs that run `native` or `int8` (a fallback is slower than W8A8 and less accurate).
 
 A device file may start from another one with a Hydra-style defaults list, `defaults: [sd835, _self_]`,
 and override fields (e.g. `threads: 4`); the same files serve as the Hydra config group `device`.
@@ -15,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -28,15 +39,27 @@ DEVICES_DIR = repo_root() / "conf" / "device"
 
 
 class DeviceModel:
-    """Prices fused kernels on one device. Analytic models implement `kernel_ms`; measured ones time ops."""
+    """Prices fused kernels on one device. Analytic models implement `kernel_ms` for the bits the hardware
+    computes at; `op_ms` prices a bit pair as the device's runtime executes it (`bits` of the device file)."""
 
     analytic: bool = True
+    bit_support: "BitSupport"
+    qdq_ns_per_elem: float = 1.0   # fp32 fallback: one quantize or dequantize of one element
 
     def kernel_ms(self, k: KernelSpec, w_bits: int, a_bits: int) -> float:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def runtime_kernel_ms(self, k: KernelSpec, w_bits: int, a_bits: int) -> float:
+        mode = self.bit_support.mode(w_bits, a_bits)
+        if mode == "int8":
+            return self.kernel_ms(k, 8, 8)
+        if mode == "fp32_fallback":
+            qdq = (k.in_elems + k.out_elems + k.weight_count) * self.qdq_ns_per_elem * 1e-6 if k.quantized else 0.0
+            return self.kernel_ms(k, 32, 32) + qdq
+        return self.kernel_ms(k, w_bits, a_bits)
+
     def op_ms(self, kernels: list[KernelSpec], w_bits: int, a_bits: int) -> float:
-        return float(sum(self.kernel_ms(k, w_bits, a_bits) for k in kernels))
+        return float(sum(self.runtime_kernel_ms(k, w_bits, a_bits) for k in kernels))
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,29 @@ def _ensure_types() -> None:
     from . import analytic, measured, measured_int8  # noqa: F401  (register the built-in device types)
 
 
+BIT_MODES = ("native", "int8", "fp32_fallback", "unsupported")
+SEARCHABLE_BIT_MODES = ("native", "int8")
+_PAIR_RE = re.compile(r"^w(\d+)a(\d+)$")
+
+
+@dataclass(frozen=True)
+class BitSupport:
+    """How a runtime executes each (w_bits, a_bits) pair: `modes` for named pairs, `default` for the rest."""
+    modes: tuple[tuple[tuple[int, int], str], ...] = ()
+    default: str = "native"
+
+    def mode(self, w_bits: int, a_bits: int) -> str:
+        if max(w_bits, a_bits) > 8:
+            return "native"  # float
+        return dict(self.modes).get((w_bits, a_bits), self.default)
+
+    def searchable(self, w_bits: int, a_bits: int) -> bool:
+        return self.mode(w_bits, a_bits) in SEARCHABLE_BIT_MODES
+
+    def to_dict(self) -> dict[str, str]:
+        return {**{f"w{w}a{a}": m for (w, a), m in self.modes}, "default": self.default}
+
+
 @dataclass(frozen=True)
 class Device:
     name: str
@@ -77,6 +123,7 @@ class Device:
     params: Any                 # the type's parameter dataclass instance
     source: str = ""
     raw: dict = field(default_factory=dict, compare=False)
+    bits: BitSupport = BitSupport()
 
     @property
     def analytic(self) -> bool:
@@ -86,8 +133,29 @@ class Device:
         return _TYPES[self.type].make(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "description": self.description, "threads": self.threads,
-                "params": dataclasses.asdict(self.params)}
+        out = {"name": self.name, "type": self.type, "description": self.description, "threads": self.threads,
+               "params": dataclasses.asdict(self.params)}
+        if self.bits != BitSupport():
+            out["bits"] = self.bits.to_dict()
+        return out
+
+    def search_bits(self, w_bits: tuple[int, ...], a_bits: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The weight and activation bit choices of a space that the search may offer on this device: the pairs
+        its runtime runs (`native` or `int8`). The search samples weight and activation bits independently, so
+        the pairs must form a product set; otherwise, or when none is left, a one-line error."""
+        ok = {(w, a) for w in w_bits for a in a_bits if self.bits.searchable(w, a)}
+        ws = tuple(sorted({w for w, _ in ok}))
+        as_ = tuple(sorted({a for _, a in ok}))
+        if not ok:
+            raise ConfigError(f"{self.source}: field 'bits': device {self.name!r} runs none of the space's bit pairs "
+                              f"(weights {list(w_bits)}, activations {list(a_bits)}) natively or on int8 kernels; "
+                              f"add a pair it runs (e.g. 8-bit) to the space's bits")
+        missing = sorted({(w, a) for w in ws for a in as_} - ok)
+        if missing:
+            raise ConfigError(f"{self.source}: field 'bits': the pairs device {self.name!r} runs are not a product "
+                              f"of weight and activation choices (no {', '.join(f'w{w}a{a}' for w, a in missing)}); "
+                              f"the search samples weight and activation bits independently")
+        return ws, as_
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -162,6 +230,8 @@ def _read_with_defaults(path: Path, seen: set) -> dict:
             raise ConfigError(f"{path}: field 'defaults' entries must be device names, got {d!r}")
         base = path.parent / f"{d}.yaml"
         if not base.is_file():
+            base = DEVICES_DIR / f"{d}.yaml"  # a device file elsewhere may extend a shipped device
+        if not base.is_file():
             raise ConfigError(f"{path}: field 'defaults' names unknown device {d!r}; known: {', '.join(known_devices())}")
         merged = _merge(merged, _read_with_defaults(base, seen))
     return merged if self_done else _merge(merged, raw)
@@ -182,7 +252,7 @@ def device_from_dict(raw: Any, source: str = "<device>") -> Device:
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a device must be a mapping")
-    allowed = {"name", "type", "description", "threads", "params"}
+    allowed = {"name", "type", "description", "threads", "params", "bits"}
     extra = sorted(set(raw) - allowed)
     if extra:
         raise err(str(extra[0]), f"is not known here; allowed: {', '.join(sorted(allowed))}")
@@ -200,7 +270,26 @@ def device_from_dict(raw: Any, source: str = "<device>") -> Device:
         raise err("params", "must be a mapping of the device type's parameters")
     params = _parse_params(_TYPES[dtype].params, params_raw, err)
     return Device(name=name, type=dtype, description=str(raw.get("description", "")), threads=threads,
-                  params=params, source=source, raw=raw)
+                  params=params, source=source, raw=raw, bits=_parse_bits(raw.get("bits"), err))
+
+
+def _parse_bits(raw: Any, err) -> BitSupport:
+    if raw is None:
+        return BitSupport()
+    if not isinstance(raw, dict):
+        raise err("bits", "must be a mapping like {w8a8: int8, default: fp32_fallback}")
+    modes, default = [], "native"
+    for key, mode in raw.items():
+        if mode not in BIT_MODES:
+            raise err(f"bits.{key}", f"must be one of {', '.join(BIT_MODES)}, got {mode!r}")
+        if key == "default":
+            default = mode
+            continue
+        m = _PAIR_RE.match(str(key))
+        if not m or not (1 <= int(m[1]) <= 8 and 1 <= int(m[2]) <= 8):
+            raise err(f"bits.{key}", "must be a bit pair like w8a8 (1-8 bits each) or 'default'")
+        modes.append(((int(m[1]), int(m[2])), mode))
+    return BitSupport(tuple(sorted(modes)), default)
 
 
 def _parse_params(cls: type, raw: dict, err) -> Any:
