@@ -100,8 +100,8 @@ def test_export_ops_writes_runnable_models_and_manifest(tmp_path):
 
     full = load_space("fmnist")
     space = dataclasses.replace(full, stages=full.stages[:2])  # 3 layers: every op kind, fewer shapes
-    manifest = json.loads(export_ops(space, tmp_path).read_text())
-    assert manifest["format"] == "fbnas-ops/1" and manifest["space"] == "fmnist"
+    manifest = json.loads(export_ops(space, tmp_path, int8=False).read_text())
+    assert manifest["format"] == "fbnas-ops/1" and manifest["space"] == "fmnist" and manifest["int8_ops"] == []
     shapes = {parse_key(k).shape_key for k in space_keys(space)}
     assert len(manifest["ops"]) + len(manifest["identity_ops_zero_ms"]) == len(shapes)
     covered = {k for o in manifest["ops"] for k in o["keys"]}
@@ -114,11 +114,46 @@ def test_export_ops_writes_runnable_models_and_manifest(tmp_path):
     ref, _ = signature_module(sig)
     (y,) = sess.run(None, {"x": x.numpy()})
     assert y.shape == tuple(ref(x).shape)
-    template = (tmp_path / "measurements.csv").read_text().splitlines()
+    template = (tmp_path / "measurements_fp32.csv").read_text().splitlines()
     assert template[0] == "key,p50,p10,p90,n" and len(template) == len(manifest["ops"]) + 1
-    (tmp_path / "measurements.csv").write_text("mine\n")
-    export_ops(space, tmp_path)
-    assert (tmp_path / "measurements.csv").read_text() == "mine\n"  # a filled-in file is never overwritten
+    (tmp_path / "measurements_fp32.csv").write_text("mine\n")
+    export_ops(space, tmp_path, int8=False)
+    assert (tmp_path / "measurements_fp32.csv").read_text() == "mine\n"  # a filled-in file is never overwritten
+
+
+def test_export_ops_int8_micro_models_price_every_bit_pair(tmp_path):
+    """One int8 QDQ micro-model per (op, shape, bits), cut from the exported network at the codes the layer reads
+    and writes; a CSV of their timings imports into a table that prices each bit pair separately."""
+    import dataclasses
+
+    import numpy as np
+
+    from fbnas.quant.onnx_graph import ort_session
+
+    full = load_space("fmnist")
+    space = dataclasses.replace(full, stages=full.stages[:1], candidates=("ir_k3_e6", "shuffle_k3", "skip"),
+                                w_bits=(4, 8), a_bits=(8,))
+    manifest = json.loads(export_ops(space, tmp_path).read_text())
+    keys = {o["key"] for o in manifest["int8_ops"]}
+    assert keys == {k for k, s in space_signatures(space).items() if s.kernels() and s.op != "avgpool"
+                    and s.op != "linear" and not s.op.startswith("conv_k")}
+    for o in manifest["int8_ops"]:
+        m = __import__("onnx").load(tmp_path / o["file"])
+        assert any(n.op_type == "DequantizeLinear" for n in m.graph.node)
+        feeds = {i["name"]: np.ones(i["shape"], dtype=i["dtype"]) for i in o["inputs"]}
+        (y,) = ort_session(m).run(None, feeds)
+        sig = parse_key(o["key"])
+        assert y.shape[1:] == (sig.c_out, sig.h // sig.stride + sig.h % sig.stride, sig.w // sig.stride
+                               + sig.w % sig.stride)
+    template = (tmp_path / "measurements.csv").read_text().splitlines()
+    assert len(template) == len(keys) + 1
+    fixed = [k for k, s in space_signatures(space).items() if s.op in ("avgpool", "linear") or
+             s.op.startswith("conv_k")]
+    rows = [[k, 0.01 * (i + 1)] for i, k in enumerate(sorted(keys) + fixed)]
+    _write_csv(tmp_path / "m.csv", [[k, p, p, p, 5] for k, p in rows])
+    table = import_csv(tmp_path / "m.csv", space, "myphone")
+    w4 = next(k for k in keys if k.endswith("w4a8"))
+    assert table.entries[w4].p50 != table.entries[w4.replace("w4a8", "w8a8")].p50
 
 
 def test_import_by_shape_key_fills_bits_and_identities(tmp_path, fmnist):

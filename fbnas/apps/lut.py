@@ -6,6 +6,8 @@
   predict     whole-model latency of each architecture in archs=<file>, one number (ms) per line
   export-ops  every op of the space as a standalone ONNX micro-model plus manifest.json (out_dir=...)
   import      a CSV of measurements (key, p50[, p10, p90, n]) into a validated table
+  export-archs  n architectures spanning the space's latency range as ONNX whole models (out_dir=..., n=20)
+  calibrate   fit a device model to whole-model timings (measurements=arch,ms CSV) and write out=NEW.yaml
   devices     the known devices
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from omegaconf import DictConfig
 from ..errors import ConfigError, LatencyTableError
 from .common import CONF_DIR, device_overrides, run_hydra, split_subcommand, user_errors
 
-ACTIONS = ("build", "check", "show", "predict", "export-ops", "import", "devices")
+ACTIONS = ("build", "check", "show", "predict", "export-ops", "import", "export-archs", "calibrate", "devices")
 
 
 @dataclass
@@ -43,6 +45,10 @@ class LutConfig:
     limit: int = 0                     # show: at most this many rows (0: all)
     out_dir: Optional[str] = None      # export-ops: default lut_ops/<space>
     csv: Optional[str] = None          # import: the measurements
+    n: int = 20                        # export-archs: how many architectures
+    seed: int = 0                      # export-archs: random architectures' seed
+    precision: str = "int8"            # export-archs, calibrate: int8 (the QDQ graph fbnas export ships) | fp32
+    measurements: Optional[str] = None  # calibrate: CSV `arch,ms` of whole-model timings
 
 
 ConfigStore.instance().store(name="lut_schema", node=LutConfig)
@@ -144,10 +150,13 @@ def do_export_ops(cfg) -> None:
 
     space = _space(cfg)
     out_dir = Path(cfg.out_dir or f"lut_ops/{space.name}")
-    manifest = export_ops(space, out_dir)
+    if cfg.precision not in ("int8", "fp32"):
+        raise ConfigError(f"field 'precision' is {cfg.precision!r}; use int8 (float and int8 micro-models) or fp32")
+    manifest = export_ops(space, out_dir, int8=cfg.precision == "int8")
+    csv_name = "measurements.csv" if cfg.precision == "int8" else "measurements_fp32.csv"
     print(f"wrote {manifest} and the ONNX micro-models of space {space.name} in {out_dir}; time them on the device, "
-          f"fill {out_dir / 'measurements.csv'}, then `fbnas lut import space={space.name} device=<name> "
-          f"csv={out_dir / 'measurements.csv'}`")
+          f"fill {out_dir / csv_name}, then `fbnas lut import space={space.name} device=<name> "
+          f"csv={out_dir / csv_name}`")
 
 
 def do_import(cfg) -> None:
@@ -164,6 +173,48 @@ def do_import(cfg) -> None:
     print(f"wrote {out}: {len(table)} entries imported from {cfg.csv} for device {device.name}, space {space.name}")
 
 
+def do_export_archs(cfg) -> None:
+    from ..latency.fewshot import export_archs
+
+    space, device = _space(cfg), _device(cfg)
+    out_dir = Path(cfg.out_dir or f"lut_archs/{space.name}")
+    files = export_archs(space, device, cfg.n, cfg.seed, out_dir, cfg.precision)
+    print(f"wrote {len(files)} {cfg.precision} ONNX whole models of space {space.name} spanning its latency range on "
+          f"{device.name}, archs.txt and measurements.csv in {out_dir}; time each .onnx on the device (batch 1), fill "
+          f"in the ms column, then `fbnas lut calibrate space={space.name} device={device.name} "
+          f"measurements={out_dir / 'measurements.csv'} out=<name>.yaml`")
+
+
+def do_calibrate(cfg) -> None:
+    from ..io import atomic_write_text
+    from ..latency.fewshot import calibrate, check_device_name, device_yaml, fitted_fields, read_timings
+
+    if not cfg.measurements:
+        raise ConfigError("field 'measurements' is required: measurements=<CSV with header arch,ms>")
+    if not cfg.out:
+        raise ConfigError("field 'out' is required: out=<new device>.yaml")
+    out = Path(cfg.out)
+    if out.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"field 'out' ({out}) must name a .yaml device file")
+    name = check_device_name(out.stem)
+    space, base = _space(cfg), _device(cfg)
+    fields = fitted_fields(base)
+    timings = read_timings(cfg.measurements, space, min_rows=len(fields) + 1)
+    cal = calibrate(base, timings, cfg.precision)
+    print(f"calibrated {base.name} on {len(timings)} whole-model timings ({cfg.precision}) of space {space.name}")
+    print(f"{'constant':<26} {'before':>12} {'after':>12}")
+    for f in cal.fields:
+        print(f"{f:<26} {cal.before[f]:>12.5g} {cal.after[f]:>12.5g}")
+    print(f"{'':<26} {'Spearman':>12} {'MAPE':>12}")
+    for label, s in (("base model (zero-shot)", cal.zero_shot), ("calibrated, in-sample", cal.in_sample),
+                     ("calibrated, leave-one-out", cal.leave_one_out)):
+        print(f"{label:<26} {s['spearman']:>12.3f} {s['mape']:>12.1%}")
+    print(f"{'MACs alone':<26} {cal.macs_spearman:>12.3f}")
+    atomic_write_text(out, device_yaml(cal, name, cfg.measurements, space.name))
+    print(f"wrote {out}; use it with `fbnas lut build space={space.name} device={out}` and "
+          f"`fbnas search space={space.name} device={out}`")
+
+
 def do_devices(cfg) -> None:
     from ..latency.devices import describe_devices
 
@@ -178,7 +229,8 @@ def _space(cfg):
 
 
 HANDLERS = {"build": do_build, "check": do_check, "show": do_show, "predict": do_predict,
-            "export-ops": do_export_ops, "import": do_import, "devices": do_devices}
+            "export-ops": do_export_ops, "import": do_import, "export-archs": do_export_archs,
+            "calibrate": do_calibrate, "devices": do_devices}
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="lut")

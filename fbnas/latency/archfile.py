@@ -32,13 +32,13 @@ def read_archs(path: str | Path, space: SearchSpace, w_bits: int, a_bits: int) -
             p = Path(text)
             archs.append(load_arch(p if p.is_absolute() else path.parent / p))
             continue
-        archs.append(_ops_line(text, space, w_bits, a_bits, f"{path}: line {n}"))
+        archs.append(ops_line(text, space, w_bits, a_bits, f"{path}: line {n}"))
     if not archs:
         raise ConfigError(f"{path}: no architectures in the file")
     return archs
 
 
-def _ops_line(text: str, space: SearchSpace, w_bits: int, a_bits: int, where: str) -> Arch:
+def ops_line(text: str, space: SearchSpace, w_bits: int, a_bits: int, where: str) -> Arch:
     tokens = [t for t in re.split(r"[,\s]+", text) if t]
     if len(tokens) != space.num_layers:
         raise ConfigError(f"{where}: {len(tokens)} ops given; space {space.name} has {space.num_layers} searchable layers")

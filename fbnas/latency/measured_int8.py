@@ -108,7 +108,7 @@ def node_parts(optimized_model) -> dict[str, str]:
 def _feed(model, batch: int, seed: int = 0) -> dict:
     dims = model.graph.input[0].type.tensor_type.shape.dim
     shape = (batch,) + tuple(int(d.dim_value) for d in dims[1:])
-    return {"input": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+    return {model.graph.input[0].name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
 
 
 def time_interleaved(models: list, batch: int, threads: int, warmup: int, repeats: int) -> list[Stats]:

@@ -34,9 +34,71 @@ def _file_name(index: int, shape_key: str) -> str:
     return f"{index:04d}_" + re.sub(r"[^A-Za-z0-9_]+", "_", shape_key.replace("->", "to")).strip("_") + ".onnx"
 
 
-def export_ops(space: SearchSpace, out_dir: str | Path) -> Path:
-    """Write one float32 ONNX micro-model per distinct (op, shape) of the space, `manifest.json`, and a
-    `measurements.csv` template (only if none exists: a filled-in file is never overwritten)."""
+def layer_subgraphs(model) -> dict[str, object]:
+    """`layers.<i>` -> the part of an exported int8 QDQ graph that runs that layer, cut at the uint8 codes it reads
+    and writes (Q outputs), so the micro-model holds exactly what the layer runs inside the network: its
+    DequantizeLinear -> Conv -> QuantizeLinear chains (which onnxruntime fuses into QLinearConv), adds, shuffles."""
+    import onnx
+    from onnx.utils import Extractor
+
+    from .measured_int8 import node_parts
+
+    model = onnx.shape_inference.infer_shapes(model)
+    parts = node_parts(model)
+    producer = {t: n for n in model.graph.node for t in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    elem = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    byte_codes = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+
+    def codes(tensor: str) -> str:
+        """The 8-bit codes a DequantizeLinear output comes from (4-bit codes cannot be fed to a session from
+        Python or most benchmark tools: the cut stays at the float tensor then)."""
+        n = producer.get(tensor)
+        if n is not None and n.op_type == "DequantizeLinear" and elem.get(n.input[0]) in byte_codes:
+            return n.input[0]
+        return tensor
+
+    layers: dict[str, tuple[list[str], list[str]]] = {}
+    for n in model.graph.node:
+        part = parts[n.name]
+        if not part.startswith("layers."):
+            continue
+        ins, outs = layers.setdefault(part, ([], []))
+        for t in n.input:
+            if t and t not in inits and t in producer and parts[producer[t].name] != part:
+                ins.append(codes(t)) if codes(t) not in ins else None
+    for n in model.graph.node:
+        for t in n.input:
+            if t in producer:
+                src = parts[producer[t].name]
+                if src.startswith("layers.") and src != parts[n.name] and codes(t) not in layers[src][1]:
+                    layers[src][1].append(codes(t))
+    extractor = Extractor(model)
+    return {part: extractor.extract_model(ins, outs) for part, (ins, outs) in layers.items() if ins and outs}
+
+
+def int8_op_models(space: SearchSpace, op: str, w_bits: int, a_bits: int) -> dict[str, object]:
+    """Full latency key -> the int8 QDQ micro-model of `op` at that layer shape and bits, cut from the graph
+    `fbnas export` ships for a network with `op` in every layer (random weights)."""
+    from ..arch import Arch
+    from .keys import layer_signature
+    from .measured_int8 import int8_graph
+
+    arch = Arch.from_space(space, [op] * space.num_layers, w_bits, a_bits)
+    graphs = layer_subgraphs(int8_graph(arch))
+    out = {}
+    for i in range(space.num_layers):
+        if f"layers.{i}" in graphs:
+            out.setdefault(layer_signature(space, i, op, w_bits, a_bits).key, graphs[f"layers.{i}"])
+    return out
+
+
+def export_ops(space: SearchSpace, out_dir: str | Path, int8: bool = True) -> Path:
+    """Write one float32 ONNX micro-model per distinct (op, shape) of the space; with int8, also one int8 QDQ
+    micro-model per (op, shape, bits) as the network runs it (int8/); `manifest.json`; and measurements
+    templates (only if none exists: a filled-in file is never overwritten): measurements.csv with the int8 keys
+    (every bit pair priced as the device runs it), measurements_fp32.csv with the float shape keys (every bit pair
+    priced the same)."""
     import torch
 
     from .measured import ONNX_OPSET, onnx_bytes, signature_module
@@ -59,15 +121,44 @@ def export_ops(space: SearchSpace, out_dir: str | Path) -> Path:
         ops.append({"file": name, "shape_key": shape_key, "input": {"name": "x", "shape": [1, *shape],
                                                                        "dtype": "float32"},
                     "keys": sorted(bit_keys[shape_key])})
+    int8_ops = _export_int8_ops(space, out_dir) if int8 else []
     manifest = {"format": OPS_FORMAT, "space": space.name, "created": now_iso(), "opset": ONNX_OPSET,
-                "notes": "float32 NCHW, batch 1; time each file (p50 in ms) and list `shape_key,p50[,p10,p90,n]` "
-                         "rows in measurements.csv, then run `fbnas lut import`",
-                "identity_ops_zero_ms": sorted(skipped), "ops": ops}
+                "notes": "ops: float32 NCHW, batch 1, one per shape (every bit pair priced the same): time each file "
+                         "(p50 in ms), list `shape_key,p50[,p10,p90,n]` rows in measurements_fp32.csv. int8_ops: the "
+                         "int8 QDQ micro-model of each (op, shape, bits) as the exported network runs it (uint8 codes "
+                         "in and out): list `key,p50[,...]` rows in measurements.csv. Then `fbnas lut import csv=...` "
+                         "with one of the two files",
+                "identity_ops_zero_ms": sorted(skipped), "ops": ops, "int8_ops": int8_ops}
     atomic_write_json(out_dir / "manifest.json", manifest)
-    template = out_dir / "measurements.csv"
-    if not template.exists():
-        atomic_write_text(template, ",".join(CSV_FIELDS) + "\n" + "".join(f"{o['shape_key']},,,,\n" for o in ops))
+    header = ",".join(CSV_FIELDS) + "\n"
+    templates = {"measurements_fp32.csv": [o["shape_key"] for o in ops]}
+    if int8_ops:
+        templates["measurements.csv"] = [o["key"] for o in int8_ops]
+    for name, keys in templates.items():
+        if not (out_dir / name).exists():
+            atomic_write_text(out_dir / name, header + "".join(f"{k},,,,\n" for k in keys))
     return out_dir / "manifest.json"
+
+
+def _input_spec(value_info) -> dict:
+    from onnx import helper
+
+    t = value_info.type.tensor_type
+    return {"name": value_info.name, "shape": [d.dim_value or 1 for d in t.shape.dim],  # batch 1
+            "dtype": helper.tensor_dtype_to_np_dtype(t.elem_type).name}
+
+
+def _export_int8_ops(space: SearchSpace, out_dir: Path) -> list[dict]:
+    out = []
+    for op in space.candidates:
+        for w in space.w_bits:
+            for a in space.a_bits:
+                for key, model in sorted(int8_op_models(space, op, w, a).items()):
+                    name = "int8/" + _file_name(len(out), key)
+                    atomic_write_bytes(out_dir / name, model.SerializeToString())
+                    out.append({"file": name, "key": key,
+                                "inputs": [_input_spec(i) for i in model.graph.input]})
+    return out
 
 
 @dataclass(frozen=True)
