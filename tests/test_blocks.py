@@ -44,6 +44,9 @@ def test_reference_block_parameter_counts():
     assert n_params(build_op("shuffle_k3", 116, 116, 1)) == n_params(tv)
     tv2 = torchvision.models.shufflenet_v2_x1_0().stage2[0]  # stride 2, 24 -> 116
     assert n_params(build_op("shuffle_k3", 24, 116, 2)) == n_params(tv2)
+    # timm's MnasNet depthwise-separable block (32 -> 16) is our sep_k3
+    sep = timm.create_model("mnasnet_100", pretrained=False).blocks[0][0]
+    assert n_params(build_op("sep_k3", 32, 16, 1)) == n_params(sep) == 896
 
 
 def test_ir_macs_match_formula():
