@@ -1,7 +1,7 @@
 """Calibration of the analytic device models against public measurements, in one command:
 
     PYTHONPATH=$PWD python bench/calibration.py [--anchors ../shared/latency_anchors] [--archs 2000] [--fit]
-                                                [--out bench/results/calibration.json]
+                                                [--out bench/results/calibration/models.json]
 
 Prints each target (MobileNet-v1/v2 on the sd835/a11 models vs XNNPACK/TFLite measurements, the int8/fp32
 ratio, Spearman rank agreement with the Pixel 3 per-block data) with PASS/FAIL, and exits 1 if any fails.
