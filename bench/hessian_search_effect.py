@@ -86,7 +86,7 @@ def layer_traces(run_dir: Path, arch, cfg: SearchConfig, device, seed: int, max_
 
 def op_level(run_dir: Path, cfg: SearchConfig, device, seed: int, max_probes: int) -> dict:
     """Every op with weights in the final supernet: its trace (measured with it chosen) and the expected weight
-    bits of its learned bit distribution, sum_b softmax(beta_w)_b * b (continuous: no ties, defined at gamma 0)."""
+    bits of its learned bit distribution, sum_b softmax(w_bit_logits)_b * b (continuous: no ties, defined at gamma 0)."""
     space = load_space(cfg.space)
     state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     net = Supernet(space, mode=cfg.mode, quantized=cfg.quantized)
