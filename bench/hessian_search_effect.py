@@ -232,6 +232,8 @@ def summarize(paths: list[str], out: str) -> None:
         if not m:
             raise SystemExit(f"{p}: name does not end in _s<seed>_b<beta>_g<gamma>.json")
         for gamma, r in json.loads(Path(p).read_text()).items():
+            if gamma in ("command", "hardware"):  # the header of a file kept in bench/results
+                continue
             bits = [l["w_bits"] for _, l in sorted(r["layers"].items(), key=lambda kv: int(kv[0]))]
             rows.append({"seed": int(m[1]), "beta": m[2], "gamma": float(gamma), "spearman": r["spearman"],
                          "op_spearman": r["op_spearman"], "w_bits": bits, "val_acc": r["val_acc"],
