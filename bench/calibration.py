@@ -1,6 +1,6 @@
 """Calibration of the analytic device models against whole-network measurements, in one command:
 
-    python bench/calibration.py [--fit] [--loo] [--archs 2000] [--out FILE.json]
+    python bench/calibration.py [--fit] [--loo] [--archs 2000] [--out bench/results/calibration/models.json]
 
 Data: fbnas/latency/data/ (whole_model_latency.csv, the Pixel 3 per-block CSV; sources in its README.md).
 Prints, with PASS/FAIL, and exits 1 if a check fails:

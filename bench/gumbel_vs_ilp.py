@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--test-subset", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default="/tmp/fbnas_gumbel_vs_ilp")
-    ap.add_argument("--out", default="bench/results/gumbel_vs_ilp.md")
+    ap.add_argument("--out", default="bench/results/gumbel_vs_ilp/local.md")
     a = ap.parse_args()
     runs = Path(a.runs)
     t0 = time.time()

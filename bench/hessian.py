@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="auto", help="our engine: auto | loop | batched:K | func:K")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--small", action="store_true", help="CPU check: fmnist space, batch 16, 1 batch, 40 steps")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "hessian_speed"),
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "hessian_speed" / "local"),
                     help="writes <out>.json and <out>.md")
     args = ap.parse_args(argv)
     if args.small:

@@ -7,7 +7,7 @@ fbnas.hessian.hutchinson_traces on training batches. Post-training quantization:
 8 bits with ranges calibrated on training batches (BN frozen), no fine-tuning.
 HAWQ-V2's own ranking, Omega(2) = Tr(H)/n * ||Q_2(W) - W||^2, is reported beside the trace ranking.
 
-  python bench/hessian_meaning.py                 # ~10 min on 2 CPU cores; writes bench/results/hessian_meaning.md
+  python bench/hessian_meaning.py                 # ~10 min on 2 CPU cores; writes bench/results/hessian_meaning/local.md
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST idx files")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "hessian_meaning"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "hessian_meaning" / "local"))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -86,7 +86,7 @@ def layer_traces(run_dir: Path, arch, cfg: SearchConfig, device, seed: int, max_
 
 def op_level(run_dir: Path, cfg: SearchConfig, device, seed: int, max_probes: int) -> dict:
     """Every op with weights in the final supernet: its trace (measured with it chosen) and the expected weight
-    bits of its learned bit distribution, sum_b softmax(beta_w)_b * b (continuous: no ties, defined at gamma 0)."""
+    bits of its learned bit distribution, sum_b softmax(w_bit_logits)_b * b (continuous: no ties, defined at gamma 0)."""
     space = load_space(cfg.space)
     state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     net = Supernet(space, mode=cfg.mode, quantized=cfg.quantized)
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--accelerator", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--runs", default=str(Path("runs") / "hessian_search_effect"))
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "hessian_search_effect"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "hessian_search_effect" / "local"))
     ap.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
                     help="instead of searching: combine result files named *_s<seed>_b<beta>_g<gamma>.json into one "
                          "table (--out prefix)")
@@ -222,7 +222,7 @@ def write_report(args, results: dict, argv) -> None:
 
 def summarize(paths: list[str], out: str) -> None:
     """One table over many runs (seeds x latency exponents x gammas), from files named *_s<seed>_b<beta>_g<gamma>
-    .json as bench/gpu_session4.sh writes them; mean Spearman per (beta, gamma) over seeds."""
+    .json as `bash bench/gpu.sh heff` writes them; mean Spearman per (beta, gamma) over seeds."""
     import re
     import statistics
 
@@ -232,6 +232,8 @@ def summarize(paths: list[str], out: str) -> None:
         if not m:
             raise SystemExit(f"{p}: name does not end in _s<seed>_b<beta>_g<gamma>.json")
         for gamma, r in json.loads(Path(p).read_text()).items():
+            if gamma in ("command", "hardware"):  # the header of a file kept in bench/results
+                continue
             bits = [l["w_bits"] for _, l in sorted(r["layers"].items(), key=lambda kv: int(kv[0]))]
             rows.append({"seed": int(m[1]), "beta": m[2], "gamma": float(gamma), "spearman": r["spearman"],
                          "op_spearman": r["op_spearman"], "w_bits": bits, "val_acc": r["val_acc"],
@@ -239,7 +241,7 @@ def summarize(paths: list[str], out: str) -> None:
     rows.sort(key=lambda r: (r["beta"], r["gamma"], r["seed"]))
     lines = ["# Hessian penalty vs searched bits: combined runs", "",
              "beta: the multiplicative objective's latency exponent (default 0.6), or t<ms>: objective kind=target "
-             "with that latency limit. Runs: `SEEDS=... BETAS=... GAMMAS=... bash bench/gpu_session4.sh heff` "
+             "with that latency limit. Runs: `SEEDS=... BETAS=... GAMMAS=... bash bench/gpu.sh heff` "
              "(bits-only: --space fmnist_deep --fixed-op ir_k3_e3, bitfusion, 6 epochs, 100 steps/epoch); this table: "
              "`python bench/hessian_search_effect.py --summarize <their json files> --out <prefix>`. Spearman is "
              "nan where every layer got the same bits.", "",

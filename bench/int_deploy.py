@@ -2,7 +2,7 @@
 <= `--ratio` of the W8A8 version's predicted latency on `--lut-device` (bitfusion LUT; `--limit bops` for
 bit-operations), plus the integer-vs-fake check and the onnxruntime checks (ConvInteger/MatMulInteger accumulators
 on --ort-samples images; the whole-model qlinear and qdq graphs on the test set: LSB bounds and top-1 agreement).
-Writes a markdown table to --out (default bench/results/int_deploy.md).
+Writes a markdown table to --out (default bench/results/int_deploy/local.md).
 
     python bench/int_deploy.py --device cuda --epochs 8 --fold-epochs 2       # H100, a few minutes
     python bench/int_deploy.py --train-subset 512 --test-subset 256 --epochs 1 --fold-epochs 1 --steps 2  # smoke
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--runs", default="/tmp/fbnas_int_deploy")
     ap.add_argument("--no-ort", action="store_true",
                     help="skip the onnxruntime checks (e.g. where onnxruntime and CUDA torch clash in one process)")
-    ap.add_argument("--out", default="bench/results/int_deploy.md")
+    ap.add_argument("--out", default="bench/results/int_deploy/local.md")
     a = ap.parse_args()
     space = load_space(a.space)
     arch8 = Arch.from_space(space, a.ops.split(","), 8, 8)

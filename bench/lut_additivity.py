@@ -3,7 +3,7 @@ measured whole-model latency, same backend, same threads.
 
     PYTHONPATH=$PWD python bench/lut_additivity.py --backend ort|torch|cuda|ort_int8 [--archs 50]
         [--space fbnet_cifar100] [--threads 1] [--repeats 100] [--random-bits]
-        [--out bench/results/lut_additivity_<backend>.json]
+        [--out bench/results/lut_additivity/local-<backend>.json]
 
 Builds the measured table (float backends: each distinct op shape a standalone float32 micro-model; ort_int8:
 in-network differences of the exported int8 graphs, fbnas/latency/measured_int8.py), samples --archs
@@ -93,7 +93,7 @@ def main() -> int:
     print(f"{args.backend} {args.space} ({args.archs} archs, {args.threads} thread(s)): Spearman {rho:.4f} "
           f"(target >= 0.95), MAPE {mape:.2f}% (target <= 10%), mean LUT/measured {bias:.3f} -> "
           f"{'PASS' if ok else 'FAIL'}")
-    out = args.out or f"bench/results/lut_additivity_{args.backend}.json"
+    out = args.out or f"bench/results/lut_additivity/local-{args.backend}.json"
     atomic_write_json(out, {"backend": args.backend, "space": args.space, "threads": args.threads,
                             "warmup": warmup, "repeats": repeats, "graph_unroll": unroll,
                             "archs": args.archs, "seed": args.seed, "random_bits": args.random_bits,

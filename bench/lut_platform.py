@@ -2,7 +2,7 @@
 the bit choices (more 2/4-bit where 2/4-bit pays, i.e. on the bit-serial accelerator).
 
     PYTHONPATH=$PWD python bench/lut_platform.py [--devices sd835 bitfusion] [--epochs 4] [--steps 40]
-        [--accelerator auto|cpu|cuda] [--out bench/results/lut_platform.json]
+        [--accelerator auto|cpu|cuda] [--out bench/results/lut_platform/local.json]
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def main() -> int:
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--runs", default=None, help="directory for the search runs (default: a temp dir)")
-    ap.add_argument("--out", default="bench/results/lut_platform.json")
+    ap.add_argument("--out", default="bench/results/lut_platform/local.json")
     args = ap.parse_args()
     runs = Path(args.runs or tempfile.mkdtemp(prefix="fbnas_platform_"))
     results = {}

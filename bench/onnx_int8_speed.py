@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=200)
-    ap.add_argument("--out", default="bench/results/onnx_int8_speed.md")
+    ap.add_argument("--out", default="bench/results/onnx_int8_speed/local.md")
     a = ap.parse_args()
     import onnxruntime
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-
+from .blocks.kernels import conv_out_size
+from .blocks.registry import check_op_shape
 from .errors import ConfigError
 from .io import read_yaml, repo_root
 
@@ -45,11 +46,6 @@ class LayerShape:
     @property
     def w_out(self) -> int:
         return conv_out_size(self.w_in, self.stride)
-
-
-def conv_out_size(size: int, stride: int) -> int:
-    """Output size of a 'same'-padded conv: ceil(size / stride)."""
-    return -(-size // stride)
 
 
 @dataclass(frozen=True)
@@ -209,8 +205,6 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
 
 
 def _check_candidate_shapes(space: SearchSpace) -> None:
-    from .blocks.registry import check_op_shape
-
     for layer in space.layers():
         for i, op in enumerate(space.candidates):
             problem = check_op_shape(op, layer.c_in, layer.c_out, layer.stride)

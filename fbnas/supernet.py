@@ -65,6 +65,9 @@ def has_quantized_weights(module: nn.Module) -> bool:
     return any(isinstance(m, QConv2d) for m in module.modules())
 
 
+LEGACY_LOGIT_NAMES = {"alpha": "op_logits", "beta_w": "w_bit_logits", "beta_a": "a_bit_logits"}
+
+
 class MixedLayer(nn.Module):
     def __init__(self, shape: LayerShape, candidates: Sequence[str], w_bits: Sequence[int], a_bits: Sequence[int],
                  quantized: bool = True):
@@ -77,11 +80,11 @@ class MixedLayer(nn.Module):
         self.ops = nn.ModuleList(build_op(op, shape.c_in, shape.c_out, shape.stride, bs)
                                  for op, bs in zip(candidates, self.bit_states))
         n_ops = len(candidates)
-        self.alpha = nn.Parameter(torch.zeros(n_ops))
+        self.op_logits = nn.Parameter(torch.zeros(n_ops))
         # bit logits only for ops that have quantized weights (an identity skip has no bits to choose)
         self.bit_ops = [i for i, op in enumerate(self.ops) if has_quantized_weights(op)] if quantized else []
-        self.beta_w = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.w_bits)))
-        self.beta_a = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.a_bits)))
+        self.w_bit_logits = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.w_bits)))
+        self.a_bit_logits = nn.Parameter(torch.zeros(len(self.bit_ops), len(self.a_bits)))
         self.last_op_weights: Optional[torch.Tensor] = None
         self.last_w_weights: Optional[torch.Tensor] = None
         self.last_a_weights: Optional[torch.Tensor] = None
@@ -92,12 +95,19 @@ class MixedLayer(nn.Module):
         self.last_coef: Optional[torch.Tensor] = None  # [n_ops] output scale of each op: op weight x bit factors
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        return [self.alpha, self.beta_w, self.beta_a]
+        return [self.op_logits, self.w_bit_logits, self.a_bit_logits]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # search checkpoints written with the names alpha / beta_w / beta_a load into the renamed logits
+        for old, new in LEGACY_LOGIT_NAMES.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fix(self, op_index: int, w_index: int, a_index: int) -> None:
         """Run one given (op, bits) choice, no sampling (evaluation of a child inside the supernet)."""
         n_ops = len(self.ops)
-        dev = self.alpha.device
+        dev = self.op_logits.device
         self.last_op_weights = F.one_hot(torch.tensor(op_index, device=dev), n_ops).float()
         self.last_soft_op = self.last_coef = self.last_op_weights
         self.last_index = op_index
@@ -177,8 +187,8 @@ class Supernet(nn.Module):
         """Draw one Gumbel sample for every layer's op and bit choices (batched across layers)."""
         hard = self.mode == "hard"
         layers = list(self.mixed_layers)
-        logits = [torch.stack([l.alpha for l in layers]), torch.cat([l.beta_w for l in layers]),
-                  torch.cat([l.beta_a for l in layers])]
+        logits = [torch.stack([l.op_logits for l in layers]), torch.cat([l.w_bit_logits for l in layers]),
+                  torch.cat([l.a_bit_logits for l in layers])]
         # one noise draw (CPU generator: the same samples on every device); the sampled indices come from the
         # logits as of the previous forward (see _lagged_logits), so sampling never waits for the device
         sizes = [t.numel() for t in logits]
@@ -309,10 +319,10 @@ class Supernet(nn.Module):
 
     def probabilities(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """softmax(theta), without noise: ops [L, n_ops], w bits [L, n_ops, n_wb], a bits [L, n_ops, n_ab]."""
-        ops = torch.stack([F.softmax(l.alpha, -1) for l in self.mixed_layers])
+        ops = torch.stack([F.softmax(l.op_logits, -1) for l in self.mixed_layers])
         layers = self.mixed_layers
-        ws = self._full_bit_matrix(torch.cat([F.softmax(l.beta_w, -1) for l in layers]), len(self.space.w_bits))
-        as_ = self._full_bit_matrix(torch.cat([F.softmax(l.beta_a, -1) for l in layers]), len(self.space.a_bits))
+        ws = self._full_bit_matrix(torch.cat([F.softmax(l.w_bit_logits, -1) for l in layers]), len(self.space.w_bits))
+        as_ = self._full_bit_matrix(torch.cat([F.softmax(l.a_bit_logits, -1) for l in layers]), len(self.space.a_bits))
         return ops, ws, as_
 
     # ------------------------------------------------------------------ derivation

@@ -104,8 +104,8 @@ def test_penalty_gradients_reach_arch_logits_and_weights_not_traces():
     assert value.item() > 0
     value.backward()
     layer = net.mixed_layers[1]
-    assert layer.alpha.grad is not None and layer.alpha.grad.abs().sum() > 0
-    assert layer.beta_w.grad is not None and layer.beta_w.grad.abs().sum() > 0
+    assert layer.op_logits.grad is not None and layer.op_logits.grad.abs().sum() > 0
+    assert layer.w_bit_logits.grad is not None and layer.w_bit_logits.grad.abs().sum() > 0
     w = layer.ops[0].pw.conv.weight
     assert w.grad is not None and w.grad.abs().sum() > 0
     assert not pen.traces.requires_grad

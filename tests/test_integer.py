@@ -10,22 +10,11 @@ from fbnas.errors import ConfigError
 from fbnas.quant.dyadic import dyadic, dyadic_value, requantize, round_shift
 from fbnas.quant.fold import fold_model
 from fbnas.quant.integer import int_conv2d, int_matmul, to_integer
+from folded_vs_integer import compare as _compare, random_bn as _random_bn
 
 # every block family and lowering path: IR with residual, sqnxt with conv shortcut, shuffle split + non-split,
 # grouped IR with shuffle, identity skip
 OPS = ["ir_k3_e3", "sqnxt_k3", "shuffle_k3", "ir_k3_e1_g2", "skip", "shuffle_k3"]
-
-
-
-
-def _random_bn(net: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.6 - 0.3)
 
 
 def _folded(w_bits, a_bits, seed=0, rounding="half_even", n=16):
@@ -37,20 +26,6 @@ def _folded(w_bits, a_bits, seed=0, rounding="half_even", n=16):
     x = torch.randn(n, 1, 28, 28)
     folded.calibrate([x[: n // 2], x[n // 2:]])
     return net, folded.eval(), x
-
-
-def _compare(folded, integer, x):
-    rec_f, rec_i = {}, {}
-    with torch.no_grad():
-        lf, li = folded(x, record=rec_f), integer(x, record=rec_i)
-    mismatches = {}
-    for name, qi in rec_i.items():
-        if name == "head.classifier":
-            continue
-        qf = rec_f[name][0]
-        assert float((qf - qf.round()).abs().max()) == 0.0, f"{name}: fake tensor is not integer-valued"
-        mismatches[name] = int((qf.to(torch.int64) != qi.to(torch.int64)).sum())
-    return lf, li, mismatches
 
 
 @pytest.mark.parametrize("bits,rounding", [((8, 8), "half_even"), ((4, 4), "half_away"),

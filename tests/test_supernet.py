@@ -51,7 +51,7 @@ def test_identity_skip_has_no_bit_logits(space):
     layer = net.mixed_layers[0]  # 16 -> 16 stride 1: skip is identity
     skip = space.candidates.index("skip")
     assert skip not in layer.bit_ops
-    assert layer.beta_w.shape == (len(space.candidates) - 1, 3)
+    assert layer.w_bit_logits.shape == (len(space.candidates) - 1, 3)
     assert skip in net.mixed_layers[1].bit_ops  # 16 -> 24 stride 2: skip is a 1x1 conv with bits
 
 
@@ -103,14 +103,31 @@ def test_weight_and_arch_parameters_partition(space):
     assert not ({id(p) for p in net.weight_parameters()} & {id(p) for p in net.arch_parameters()})
 
 
+def test_state_dict_with_the_logits_named_alpha_beta_w_beta_a_loads(space):
+    net = Supernet(space)
+    with torch.no_grad():
+        for i, p in enumerate(net.arch_parameters()):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    names = {"op_logits": "alpha", "w_bit_logits": "beta_w", "a_bit_logits": "beta_a"}
+    old = {}
+    for k, v in net.state_dict().items():
+        head, _, last = k.rpartition(".")
+        old[f"{head}.{names.get(last, last)}" if head else k] = v
+    assert "mixed_layers.0.alpha" in old and "mixed_layers.0.op_logits" not in old
+    fresh = Supernet(space)
+    fresh.load_state_dict(old)
+    for a, b in zip(fresh.arch_parameters(), net.arch_parameters()):
+        assert torch.equal(a, b)
+
+
 def test_discrete_choices_use_the_logits_of_the_previous_forward(space):
     net = Supernet(space, mode="hard")
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
-        net.mixed_layers[0].alpha.fill_(0).data[2] = 100.0
+        net.mixed_layers[0].op_logits.fill_(0).data[2] = 100.0
         net(x)
         assert net.mixed_layers[0].last_index == 2  # first forward: the current logits
-        net.mixed_layers[0].alpha.fill_(0).data[3] = 100.0
+        net.mixed_layers[0].op_logits.fill_(0).data[3] = 100.0
         net(x)
         assert net.mixed_layers[0].last_index == 2  # one update behind: the host never waits for the device
         snapshot = net.sampler_state()
@@ -146,14 +163,14 @@ def test_cross_entropy_alone_reaches_the_sampled_bit_logits(space, mode):
     net = Supernet(space, mode=mode, bit_sampling="hard")
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     F.cross_entropy(net(x), y).backward()
-    alpha = torch.stack([layer.alpha.grad.abs().mean() for layer in net.mixed_layers]).mean()
+    op_grad = torch.stack([layer.op_logits.grad.abs().mean() for layer in net.mixed_layers]).mean()
     for layer in net.mixed_layers:
         ops = [layer.last_index] if mode == "hard" else range(len(layer.ops))
         rows = [layer.bit_ops.index(i) for i in ops if i in layer.bit_ops]
         if rows:
             # comparable to the op logits' gradients (a factor on the weights gives ~1e-5 of them)
-            assert layer.beta_w.grad[rows].abs().mean() > 1e-3 * alpha, mode
-            assert layer.beta_a.grad[rows].abs().mean() > 1e-3 * alpha, mode
+            assert layer.w_bit_logits.grad[rows].abs().mean() > 1e-3 * op_grad, mode
+            assert layer.a_bit_logits.grad[rows].abs().mean() > 1e-3 * op_grad, mode
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])

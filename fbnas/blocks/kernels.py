@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..space import conv_out_size
+
+def conv_out_size(size: int, stride: int) -> int:
+    """Output size of a 'same'-padded conv: ceil(size / stride)."""
+    return -(-size // stride)
 
 # kinds: conv (dense kxk), pw (1x1, groups allowed), dw (depthwise), add (residual), shuffle (channel
 # shuffle copy), concat (copy), pool (global average), linear (classifier)

@@ -2,12 +2,16 @@
 1x1 (groups g) project, residual when stride 1 and C_in == C_out. The first 1x1 exists even at e=1."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn as nn
 
 from ..quant.fake import BitState, ConvBNAct
-from ..space import conv_out_size
-from .kernels import KernelSpec, conv
+from .kernels import KernelSpec, conv, conv_out_size
 from .registry import OpDef, register_op
+
+if TYPE_CHECKING:  # the lowering only calls the builder it is given; fold.py looks lowerings up here
+    from ..quant.fold import LayerBits, ProgramBuilder
 
 
 class InvertedResidual(nn.Module):
@@ -40,6 +44,17 @@ def ir_kernels(c_in: int, c_out: int, stride: int, h: int, w: int, kernel: int, 
     return ks
 
 
+def lower_inverted_residual(b: ProgramBuilder, blk: InvertedResidual, name: str, src: str, bits: LayerBits) -> str:
+    t = b.conv(f"{name}.pw", blk.pw, src, bits.w, bits.a)
+    if isinstance(blk.shuffle, nn.ChannelShuffle):
+        t = b.shuffle(f"{name}.shuffle", t, blk.shuffle.groups)
+    t = b.conv(f"{name}.dw", blk.dw, t, bits.w, bits.a)
+    if blk.has_residual:
+        y = b.conv(f"{name}.pwl", blk.pwl, t, bits.w, None)
+        return b.merge("add", f"{name}.add", (src, y), bits.out)
+    return b.conv(f"{name}.pwl", blk.pwl, t, bits.w, bits.out)
+
+
 def _ir_check(groups: int):
     def check(c_in: int, c_out: int, stride: int):
         if groups > 1 and (c_in % groups or c_out % groups):
@@ -57,6 +72,7 @@ def _register() -> None:
                     name=name, family="mobilenetv2",
                     build=lambda ci, co, s, bs, k=k, e=e, g=g: InvertedResidual(ci, co, s, k, e, g, bs),
                     kernels=lambda ci, co, s, h, w, k=k, e=e, g=g: ir_kernels(ci, co, s, h, w, k, e, g),
+                    lower=lower_inverted_residual,
                     check=_ir_check(g),
                     params={"kernel": k, "expansion": e, "groups": g},
                 ))

@@ -1,8 +1,8 @@
-"""The op registry: op name -> OpDef (builder, kernel description, shape constraints)."""
+"""The op registry: op name -> OpDef (module builder, fused-kernel description, integer lowering, shape check)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
@@ -10,17 +10,23 @@ from ..errors import ConfigError
 from ..quant.fake import BitState
 from .kernels import KernelSpec
 
-Builder = Callable[[int, int, int, BitState], nn.Module]
-KernelFn = Callable[[int, int, int, int, int], list]
-CheckFn = Callable[[int, int, int], Optional[str]]
+Builder = Callable[[int, int, int, BitState], nn.Module]  # (c_in, c_out, stride, bit_state) -> module
+KernelFn = Callable[[int, int, int, int, int], list]  # (c_in, c_out, stride, h, w) -> list[KernelSpec]
+# (program builder, the built module, its name, input tensor name, LayerBits) -> output tensor name;
+# see fbnas/quant/fold.py (ProgramBuilder, LayerBits)
+LowerFn = Callable[[Any, nn.Module, str, str, Any], str]
+CheckFn = Callable[[int, int, int], Optional[str]]  # (c_in, c_out, stride) -> why it cannot, or None
 
 
 @dataclass(frozen=True)
 class OpDef:
+    """One candidate op: how to build it, what it costs (fused kernels), and how it runs integer-only."""
+
     name: str
-    family: str  # mobilenetv2 | squeezenext | shufflenetv2 | skip
+    family: str  # mobilenetv2 | squeezenext | shufflenetv2 | skip | ...
     build: Builder
     kernels: KernelFn
+    lower: LowerFn
     check: CheckFn = field(default=lambda c_in, c_out, stride: None)
     params: dict = field(default_factory=dict)
 

@@ -3,13 +3,17 @@
 depthwise+1x1 branch and a 1x1-depthwise-1x1 branch, each giving half of C_out, concat, shuffle."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
 from ..quant.fake import BitState, ConvBNAct
-from ..space import conv_out_size
-from .kernels import KernelSpec, conv
+from .kernels import KernelSpec, conv, conv_out_size
 from .registry import OpDef, register_op
+
+if TYPE_CHECKING:  # the lowering only calls the builder it is given; fold.py looks lowerings up here
+    from ..quant.fold import LayerBits, ProgramBuilder
 
 
 def _split_unit(c_in: int, c_out: int, stride: int) -> bool:
@@ -62,6 +66,27 @@ def shuffle_kernels(c_in: int, c_out: int, stride: int, h: int, w: int, kernel: 
     return ks
 
 
+def _lower_branch(b: ProgramBuilder, seq: nn.Sequential, name: str, src: str, bits: LayerBits) -> str:
+    t = src
+    for i, cba in enumerate(seq):
+        last = i == len(seq) - 1
+        t = b.conv(f"{name}.{i}", cba, t, bits.w, None if last else bits.a)
+    return t
+
+
+def lower_shuffle_unit(b: ProgramBuilder, blk: ShuffleUnit, name: str, src: str, bits: LayerBits) -> str:
+    if blk.split:
+        c_in = 2 * blk.right[0].conv.in_channels
+        left = b.split(f"{name}.split", src, 0, c_in // 2)
+        x2 = b.split(f"{name}.split", src, c_in // 2, c_in)
+    else:
+        left = _lower_branch(b, blk.left, f"{name}.left", src, bits)
+        x2 = src
+    right = _lower_branch(b, blk.right, f"{name}.right", x2, bits)
+    cat = b.merge("concat", f"{name}.concat", (left, right), bits.out)
+    return b.shuffle(f"{name}.shuffle", cat, 2)
+
+
 def _check(c_in: int, c_out: int, stride: int):
     if c_out % 2:
         return "a ShuffleNetV2 unit needs an even number of output channels"
@@ -75,6 +100,7 @@ for _k in (3, 5):
         name=f"shuffle_k{_k}", family="shufflenetv2",
         build=lambda ci, co, s, bs, k=_k: ShuffleUnit(ci, co, s, k, bs),
         kernels=lambda ci, co, s, h, w, k=_k: shuffle_kernels(ci, co, s, h, w, k),
+        lower=lower_shuffle_unit,
         check=_check,
         params={"kernel": _k},
     ))

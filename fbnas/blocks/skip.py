@@ -1,11 +1,16 @@
 """skip: identity, or a 1x1 conv+BN+ReLU where channels or stride change (then it has a real cost)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn as nn
 
 from ..quant.fake import BitState, ConvBNAct
 from .kernels import KernelSpec, conv
 from .registry import OpDef, register_op
+
+if TYPE_CHECKING:  # the lowering only calls the builder it is given; fold.py looks lowerings up here
+    from ..quant.fold import LayerBits, ProgramBuilder
 
 
 def _is_identity(c_in: int, c_out: int, stride: int) -> bool:
@@ -24,4 +29,10 @@ def _kernels(c_in: int, c_out: int, stride: int, h: int, w: int) -> list[KernelS
     return [conv("pw", c_in, c_out, h, w, 1, stride)]
 
 
-register_op(OpDef(name="skip", family="skip", build=_build, kernels=_kernels))
+def _lower(b: ProgramBuilder, blk: nn.Module, name: str, src: str, bits: LayerBits) -> str:
+    if isinstance(blk, nn.Identity):
+        return src
+    return b.conv(name, blk, src, bits.w, bits.out)
+
+
+register_op(OpDef(name="skip", family="skip", build=_build, kernels=_kernels, lower=_lower))

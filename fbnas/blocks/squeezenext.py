@@ -4,12 +4,16 @@ where stride or channels change. The block output is linear (no ReLU after the a
 blocks, so blocks compose the same way in the integer-only model."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn as nn
 
 from ..quant.fake import BitState, ConvBNAct
-from ..space import conv_out_size
-from .kernels import KernelSpec, conv
+from .kernels import KernelSpec, conv, conv_out_size
 from .registry import OpDef, register_op
+
+if TYPE_CHECKING:  # the lowering only calls the builder it is given; fold.py looks lowerings up here
+    from ..quant.fold import LayerBits, ProgramBuilder
 
 
 def _widths(c_in: int) -> tuple[int, int]:
@@ -47,10 +51,20 @@ def sqnxt_kernels(c_in: int, c_out: int, stride: int, h: int, w: int, kernel: in
     return ks
 
 
+def lower_squeezenext(b: ProgramBuilder, blk: SqueezeNextBlock, name: str, src: str, bits: LayerBits) -> str:
+    t = src
+    for sub in ("squeeze1", "squeeze2", "sep_v", "sep_h"):
+        t = b.conv(f"{name}.{sub}", getattr(blk, sub), t, bits.w, bits.a)
+    y = b.conv(f"{name}.expand", blk.expand, t, bits.w, None)
+    sc = src if isinstance(blk.shortcut, nn.Identity) else b.conv(f"{name}.shortcut", blk.shortcut, src, bits.w, None)
+    return b.merge("add", f"{name}.add", (sc, y), bits.out)
+
+
 for _k in (3, 5):
     register_op(OpDef(
         name=f"sqnxt_k{_k}", family="squeezenext",
         build=lambda ci, co, s, bs, k=_k: SqueezeNextBlock(ci, co, s, k, bs),
         kernels=lambda ci, co, s, h, w, k=_k: sqnxt_kernels(ci, co, s, h, w, k),
+        lower=lower_squeezenext,
         params={"kernel": _k},
     ))

@@ -416,19 +416,8 @@ def hutchinson_traces(model: nn.Module, loss_fn: Optional[LossFn], batches: Sequ
             member = torch.zeros(len(running), len(active), dtype=torch.float64)
             for row, g in enumerate(running):
                 member[row, [pos[i] for i in pb.groups[g]]] = 1.0
-            member = member.to(device)
             r = min(per_round, math.ceil((max_probes - n_done) / n_batches))
-            for b in range(n_batches):
-                probes = _rademacher([pb.params[i] for i in active], r, gen)
-                hv = engine.hvp(b, active, probes)
-                dots = torch.stack([torch.zeros(r, device=device, dtype=torch.float64) if h is None else
-                                    (v * h).flatten(1).sum(1, dtype=torch.float64) for v, h in zip(probes, hv)])
-                per_group = (member @ dots).cpu().numpy()
-                if not np.isfinite(per_group).all():
-                    raise NonFiniteLossError(f"a Hessian-vector product on batch {b} is not finite: the loss "
-                                             f"surface has inf/nan curvature at these weights")
-                for g, row in zip(running, per_group):
-                    samples[g][b].extend(row.tolist())
+            _probe_round(pb, engine, running, active, member.to(device), r, gen, samples)
             n_done += r * n_batches
             still = []
             for g in running:
@@ -441,6 +430,35 @@ def hutchinson_traces(model: nn.Module, loss_fn: Optional[LossFn], batches: Sequ
             running = still
         if engine is not None:
             engine.release()
+    results = _group_traces(pb, samples, done_at, target_rel_se, max_probes)
+    settings = {"target_rel_se": target_rel_se, "max_probes": max_probes, "min_probes": min_probes,
+                "seed": seed, "batches": n_batches, "method": method, "probes_per_round": per_round}
+    if timings:
+        settings["engine_seconds_per_probe"] = timings
+        settings["engine_selection_seconds"] = selection_s
+    return TraceResult(results, engine.name if engine is not None else "none", n_done,
+                       time.perf_counter() - t_start, settings)
+
+
+def _probe_round(pb: "_Problem", engine, running: list[str], active: list[int], member: torch.Tensor, r: int,
+                 gen: torch.Generator, samples: dict[str, list[list[float]]]) -> None:
+    """r probe vectors on every batch: append each running group's samples v_g^T (H v)_g."""
+    for b in range(len(pb.batches)):
+        probes = _rademacher([pb.params[i] for i in active], r, gen)
+        hv = engine.hvp(b, active, probes)
+        dots = torch.stack([torch.zeros(r, device=member.device, dtype=torch.float64) if h is None else
+                            (v * h).flatten(1).sum(1, dtype=torch.float64) for v, h in zip(probes, hv)])
+        per_group = (member @ dots).cpu().numpy()
+        if not np.isfinite(per_group).all():
+            raise NonFiniteLossError(f"a Hessian-vector product on batch {b} is not finite: the loss "
+                                     f"surface has inf/nan curvature at these weights")
+        for g, row in zip(running, per_group):
+            samples[g][b].extend(row.tolist())
+
+
+def _group_traces(pb: "_Problem", samples: dict[str, list[list[float]]], done_at: dict[str, int],
+                  target_rel_se: float, max_probes: int) -> dict[str, "GroupTrace"]:
+    """Per-group Tr(H_g)/n_g and its SE from the samples; a warning names the groups stopped by the probe cap."""
     results: dict[str, GroupTrace] = {}
     capped = []
     for g, idx in pb.groups.items():
@@ -460,14 +478,8 @@ def hutchinson_traces(model: nn.Module, loss_fn: Optional[LossFn], batches: Sequ
         warnings.warn(HessianConvergenceWarning(
             f"{len(capped)} of {len(results)} groups reached the probe cap (max_probes={max_probes}) before the "
             f"target relative SE {target_rel_se:g}; achieved rel SE: {worst}{' ...' if len(capped) > 5 else ''} "
-            f"(raise max_probes or target_rel_se)"), stacklevel=2)
-    settings = {"target_rel_se": target_rel_se, "max_probes": max_probes, "min_probes": min_probes,
-                "seed": seed, "batches": n_batches, "method": method, "probes_per_round": per_round}
-    if timings:
-        settings["engine_seconds_per_probe"] = timings
-        settings["engine_selection_seconds"] = selection_s
-    return TraceResult(results, engine.name if engine is not None else "none", n_done,
-                       time.perf_counter() - t_start, settings)
+            f"(raise max_probes or target_rel_se)"), stacklevel=3)  # the caller of hutchinson_traces
+    return results
 
 
 def _stratified(per_batch: list[list[float]]) -> tuple[float, float]:

@@ -246,7 +246,7 @@ class HessianPenalty:
     # -------------------------------------------------------------------------------------- penalty
     def __call__(self, supernet: nn.Module) -> torch.Tensor:
         layers = supernet.mixed_layers
-        ref = layers[0].alpha
+        ref = layers[0].op_logits
         if not self.active or self.traces is None or self.norm is None:
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
         idx, bank = self._units(supernet)

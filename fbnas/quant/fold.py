@@ -31,9 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..arch import Arch
-from ..blocks.mobilenet import InvertedResidual
-from ..blocks.shufflenet import ShuffleUnit
-from ..blocks.squeezenext import SqueezeNextBlock
+from ..blocks import get_op
 from ..errors import ConfigError
 from .dyadic import INT32_MAX, check_rounding, dyadic, dyadic_value, round_float
 from .fake import ActQuantizer, ConvBNAct, QLinear, act_levels, qmax_signed, weight_scale
@@ -314,7 +312,8 @@ class LayerBits:
 
 
 class ProgramBuilder:
-    """Collects steps and folded nodes while a network is lowered."""
+    """Collects steps and folded nodes while a network is lowered (each op's `OpDef.lower`, in its block file,
+    calls conv/merge/split/shuffle)."""
 
     def __init__(self):
         self.steps: list[Step] = []
@@ -355,64 +354,6 @@ class ProgramBuilder:
 
     def linear(self, name: str, lin: QLinear, src: str, w_bits: int) -> str:
         return self._emit("linear", name, (src,), FoldedLinear.from_linear(name, lin, w_bits))
-
-
-def _lower_inverted_residual(b: ProgramBuilder, blk: InvertedResidual, name: str, src: str, bits: LayerBits) -> str:
-    t = b.conv(f"{name}.pw", blk.pw, src, bits.w, bits.a)
-    if isinstance(blk.shuffle, nn.ChannelShuffle):
-        t = b.shuffle(f"{name}.shuffle", t, blk.shuffle.groups)
-    t = b.conv(f"{name}.dw", blk.dw, t, bits.w, bits.a)
-    if blk.has_residual:
-        y = b.conv(f"{name}.pwl", blk.pwl, t, bits.w, None)
-        return b.merge("add", f"{name}.add", (src, y), bits.out)
-    return b.conv(f"{name}.pwl", blk.pwl, t, bits.w, bits.out)
-
-
-def _lower_branch(b: ProgramBuilder, seq: nn.Sequential, name: str, src: str, bits: LayerBits) -> str:
-    t = src
-    for i, cba in enumerate(seq):
-        last = i == len(seq) - 1
-        t = b.conv(f"{name}.{i}", cba, t, bits.w, None if last else bits.a)
-    return t
-
-
-def _lower_shuffle_unit(b: ProgramBuilder, blk: ShuffleUnit, name: str, src: str, bits: LayerBits) -> str:
-    if blk.split:
-        c_in = 2 * blk.right[0].conv.in_channels
-        left = b.split(f"{name}.split", src, 0, c_in // 2)
-        x2 = b.split(f"{name}.split", src, c_in // 2, c_in)
-    else:
-        left = _lower_branch(b, blk.left, f"{name}.left", src, bits)
-        x2 = src
-    right = _lower_branch(b, blk.right, f"{name}.right", x2, bits)
-    cat = b.merge("concat", f"{name}.concat", (left, right), bits.out)
-    return b.shuffle(f"{name}.shuffle", cat, 2)
-
-
-def _lower_squeezenext(b: ProgramBuilder, blk: SqueezeNextBlock, name: str, src: str, bits: LayerBits) -> str:
-    t = src
-    for sub in ("squeeze1", "squeeze2", "sep_v", "sep_h"):
-        t = b.conv(f"{name}.{sub}", getattr(blk, sub), t, bits.w, bits.a)
-    y = b.conv(f"{name}.expand", blk.expand, t, bits.w, None)
-    sc = src if isinstance(blk.shortcut, nn.Identity) else b.conv(f"{name}.shortcut", blk.shortcut, src, bits.w, None)
-    return b.merge("add", f"{name}.add", (sc, y), bits.out)
-
-
-def _lower_convbnact(b: ProgramBuilder, blk: ConvBNAct, name: str, src: str, bits: LayerBits) -> str:
-    return b.conv(name, blk, src, bits.w, bits.out)
-
-
-def _lower_identity(b: ProgramBuilder, blk: nn.Identity, name: str, src: str, bits: LayerBits) -> str:
-    return src
-
-
-BLOCK_LOWERINGS: dict[type, Callable] = {
-    InvertedResidual: _lower_inverted_residual,
-    ShuffleUnit: _lower_shuffle_unit,
-    SqueezeNextBlock: _lower_squeezenext,
-    ConvBNAct: _lower_convbnact,
-    nn.Identity: _lower_identity,
-}
 
 
 def _consumer_bits(arch: Arch, layers: nn.ModuleList, start: int) -> int:
@@ -472,11 +413,8 @@ def fold_model(net: nn.Module, rounding: str = "half_even") -> FoldedNet:
     t = b.conv("stem", net.stem, t, arch.fixed_w_bits, _consumer_bits(arch, net.layers, 0))
     blocks["stem"] = t
     for i, (layer, choice) in enumerate(zip(net.layers, arch.layers)):
-        lower = BLOCK_LOWERINGS.get(type(layer))
-        if lower is None:
-            raise ConfigError(f"layers.{i}: op {choice.op!r} ({type(layer).__name__}) has no integer lowering")
         bits = LayerBits(choice.w_bits, choice.a_bits, _consumer_bits(arch, net.layers, i + 1))
-        t = lower(b, layer, f"layers.{i}", t, bits)
+        t = get_op(choice.op).lower(b, layer, f"layers.{i}", t, bits)
         blocks[f"layers.{i}"] = t
     fw, fa = arch.fixed_w_bits, arch.fixed_a_bits
     t = b.conv("head.conv", net.head.conv, t, fw, fa)

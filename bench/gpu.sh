@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, one part per call:  bash bench/gpu.sh <part>   (from the repository root)
+#
+#   step        supernet search step, all-paths fp32 reference vs hard ops + hard bits ($CONFIGS), and a profile
+#   additivity  LUT additivity on CUDA, with CUDA graphs and eagerly
+#   hessian     Hessian-trace speed vs a PyHessian-style loop ($HESS_PROBES probes at most), and the HVP profile
+#   deploy      integer-only deployment accuracy: FP32, W8A8, ILP mixed bits ($DEPLOY_ARGS)
+#   ilp         Gumbel-searched bits vs HAWQ-V3 ILP bits at equal bitfusion latency
+#   heff        Hessian penalty vs searched bits, bits only ($SEEDS x $BETAS x $GAMMAS side by side; a BETAS
+#               entry is default, a latency exponent, or t<ms> for a latency target)
+#   sweep       the latency-weight sweep as a Hydra multirun ($BETAS, comma-separated)
+#   platform    default searches for sd835 and bitfusion side by side
+#   train       QAT W8A8 and FP32 training of arch.json files ($ARCHS), side by side
+#
+# Results go to $OUT (default /tmp/out), with gpu.txt recording the GPU; copy what you keep to
+# bench/results/<study>/<hardware>.{md,json}. Fashion-MNIST is read from .data/fashion-mnist and Python wheels
+# the machine lacks (hydra-core, omegaconf, ...) from .devwheels/, both git-ignored folders you place next to
+# the checkout.
+set -u
+
+prelude() {
+  mkdir -p /usr/share/datasets && cp -r .data/fashion-mnist /usr/share/datasets/
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .devwheels/*.whl 2>/dev/null
+  export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+  mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+  python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
+}
+
+part_step() {
+  timeout 250 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
+    --configs "${CONFIGS:-reference_fp32_all_paths,fbnas_hard_bits}" --out "$OUT/supernet_step.json" 2>&1 \
+    | grep -v Warn | tee "$OUT/supernet_step.txt"
+  timeout 100 python3 bench/supernet_step.py --device cuda --batch 256 --steps 10 --warmup 5 --profile \
+    --configs fbnas_hard_bits 2>&1 | grep -v Warn > "$OUT/supernet_step_profile.txt"
+  head -n 45 "$OUT/supernet_step_profile.txt" | cut -c1-60,100-200
+}
+
+part_additivity() {
+  timeout 150 python3 bench/lut_additivity.py --backend cuda --archs 50 --out "$OUT/lut_additivity_cuda.json" \
+    > "$OUT/lut_additivity_cuda.txt" 2>&1; echo "graphs rc=$?"; tail -n 2 "$OUT/lut_additivity_cuda.txt"
+  timeout 100 python3 bench/lut_additivity.py --backend cuda --archs 50 --graph-unroll 0 \
+    --out "$OUT/lut_additivity_cuda_eager.json" > "$OUT/lut_additivity_cuda_eager.txt" 2>&1
+  echo "eager rc=$?"; tail -n 2 "$OUT/lut_additivity_cuda_eager.txt"
+}
+
+part_hessian() {
+  timeout 280 python3 bench/hessian.py --device cuda --batch-size 64 --batches 1 --max-probes "${HESS_PROBES:-256}" \
+    --out "$OUT/hessian_speed" > "$OUT/hessian_speed.log" 2>&1; echo "hessian rc=$?"
+  tail -n 14 "$OUT/hessian_speed.log"
+  timeout 100 python3 bench/hvp_profile.py --device cuda --batch-size 64 > "$OUT/hvp_profile.txt" 2>&1
+  echo "hvp_profile rc=$?"; head -n 30 "$OUT/hvp_profile.txt"
+}
+
+part_deploy() {
+  rm -rf /tmp/fbnas_int
+  timeout "${DEPLOY_TIMEOUT:-540}" python3 bench/int_deploy.py --device cuda --no-ort \
+    ${DEPLOY_ARGS:---epochs 8 --fold-epochs 2 --steps 300 --w8-init fp32} \
+    --runs /tmp/fbnas_int --out "$OUT/int_deploy.md" > "$OUT/int_deploy.log" 2>&1; echo "int_deploy rc=$?"
+  tar czf "$OUT/int_runs.tgz" -C /tmp fbnas_int --exclude=checkpoints 2>/dev/null
+  cat "$OUT/int_deploy.md" 2>/dev/null; tail -n 3 "$OUT/int_deploy.log"
+}
+
+part_ilp() {
+  rm -rf /tmp/gs/gvi
+  timeout 540 python3 bench/gumbel_vs_ilp.py --device cuda --epochs 5 --fold-epochs 1 --steps 250 --search-steps 120 \
+    --runs /tmp/gs/gvi --out "$OUT/gumbel_vs_ilp.md" > "$OUT/gumbel_vs_ilp.log" 2>&1; echo "gumbel_vs_ilp rc=$?"
+  cat "$OUT/gumbel_vs_ilp.md"; tail -n 3 "$OUT/gumbel_vs_ilp.log"
+}
+
+part_heff() {
+  rm -rf /tmp/gs /tmp/heff; mkdir -p /tmp/gs /tmp/heff
+  for seed in ${SEEDS:-0}; do
+    for beta in ${BETAS:-default t0.046}; do
+      for g in ${GAMMAS:-0 0.05 0.15}; do
+        case $beta in default) b="";; t*) b="--latency-target ${beta#t}";; *) b="--beta $beta";; esac
+        name=s${seed}_b${beta}_g$g
+        timeout 540 python3 bench/hessian_search_effect.py --space fmnist_deep --fixed-op ir_k3_e3 --accelerator cuda \
+          --threads 2 --gammas "$g" $b --seed "$seed" --epochs 6 --warmup-epochs 2 --steps 100 --batch-size 128 \
+          --train-subset 16000 --runs "/tmp/gs/$name" --out "/tmp/heff/hessian_search_effect_bits_$name" \
+          > "/tmp/heff/$name.log" 2>&1 &
+      done
+    done
+  done
+  wait
+  for f in /tmp/heff/*.md; do echo "== $f"; grep -A 4 "^| gamma" "$f"; done | tee "$OUT/heff_summary.txt"
+  tar czf "$OUT/heff.tgz" -C /tmp heff
+}
+
+part_sweep() {
+  timeout 560 python3 -m fbnas.cli search -m accelerator=cuda "objective.beta=${BETAS:-0.0,0.6,1.5}" progress=false \
+    hydra.sweep.dir=/tmp/sweep > "$OUT/sweep.log" 2>&1; echo "sweep rc=$?"
+  python3 bench/summarize_runs.py /tmp/sweep | tee "$OUT/sweep_summary.txt"
+}
+
+part_platform() {
+  rm -rf /tmp/gs; mkdir -p /tmp/gs
+  for dev in sd835 bitfusion; do
+    timeout 380 python3 -m fbnas.cli search accelerator=cuda device=$dev threads=2 progress=false \
+      hydra.run.dir=/tmp/gs/$dev > /tmp/gs/$dev.log 2>&1 &
+  done
+  wait
+  for d in sd835 bitfusion; do echo "== $d"; tail -n 9 /tmp/gs/$d.log; done | tee "$OUT/platform_searches.txt"
+  tar czf "$OUT/platform_searches.tgz" -C /tmp gs --exclude=checkpoints 2>/dev/null
+}
+
+part_train() {
+  rm -rf /tmp/tr; mkdir -p /tmp/tr
+  for a in ${ARCHS:-bench/archs/fmnist__host_ort_int8.json bench/archs/fmnist__sd835_w8a8.json}; do
+    name=$(basename "$a" .json)
+    for q in true false; do
+      timeout 540 python3 -m fbnas.cli train arch="$a" accelerator=cuda quantized=$q epochs=${EPOCHS:-15} \
+        fold_epochs=${FOLD_EPOCHS:-3} hydra.run.dir=/tmp/tr/${name}_q$q > /tmp/tr/${name}_q$q.log 2>&1 &
+    done
+  done
+  wait
+  for d in /tmp/tr/*/; do
+    n=$(basename "$d"); cp "$d/metrics.json" "$OUT/train_$n.json"
+    python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(sys.argv[2], {k: v for k, v in m.items() if k.startswith('acc') or k.startswith('integer')})" "$d/metrics.json" "$n" 2>/dev/null
+  done | tee "$OUT/train_summary.txt"
+}
+
+parts="step additivity hessian deploy ilp heff sweep platform train"
+part=${1:-}
+if [ -z "$part" ] || ! [[ " $parts " == *" $part "* ]]; then
+  echo "usage: bash bench/gpu.sh <part>; parts: $parts" >&2
+  exit 2
+fi
+prelude
+"part_$part"
