@@ -28,8 +28,8 @@ prelude() {
 }
 
 part_step() {
-  timeout 250 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
-    --configs "${CONFIGS:-reference_fp32_all_paths,fbnas_hard_bits}" --out "$OUT/supernet_step.json" 2>&1 \
+  timeout 400 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
+    --configs "${CONFIGS:-reference_fp32_all_paths,fbnas_default,fbnas_soft_bits,fbnas_hard_bits}" --out "$OUT/supernet_step.json" 2>&1 \
     | grep -v Warn | tee "$OUT/supernet_step.txt"
   timeout 100 python3 bench/supernet_step.py --device cuda --batch 256 --steps 10 --warmup 5 --profile \
     --configs fbnas_hard_bits 2>&1 | grep -v Warn > "$OUT/supernet_step_profile.txt"

@@ -1,5 +1,5 @@
 """One search step (forward, loss, backward, weight SGD + arch Adam updates) of the fbnet_cifar100 supernet:
-fbnas soft and hard modes with bit choices vs an all-paths fp32 FBNet-style reference supernet (soft Gumbel,
+the default configuration (soft ops, hard bits) and every other mode vs an all-paths fp32 FBNet-style reference supernet (soft Gumbel,
 every candidate computed, no quantization, no AMP), all measured in this run. Each configuration runs in its
 own process so peak memory is its own. Prints images/s, peak memory and the ratios to the reference.
 
@@ -18,12 +18,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CONFIGS = {
-    # name: (mode, quantized, bf16 autocast, channels_last)
-    "reference_fp32_all_paths": ("soft", False, False, False),
-    "fbnas_soft_bits": ("soft", True, True, False),
-    "fbnas_hard_bits": ("hard", True, True, False),
-    "fbnas_hard_bits_channels_last": ("hard", True, True, True),
-    "fbnas_hard_bits_fp32": ("hard", True, False, False),
+    # name: (op mode, quantized, bf16 autocast, channels_last, bit_sampling)
+    "reference_fp32_all_paths": ("soft", False, False, False, "soft"),
+    "fbnas_default": ("soft", True, True, False, "hard"),       # `fbnas search` defaults: soft ops, hard bits
+    "fbnas_soft_bits": ("soft", True, True, False, "soft"),     # soft ops, soft (EdMIPS-mixed) bits
+    "fbnas_hard_bits": ("hard", True, True, False, "hard"),     # one path per step (mode=hard)
+    "fbnas_hard_bits_channels_last": ("hard", True, True, True, "hard"),
+    "fbnas_hard_bits_fp32": ("hard", True, False, False, "hard"),
 }
 
 
@@ -36,7 +37,7 @@ def measure(name: str, args: dict, queue) -> None:
     from fbnas.objective import MultiplicativePenalty
     from fbnas.supernet import Supernet, sample_cost
 
-    mode, quantized, amp, channels_last = CONFIGS[name]
+    mode, quantized, amp, channels_last, bit_sampling = CONFIGS[name]
     dev = torch.device(args["device"])
     torch.manual_seed(0)
     if dev.type == "cuda":
@@ -44,7 +45,7 @@ def measure(name: str, args: dict, queue) -> None:
     space = load_space(args["space"])
     table = get_table(space, args["lut_device"])
     lat_m, lat_fixed = latency_matrix(table, space).to(dev), fixed_latency(table, space)
-    net = Supernet(space, mode=mode, quantized=quantized).to(dev)
+    net = Supernet(space, mode=mode, quantized=quantized, bit_sampling=bit_sampling).to(dev)
     channels_last = channels_last and dev.type == "cuda"
     amp = amp and dev.type == "cuda"
     if channels_last:
@@ -117,7 +118,7 @@ def measure(name: str, args: dict, queue) -> None:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         mem_kind = "process max RSS"
-    queue.put({"config": name, "mode": mode, "quantized": quantized, "bf16_autocast": amp, "channels_last": channels_last,
+    queue.put({"config": name, "mode": mode, "bit_sampling": bit_sampling, "quantized": quantized, "bf16_autocast": amp, "channels_last": channels_last,
                "images_per_s": args["steps"] * b / dt, "step_ms": 1000 * dt / args["steps"],
                "peak_mem_gib": peak, "memory": mem_kind, "host_syncs_per_step": host_syncs})
 
