@@ -22,7 +22,7 @@ from dataclasses import asdict
 from fbnas.io import atomic_write_json
 from fbnas.latency import load_device
 from fbnas.latency.calibration import (FITS, check_model_targets, check_pixel3_ranks, check_whole_model_ranks,
-                                       fit_device, fit_rows, leave_one_network_out, net_macs, rank_groups,
+                                       fit_device, fit_rows, leave_one_network_out,
                                        whole_model_measurements)
 
 

@@ -106,7 +106,7 @@ def main() -> int:
     if args.out:
         cmd = "python bench/few_shot_calibration.py " + " ".join(sys.argv[1:])
         hw = f"{_cpu_name()} ({platform.machine()}), onnxruntime 1 thread"
-        lines = [f"# Few-shot calibration from whole-model timings", "", f"Command: `{cmd}`", f"Hardware: {hw}", "",
+        lines = ["# Few-shot calibration from whole-model timings", "", f"Command: `{cmd}`", f"Hardware: {hw}", "",
                  "| set | base | shots | held out | Spearman: MACs | zero-shot | calibrated | MAPE: zero-shot | "
                  "calibrated |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results:

@@ -5,21 +5,11 @@ import pytest
 import yaml
 
 from fbnas.arch import Arch
-from fbnas.cli import main as cli
 from fbnas.latency import load_device
 from fbnas.latency.fewshot import arch_ms, random_pool, spanning_archs
 from fbnas.space import load_space
 
 
-@pytest.fixture(scope="module")
-def fmnist():
-    return load_space("fmnist")
-
-
-def _run(capsys, *args):
-    code = cli(["lut", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_spanning_archs_cover_the_latency_range_with_runnable_bits(fmnist):
@@ -32,10 +22,10 @@ def test_spanning_archs_cover_the_latency_range_with_runnable_bits(fmnist):
     assert {(l.w_bits, l.a_bits) for a in archs for l in a.layers} == {(8, 8)}  # the pairs sd835 runs
 
 
-def test_export_archs_writes_models_list_and_template(tmp_path, capsys):
+def test_export_archs_writes_models_list_and_template(tmp_path, lut_cli):
     import onnx
 
-    code, out, err = _run(capsys, "export-archs", "space=fmnist", "device=sd835", "n=2", f"out_dir={tmp_path}",
+    code, out, err = lut_cli("export-archs", "space=fmnist", "device=sd835", "n=2", f"out_dir={tmp_path}",
                           "precision=fp32")
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.glob("arch_*")) == ["arch_000.json", "arch_000.onnx", "arch_001.json",
@@ -43,7 +33,7 @@ def test_export_archs_writes_models_list_and_template(tmp_path, capsys):
     onnx.checker.check_model(onnx.load(tmp_path / "arch_001.onnx"))
     assert (tmp_path / "measurements.csv").read_text() == "arch,ms\narch_000.json,\narch_001.json,\n"
     (tmp_path / "measurements.csv").write_text("arch,ms\narch_000.json,1.5\n")
-    assert _run(capsys, "export-archs", "space=fmnist", "device=sd835", "n=2", f"out_dir={tmp_path}",
+    assert lut_cli("export-archs", "space=fmnist", "device=sd835", "n=2", f"out_dir={tmp_path}",
                 "precision=fp32")[0] == 0
     assert (tmp_path / "measurements.csv").read_text() == "arch,ms\narch_000.json,1.5\n"  # a filled file is kept
 
@@ -54,14 +44,14 @@ def _timings_from(device, archs, path, scale=1.0):
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_calibrate_recovers_a_device_and_writes_a_usable_file(tmp_path, capsys, fmnist):
+def test_calibrate_recovers_a_device_and_writes_a_usable_file(tmp_path, lut_cli, fmnist):
     base = load_device("sd835")
     truth = replace(base, params=replace(base.params, eff_dw=base.params.eff_dw * 2.5, t_op_us=5.0))
     archs = spanning_archs(fmnist, base, 20, seed=1, pool=600)
     csv_path = tmp_path / "m.csv"
     _timings_from(truth, archs, csv_path)
     out = tmp_path / "myphone.yaml"
-    code, text, err = _run(capsys, "calibrate", "space=fmnist", "device=sd835", f"measurements={csv_path}",
+    code, text, err = lut_cli("calibrate", "space=fmnist", "device=sd835", f"measurements={csv_path}",
                            f"out={out}")
     assert code == 0, err
     assert "leave-one-out" in text and "MACs alone" in text and "t_op_us" in text
@@ -73,12 +63,12 @@ def test_calibrate_recovers_a_device_and_writes_a_usable_file(tmp_path, capsys, 
     ref = [arch_ms(truth, a) for a in random_pool(fmnist, base, 30, seed=9)]
     assert new == pytest.approx(ref, rel=0.05)
     table = tmp_path / "t.json"
-    assert _run(capsys, "build", "space=fmnist", f"device={out}", f"out={table}")[0] == 0
+    assert lut_cli("build", "space=fmnist", f"device={out}", f"out={table}")[0] == 0
 
 
 @pytest.mark.parametrize("case", ["other_space", "not_a_number", "non_positive", "too_few", "duplicate",
                                   "bad_header", "measured_base"])
-def test_calibrate_bad_input_is_one_line_naming_the_line(case, tmp_path, capsys, fmnist):
+def test_calibrate_bad_input_is_one_line_naming_the_line(case, tmp_path, lut_cli, fmnist):
     base = load_device("sd835")
     archs = spanning_archs(fmnist, base, 8, seed=0, pool=200)
     csv_path = tmp_path / "m.csv"
@@ -109,7 +99,7 @@ def test_calibrate_bad_input_is_one_line_naming_the_line(case, tmp_path, capsys,
         device, expect = "host_ort", "fits the constants of an analytic model"
     csv_path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "new.yaml"
-    code, _, err = _run(capsys, "calibrate", "space=fmnist", f"device={device}", f"measurements={csv_path}",
+    code, _, err = lut_cli("calibrate", "space=fmnist", f"device={device}", f"measurements={csv_path}",
                         f"out={out}")
     assert code == 2 and expect in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()

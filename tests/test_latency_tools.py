@@ -10,7 +10,6 @@ import torch
 import fbnas
 
 from fbnas.arch import Arch
-from fbnas.cli import main as cli
 from fbnas.errors import LatencyTableError
 from fbnas.latency import arch_latency, build_table, get_table, load_device, load_table, space_keys
 from fbnas.latency.keys import parse_key, space_signatures
@@ -19,33 +18,24 @@ from fbnas.latency.transfer import export_ops, import_csv
 from fbnas.space import load_space
 
 
-@pytest.fixture(scope="module")
-def fmnist():
-    return load_space("fmnist")
-
-
-def _run(capsys, *args):
-    code = cli(["lut", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ------------------------------------------------------------------------------------ CLI
 
-def test_cli_build_check_show(tmp_path, capsys, fmnist):
+def test_cli_build_check_show(tmp_path, lut_cli, fmnist):
     out_file = tmp_path / "t.json"
-    code, out, _ = _run(capsys, "build", "space=fmnist", "device=sd835_4t", f"out={out_file}")
+    code, out, _ = lut_cli("build", "space=fmnist", "device=sd835_4t", f"out={out_file}")
     assert code == 0 and "292 entries" in out
     table = load_table(out_file)
     assert table.threads == 4 and table.device == "sd835_4t" and table.check(fmnist) == []
-    code, out, _ = _run(capsys, "check", "space=fmnist", "device=sd835_4t", f"table={out_file}")
+    code, out, _ = lut_cli("check", "space=fmnist", "device=sd835_4t", f"table={out_file}")
     assert code == 0 and "292/292 keys" in out
-    code, out, _ = _run(capsys, "show", "space=fmnist", "device=bitfusion", "filter=ir_k3_e6|14x14", "limit=3")
+    code, out, _ = lut_cli("show", "space=fmnist", "device=bitfusion", "filter=ir_k3_e6|14x14", "limit=3")
     lines = out.strip().splitlines()
     assert code == 0 and len(lines) == 5 and "FLOP/B" in lines[1] and lines[2].startswith("ir_k3_e6")
 
 
-def test_cli_predict_matches_library(tmp_path, capsys, fmnist):
+def test_cli_predict_matches_library(tmp_path, lut_cli, fmnist):
     table = get_table(fmnist, "sd835")
     a = Arch.from_space(fmnist, ["ir_k3_e6"] * fmnist.num_layers, 4, 8)
     a.save(tmp_path / "a.json")
@@ -53,34 +43,34 @@ def test_cli_predict_matches_library(tmp_path, capsys, fmnist):
     lines = tmp_path / "archs.txt"
     lines.write_text(f"# two archs as ops, one as a file\n{' '.join(['0'] * n)}\n"
                      f"{','.join(['ir_k3_e6:w4a8'] * n)}\na.json\n")
-    code, out, err = _run(capsys, "predict", "space=fmnist", "device=sd835", f"archs={lines}")
+    code, out, err = lut_cli("predict", "space=fmnist", "device=sd835", f"archs={lines}")
     assert code == 0, err
     got = [float(x) for x in out.split()]
     expect_first = arch_latency(table, Arch.from_space(fmnist, [fmnist.candidates[0]] * n, 8, 8))
     assert got == pytest.approx([expect_first, arch_latency(table, a), arch_latency(table, a)], abs=1e-4)
 
 
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
-    code, out, err = _run(capsys, "check", "device=pixel9")
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, lut_cli):
+    code, out, err = lut_cli("check", "device=pixel9")
     assert code == 2 and err.count("\n") == 1 and "unknown device 'pixel9'; known devices:" in err
     bad = tmp_path / "dev.yaml"
     bad.write_text("name: d\ntype: analytic_cpu\nparams: {freq_ghz: -1}\n")
-    code, out, err = _run(capsys, "build", f"device={bad}", f"out={tmp_path / 'x.json'}")
+    code, out, err = lut_cli("build", f"device={bad}", f"out={tmp_path / 'x.json'}")
     assert code == 2 and err.count("\n") == 1 and "params.freq_ghz" in err and str(bad) in err
     assert not (tmp_path / "x.json").exists()
     lines = tmp_path / "archs.txt"
     lines.write_text("ir_k3_e6 skip\n")
-    code, _, err = _run(capsys, "predict", f"archs={lines}")
+    code, _, err = lut_cli("predict", f"archs={lines}")
     assert code == 2 and "line 1" in err and err.count("\n") == 1
 
 
-def test_cli_build_keeps_measured_or_imported_tables(tmp_path, capsys, fmnist):
+def test_cli_build_keeps_measured_or_imported_tables(tmp_path, lut_cli, fmnist):
     table = build_table(fmnist, "sd835")
     table.source = "imported"
     path = tmp_path / "t.json"
     table.save(path)
     before = path.read_bytes()
-    code, _, err = _run(capsys, "build", "space=fmnist", "device=sd835", f"out={path}")
+    code, _, err = lut_cli("build", "space=fmnist", "device=sd835", f"out={path}")
     assert code == 2 and "force=true" in err and path.read_bytes() == before
 
 
@@ -185,7 +175,7 @@ def test_import_rejects_bad_csv_with_one_line(tmp_path, fmnist, rows, match):
     assert "\n" not in str(exc.value)
 
 
-def test_partial_import_never_overwrites_existing_table(tmp_path, capsys):
+def test_partial_import_never_overwrites_existing_table(tmp_path, lut_cli):
     dev = tmp_path / "myphone.yaml"
     dev.write_text("name: myphone\ntype: imported\ndescription: my phone, timed with onnxruntime\n")
     good = build_table("fmnist", "sd835")
@@ -193,7 +183,7 @@ def test_partial_import_never_overwrites_existing_table(tmp_path, capsys):
     good.save(out)
     before = out.read_bytes()
     _write_csv(tmp_path / "m.csv", [["ir_k3_e1|14x14|16->16|s1", 1.0, 1.0, 1.0, 1]])
-    code, _, err = _run(capsys, "import", "space=fmnist", f"device={dev}", f"csv={tmp_path / 'm.csv'}", f"out={out}")
+    code, _, err = lut_cli("import", "space=fmnist", f"device={dev}", f"csv={tmp_path / 'm.csv'}", f"out={out}")
     assert code == 2 and "nothing was written" in err and out.read_bytes() == before
 
 
