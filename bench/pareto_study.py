@@ -7,9 +7,11 @@ trained with one recipe and several seeds by N workers sharing one GPU (or the C
     python bench/pareto_study.py --estimate-only      # print the plan and its estimated time
     python bench/pareto_study.py --tiny --accelerator cpu --devices sd835 --fractions 0.6   # smoke test
 
-Machines without hydra-core/omegaconf: put their wheels' contents on a path and set FBNAS_EXTRA_PYTHONPATH
-(e.g. `pip install --no-index --no-deps --target /tmp/site *.whl` elsewhere, or unzip the wheels); it is put
-in front of PYTHONPATH of every fbnas process. Nothing is installed.
+Machines without hydra-core/omegaconf (pure-Python wheels): unzip the wheels and point FBNAS_EXTRA_PYTHONPATH
+at them; it goes in front of PYTHONPATH of every fbnas process. Nothing is installed:
+
+    for w in wheels/*.whl; do python -m zipfile -e "$w" /tmp/site; done
+    FBNAS_EXTRA_PYTHONPATH=/tmp/site python bench/pareto_study.py --out "$OUT/pareto"
 
 Phases: (A) the searches run side by side while the baselines (random + hand-designed) train; (B) the found
 nets and their uniform-bit versions train and the reports are written. Everything is resumable: rerunning
@@ -36,7 +38,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--devices", default="sd835,bitfusion")
     p.add_argument("--fractions", default="0.4,0.6,0.8", help="budgets as fractions of the MobileNetV2-like W8A8")
     p.add_argument("--accelerator", default="cuda")
-    p.add_argument("--work", default="/tmp/fbnas_pareto_study", help="run directories (searches, trainings)")
+    p.add_argument("--work", default=str(REPO / "runs" / "pareto_study"),
+                   help="run directories (searches, trainings); a rerun with the same --work resumes")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "pareto"), help="results copied here")
     p.add_argument("--workers", type=int, default=10,
                    help="training processes sharing the accelerator while the searches run")
@@ -59,6 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-steps-per-s", type=float, default=250.0,
                    help="estimate: training steps per second of all workers together (an assumption; the run "
                         "prints the measured value)")
+    p.add_argument("--time-budget-s", type=float, default=540, help="warn when the estimate exceeds it")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (minutes on a CPU)")
     p.add_argument("--estimate-only", action="store_true")
     a = p.parse_args()
@@ -127,8 +131,9 @@ def estimate(a, devices: list[str], fractions: list[float]) -> dict:
     found_s = len(devices) * per_device_found * steps_job / a.train_steps_per_s
     start_s = 20  # python + CUDA start-up of the workers, per pareto call
     total = max(search_s, base_s + start_s * len(devices)) + found_s + start_s * len(devices)
-    return {"searches": n_search, "search_s": search_s, "trainings": len(devices) * (per_device_base + per_device_found),
-            "steps_per_training": steps_job, "baselines_s": base_s, "found_s": found_s, "total_s": total}
+    trainings = len(devices) * (per_device_base + per_device_found)
+    return {"searches": n_search, "search_s": search_s, "trainings": trainings, "steps_per_training": steps_job,
+            "baselines_s": base_s, "found_s": found_s, "total_s": total}
 
 
 def run_logged(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -139,8 +144,15 @@ def run_logged(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)
 
 
-def wait_all(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
-    return {name: p.wait() for name, p in procs.items()}
+def watch(procs: dict[str, subprocess.Popen], ended: dict[str, tuple[int, float]], t0: float,
+          until: set[str]) -> None:
+    """Poll every process, noting (exit code, seconds since t0) as each ends, until those in `until` have."""
+    while not until <= set(ended):
+        for name, p in procs.items():
+            if name not in ended and p.poll() is not None:
+                ended[name] = (p.returncode, time.time() - t0)
+                print(f"[{ended[name][1]:5.0f}s] {name} done (rc {p.returncode})", flush=True)
+        time.sleep(1)
 
 
 def gpu_name(accelerator: str) -> str:
@@ -179,6 +191,13 @@ def main() -> int:
           f"the searches, found nets ~{est['found_s']:.0f} s after; estimated total {est['total_s']:.0f} s "
           f"({est['total_s'] / 60:.1f} min) at {a.search_step_s} s/search step and {a.train_steps_per_s:.0f} "
           "training steps/s over all workers", flush=True)
+    if est["total_s"] > a.time_budget_s:
+        fit = next((s for s in range(a.steps, 0, -5)
+                    if estimate(argparse.Namespace(**{**vars(a), "steps": s}), devices, fractions)["total_s"]
+                    <= a.time_budget_s), None)
+        print(f"warning: the estimate exceeds --time-budget-s {a.time_budget_s:.0f}; "
+              + (f"--steps {fit} would fit it at the assumed rates" if fit else "fewer searches or devices needed"),
+              flush=True)
     if a.estimate_only:
         return 0
     t0 = time.time()
@@ -194,32 +213,30 @@ def main() -> int:
                                                        f"{f:.2f}x.log")
     print(f"[{time.time() - t0:5.0f}s] {len(searches)} searches started: "
           + ", ".join(f"{d} limit {ms:.4g} ms ({f}x)" for d in devices for f, ms in budgets[d]), flush=True)
-    rc = {}
+    ended: dict[str, tuple[int, float]] = {}
+    procs: dict[str, subprocess.Popen] = dict(searches)
     for d in devices:  # phase A: the baselines train while the searches run
-        r = run_logged(fbnas_cmd(*pareto_args(a, d, [], f"random:{a.random},handcrafted", a.workers,
-                                              work / d / "pareto")), work / d / "pareto_baselines.log").wait()
-        rc[f"{d} baselines"] = r
-        print(f"[{time.time() - t0:5.0f}s] {d}: baselines trained (rc {r})", flush=True)
-    t_base = time.time() - t0
-    rc.update(wait_all(searches))
-    t_search = time.time() - t0
-    print(f"[{t_search:5.0f}s] searches done: {rc}", flush=True)
-    if any(rc.values()):
+        procs[f"{d} baselines"] = run_logged(fbnas_cmd(*pareto_args(a, d, [], f"random:{a.random},handcrafted",
+                                                                     a.workers, work / d / "pareto")),
+                                             work / d / "pareto_baselines.log")
+        watch(procs, ended, t0, {f"{d} baselines"})
+    watch(procs, ended, t0, set(procs))
+    if any(rc for rc, _ in ended.values()):
         print("a search or a baseline training failed; see the logs under", work, file=sys.stderr)
         return 1
-    procs = {d: run_logged(fbnas_cmd(*pareto_args(a, d, runs[d], f"random:{a.random},handcrafted,uniform_bits",
-                                                  max(1, a.workers_after // len(devices)), work / d / "pareto")),
-                           work / d / "pareto.log") for d in devices}
-    rc = wait_all(procs)
+    for d in devices:  # phase B: the found nets and their uniform-bit versions; the reports
+        procs[d] = run_logged(fbnas_cmd(*pareto_args(a, d, runs[d], f"random:{a.random},handcrafted,uniform_bits",
+                                                     max(1, a.workers_after // len(devices)), work / d / "pareto")),
+                              work / d / "pareto.log")
+    watch(procs, ended, t0, set(devices))
     total = time.time() - t0
-    print(f"[{total:5.0f}s] reports done: {rc}", flush=True)
+    times = ", ".join(f"{name} {sec:.0f} s" for name, (_, sec) in ended.items())
     for d in devices:
         results = [json.loads(p.read_text()) for p in (work / d / "pareto" / "results").glob("*.json")]
         per_job = sum(r["seconds"] for r in results) / max(len(results), 1)
         lines = [f"command: {cmd_line}", f"gpu: {gpu_name(a.accelerator)}", f"cpu cores: {os.cpu_count()}",
                  f"budgets: " + ", ".join(f"{f}x = {ms:.6g} ms" for f, ms in budgets[d]),
-                 f"wall: total {total:.0f} s (all devices), baselines done at {t_base:.0f} s, searches done at "
-                 f"{t_search:.0f} s; estimate was {est['total_s']:.0f} s",
+                 f"wall: total {total:.0f} s (all devices; estimate {est['total_s']:.0f} s); ended at: {times}",
                  f"trainings of {d}: {len(results)}, {per_job:.1f} s each on average with up to {a.workers} "
                  f"workers sharing the accelerator"]
         copy_results(work, out, d, runs[d], lines)
@@ -227,7 +244,7 @@ def main() -> int:
         md = out / d / "pareto.md"
         if md.is_file():
             print(md.read_text())
-    return 0 if not any(rc.values()) else 1
+    return 1 if any(rc for rc, _ in ended.values()) else 0
 
 
 if __name__ == "__main__":

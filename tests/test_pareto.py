@@ -52,7 +52,7 @@ def test_records_fields_and_values(study):
         assert r["device"] == "sd835" and r["seeds"] == [0, 1] and r["budget_ms"] == 0.2
         assert r["acc_integer_mean"] == round(statistics.fmean(r["acc_integer"]), 4)
         assert r["acc_integer_std"] == round(statistics.stdev(r["acc_integer"]), 4)
-        a = arch_from_dict(json.loads(open(r["arch"]).read()))
+        a = arch_from_dict(json.loads((out / r["arch"]).read_text()))  # relative paths: out_dir/archs/
         assert r["latency_ms"] == round(arch_latency(TABLE, a), 6)
         assert r["macs"] == a.macs() and r["params"] == a.params() and r["ops"] == [l.op for l in a.layers]
     s, rnd = recs

@@ -75,8 +75,9 @@ def _noise(a: dict, b: dict) -> float:
 
 
 def _verdict(diff: float, noise: float) -> str:
+    """noise: the combined sample std over seeds (0 with one seed: no spread to compare with)."""
     word = "yes" if diff >= 0 else "no"
-    return f"{word} ({diff:+.2f}{', within the seed spread' if abs(diff) <= noise else ''})"
+    return f"{word} ({diff:+.2f}{', within the seed spread' if 0 < noise and abs(diff) <= noise else ''})"
 
 
 def budget_sections(records: Sequence[dict], budgets: Sequence[tuple[float, str]]) -> list[str]:
@@ -96,7 +97,8 @@ def budget_sections(records: Sequence[dict], budgets: Sequence[tuple[float, str]
         if not searched:
             lines.append("No search run at this budget.")
         for s in searched:
-            lines += ["", f"**{s['name']}**: {s['latency_ms']:.4g} ms, {_pm(s)} % ({s['bits']})."]
+            lines += ["", f"**{s['name']}**: {s['latency_ms']:.4g} ms ({s['latency_ms'] / b_ms:.2f}x the budget), "
+                      f"{_pm(s)} % ({s['bits']})."]
             if p90 is not None:
                 lines.append(f"- at least the random 90th percentile: "
                              f"{_verdict(s['acc_integer_mean'] - p90, s['acc_integer_std'] or 0.0)}")
@@ -178,7 +180,7 @@ def plot(path: Path, records: Sequence[dict], budgets: Sequence[tuple[float, str
                             xytext=(4, 3), textcoords="offset points", color=COLORS[fam])
     for b_ms, label in budgets:
         ax.axvline(b_ms, color="k", ls=":", lw=0.8, alpha=0.5)
-        ax.text(b_ms, ax.get_ylim()[0], f" {label}", fontsize=7, rotation=90, va="bottom", alpha=0.7)
+        ax.text(b_ms, ax.get_ylim()[1], f"{label} ", fontsize=7, rotation=90, va="top", ha="right", alpha=0.7)
     dev = records[0]["device"] if records else ""
     ax.set_xlabel(f"latency on {dev} (ms, from its latency table)")
     ax.set_ylabel("integer-only top-1 (%), mean ± std over seeds")

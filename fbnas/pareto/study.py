@@ -90,9 +90,9 @@ def run_pareto(cfg: ParetoConfig, out_dir: str | Path, command: str = "") -> Par
     check_matches_space(_dataset(cfg.data, nets[0].arch), space.in_channels, space.input_size, space.num_classes,
                         space.name)
     for net in nets:
-        if net.arch_path is None:
-            net.arch_path = str(out_dir / "archs" / f"{net.name}.json")
-            atomic_write_json(net.arch_path, net.arch.to_dict())
+        if net.arch_path is None:  # relative to out_dir
+            net.arch_path = f"archs/{net.name}.json"
+            atomic_write_json(out_dir / net.arch_path, net.arch.to_dict())
     jobs, seen = [], set()
     for net in nets:
         if net.arch_id not in seen:
