@@ -177,3 +177,22 @@ def test_worker_processes_give_the_results_of_in_process_training(study, tmp_pat
     assert main([*par, "baselines=[]", "workers=2", f"hydra.run.dir={tmp_path}"]) == 0
     assert len(list((tmp_path / "results").glob("*.json"))) == 2
     assert _accuracies(tmp_path) == _accuracies(out)[:1]
+
+
+def test_a_crash_keeps_finished_trainings_and_the_rerun_does_only_the_rest(study, tmp_path, monkeypatch):
+    args, _, _ = study
+    par = [a for a in args if not a.startswith(("hydra.run.dir=", "baselines="))]
+    calls = []
+    real = pareto_jobs.run_job
+
+    def crash_on_second(job, *a):
+        calls.append(job.key)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real(job, *a)
+
+    monkeypatch.setattr(pareto_jobs, "run_job", crash_on_second)
+    assert main([*par, "baselines=[]", f"hydra.run.dir={tmp_path}"]) != 0
+    assert len(list((tmp_path / "results").glob("*.json"))) == 1 and not (tmp_path / "pareto.json").exists()
+    assert main([*par, "baselines=[]", f"hydra.run.dir={tmp_path}"]) == 0
+    assert calls == [calls[0], calls[1], calls[1]]
