@@ -12,6 +12,7 @@ COMMANDS = {
     "train": "fbnas.apps.train",
     "quantize": "fbnas.apps.quantize",
     "export": "fbnas.apps.export",
+    "pareto": "fbnas.apps.pareto",
 }
 
 USAGE = """usage: fbnas <command> [args] [key=value ...]
@@ -23,6 +24,7 @@ commands:
   train      quantization-aware training of a found architecture
   quantize   integer-only model: convert | compare | ilp | onnx
   export     export a found architecture (safetensors, torch.export, ONNX)
+  pareto     train searched nets and baselines with one recipe: accuracy vs device latency
 
 Every command takes Hydra overrides (key=value); `fbnas <command> --help` shows its config.
 """

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .train import TrainSettings
+
 
 @dataclass
 class DataConfig:
@@ -98,3 +100,34 @@ class SearchConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     derive: DeriveConfig = field(default_factory=DeriveConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainData:
+    """The dataset a found architecture trains on (`fbnas train`, `fbnas pareto`)."""
+    name: str = "fashion_mnist"
+    root: Optional[str] = None
+    train_subset: int = 0
+    test_subset: int = 0
+
+
+@dataclass
+class ParetoConfig:
+    """`fbnas pareto`: train searched networks and baselines with one recipe; accuracy vs device latency."""
+    runs: list[str] = field(default_factory=list)  # search run dirs, multirun (sweep) dirs or arch.json files
+    baselines: list[str] = field(default_factory=lambda: ["random:12", "handcrafted", "uniform_bits"])
+    space: str = "fmnist"
+    device: Any = "sd835"  # the device whose latency table prices every network (as in `fbnas search`)
+    device_file: Optional[str] = None
+    lut: Optional[str] = None
+    budgets: list[float] = field(default_factory=list)  # latency budgets of random:N (empty: the runs' limit_ms)
+    budget_unit: str = "ms"  # ms | mbv2 (fractions of the MobileNetV2-like W8A8 net's latency)
+    budget_tolerance: float = 0.05  # random nets are within +-this fraction of their budget
+    random_seed: int = 0
+    random_max_tries: int = 200000  # random architectures drawn per budget before giving up
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # training seeds of every network
+    workers: int = 1  # parallel training processes (0: in this process)
+    threads: int = 0  # torch threads per worker (0: CPU cores / workers)
+    progress: bool = True
+    train: TrainSettings = field(default_factory=TrainSettings)  # the one recipe (train.seed: use 'seeds')
+    data: TrainData = field(default_factory=TrainData)

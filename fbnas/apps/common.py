@@ -72,6 +72,15 @@ def run_hydra(app: Callable, prog: str, overrides: list[str]) -> int:
     return 0
 
 
+def run_hydra_with_device(app: Callable, prog: str, argv: list[str]) -> int:
+    """run_hydra after device_overrides: an unknown device is a one-line error (exit 2) before Hydra starts."""
+    try:
+        overrides = device_overrides(argv)
+    except SystemExit as exc:  # fail(): the one-line message is printed already
+        return exc.code if isinstance(exc.code, int) else 2
+    return run_hydra(app, prog, overrides)
+
+
 def split_subcommand(argv: list[str], known: tuple[str, ...], command: str) -> tuple[str, list[str]]:
     if not argv or argv[0] not in known:
         got = argv[0] if argv else "nothing"

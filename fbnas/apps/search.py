@@ -8,7 +8,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import SearchConfig
-from .common import CONF_DIR, device_overrides, output_dir, run_hydra, user_errors
+from .common import CONF_DIR, output_dir, run_hydra_with_device, user_errors
 
 ConfigStore.instance().store(name="search_schema", node=SearchConfig)
 log = logging.getLogger("fbnas")
@@ -30,8 +30,4 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        overrides = device_overrides(argv)
-    except SystemExit as exc:  # fail(): the one-line message is printed already
-        return exc.code if isinstance(exc.code, int) else 2
-    return run_hydra(_app, "fbnas search", overrides)
+    return run_hydra_with_device(_app, "fbnas search", argv)

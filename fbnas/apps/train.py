@@ -3,26 +3,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from ..arch import load_arch
+from ..config import TrainData
 from ..data import check_matches_space, load_dataset
 from ..train import TrainSettings, train
 from .common import CONF_DIR, output_dir, run_hydra, user_errors
 
 log = logging.getLogger("fbnas")
-
-
-@dataclass
-class TrainData:
-    name: str = "fashion_mnist"
-    root: Optional[str] = None
-    train_subset: int = 0
-    test_subset: int = 0
 
 
 @dataclass
