@@ -37,7 +37,7 @@ def write_run(run_dir, ops, w_bits, a_bits, limit_ms):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("pareto")
-    arch = write_run(root / "sweep" / "0", *CHEAP, limit_ms=0.2)
+    arch = write_run(root / "sweep" / "0", *CHEAP, limit_ms=0.4)
     out = root / "out"
     args = ["pareto", f"runs=[{root / 'sweep'}]", "baselines=[random:1]", *TINY, f"hydra.run.dir={out}"]
     assert main(args) == 0
@@ -49,17 +49,17 @@ def test_records_fields_and_values(study):
     recs = json.loads((out / "pareto.json").read_text())
     assert [r["family"] for r in recs] == ["search", "random"]
     for r in recs:
-        assert r["device"] == "sd835" and r["seeds"] == [0, 1] and r["budget_ms"] == 0.2
+        assert r["device"] == "sd835" and r["seeds"] == [0, 1] and r["budget_ms"] == 0.4
         assert r["acc_integer_mean"] == round(statistics.fmean(r["acc_integer"]), 4)
         assert r["acc_integer_std"] == round(statistics.stdev(r["acc_integer"]), 4)
         a = arch_from_dict(json.loads((out / r["arch"]).read_text()))  # relative paths: out_dir/archs/
         assert r["latency_ms"] == round(arch_latency(TABLE, a), 6)
         assert r["macs"] == a.macs() and r["params"] == a.params() and r["ops"] == [l.op for l in a.layers]
     s, rnd = recs
-    assert s["name"] == "search_0.2ms" and s["ops"] == CHEAP[0] and s["bits"] == "8/8 4/8 8/8 4/8 8/8 8/4"
-    assert abs(rnd["latency_ms"] / 0.2 - 1) <= 0.05
+    assert s["name"] == "search_0.4ms" and s["ops"] == CHEAP[0] and s["bits"] == "8/8 4/8 8/8 4/8 8/8 8/4"
+    assert abs(rnd["latency_ms"] / 0.4 - 1) <= 0.05
     md = (out / "pareto.md").read_text()
-    assert "fbnas pareto runs=" in md and "| search | search_0.2ms |" in md and "90th percentile" in md
+    assert "fbnas pareto runs=" in md and "| search | search_0.4ms |" in md and "90th percentile" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "hardware:" in (out / "command.txt").read_text()
 
@@ -128,12 +128,12 @@ def test_handcrafted_members_are_valid_in_the_space():
 
 
 def test_found_nets_at_uniform_bits(tmp_path):
-    write_run(tmp_path / "a", *CHEAP, limit_ms=0.2)
+    write_run(tmp_path / "a", *CHEAP, limit_ms=0.4)
     write_run(tmp_path / "b", CHEAP[0], 8, 8, limit_ms=0.3)
-    found = search_networks([str(tmp_path)], SPACE, {0.2: "0.2ms"})
-    assert [n.name for n in found] == ["search_0.2ms", "search_0.3ms"]
+    found = search_networks([str(tmp_path)], SPACE, {0.4: "0.4ms"})
+    assert [n.name for n in found] == ["search_0.4ms", "search_0.3ms"]
     uni = uniform_bit_networks(found, SPACE)
-    assert [n.name for n in uni] == ["search_0.2ms_W8A8", "search_0.2ms_W4A8", "search_0.3ms_W4A8"]
+    assert [n.name for n in uni] == ["search_0.4ms_W8A8", "search_0.4ms_W4A8", "search_0.3ms_W4A8"]
     assert all(n.arch.layers[i].op == CHEAP[0][i] for n in uni for i in range(6))
     assert {(l.w_bits, l.a_bits) for l in uni[1].arch.layers} == {(4, 8)}
 
@@ -146,15 +146,15 @@ def test_bad_input_one_line_exit_2_and_nothing_written(case, tmp_path, capsys):
     if case == "empty_dir":
         expect = "holds no search runs"
     elif case == "run_without_arch":
-        write_run(runs / "0", *CHEAP, limit_ms=0.2)
+        write_run(runs / "0", *CHEAP, limit_ms=0.4)
         (runs / "1").mkdir()
         (runs / "1" / "metrics.jsonl").write_text("")
         expect = "1 has no arch.json"
     elif case == "unreachable_budget":
-        write_run(runs / "0", *CHEAP, limit_ms=0.2)
+        write_run(runs / "0", *CHEAP, limit_ms=0.4)
         extra, expect = ["baselines=[random:2]", "budgets=[0.01]", "budget_unit=mbv2"], "budget"
     else:
-        write_run(runs / "0", *CHEAP, limit_ms=0.2)
+        write_run(runs / "0", *CHEAP, limit_ms=0.4)
         extra, expect = ["baselines=[random]"], "random:N"
     out = tmp_path / "out"
     capsys.readouterr()
@@ -165,7 +165,7 @@ def test_bad_input_one_line_exit_2_and_nothing_written(case, tmp_path, capsys):
 
 
 def test_find_arch_files_accepts_files_runs_and_multiruns(tmp_path):
-    write_run(tmp_path / "m" / "0", *CHEAP, limit_ms=0.2)
+    write_run(tmp_path / "m" / "0", *CHEAP, limit_ms=0.4)
     write_run(tmp_path / "m" / "1", *CHEAP, limit_ms=0.3)
     got = find_arch_files([str(tmp_path / "m"), str(tmp_path / "m" / "1"), str(tmp_path / "m" / "0" / "arch.json")])
     assert got == [tmp_path / "m" / "0" / "arch.json", tmp_path / "m" / "1" / "arch.json"]

@@ -44,7 +44,8 @@ def _check(cfg: ParetoConfig) -> None:
     cfg.train.check()
 
 
-def collect_networks(cfg: ParetoConfig, space, table) -> tuple[list[Network], list[tuple[float, str]], float | None]:
+def collect_networks(cfg: ParetoConfig, space, table, runnable=None) -> tuple[list[Network], list[tuple[float, str]],
+                                                                              float | None]:
     """(networks, [(budget ms, label)], MobileNetV2-like W8A8 latency or None)."""
     n_random, hand, uniform = parse_baselines(cfg.baselines)
     mbv2_ms = None
@@ -70,8 +71,8 @@ def collect_networks(cfg: ParetoConfig, space, table) -> tuple[list[Network], li
     if hand:
         nets += handcrafted_networks(space)
     for i, (b_ms, label) in enumerate(budgets if n_random else []):
-        nets += random_networks(space, table, n_random, b_ms, label, cfg.random_seed, i, cfg.budget_tolerance,
-                                cfg.random_max_tries)
+        nets += random_networks(runnable or space, table, n_random, b_ms, label, cfg.random_seed, i,
+                                cfg.budget_tolerance, cfg.random_max_tries)
     if not nets:
         raise ConfigError("nothing to train: give search runs (runs=[...]) or baselines (baselines=[random:12,"
                           "handcrafted])")
@@ -86,7 +87,9 @@ def run_pareto(cfg: ParetoConfig, out_dir: str | Path, command: str = "") -> Par
     space = load_space(cfg.space)
     device = load_device(cfg.device_file or cfg.device)
     table = get_table(space, device, cfg.lut)
-    nets, budgets, mbv2_ms = collect_networks(cfg, space, table)
+    # random nets draw the bits the device runs, as the search does (sd835: W8A8)
+    runnable = space.with_bits(*device.search_bits(space.w_bits, space.a_bits))
+    nets, budgets, mbv2_ms = collect_networks(cfg, space, table, runnable)
     check_matches_space(_dataset(cfg.data, nets[0].arch), space.in_channels, space.input_size, space.num_classes,
                         space.name)
     for net in nets:
