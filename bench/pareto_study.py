@@ -54,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100, help="steps per training epoch")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--data-root", default=None, help="directory with the Fashion-MNIST idx files (default: "
+                   "fbnas's search path, e.g. /usr/share/datasets/fashion-mnist)")
     p.add_argument("--train-subset", type=int, default=0, help="training images of every training (0: all 60000)")
     p.add_argument("--test-subset", type=int, default=0)
     p.add_argument("--search-step-s", type=float, default=0.27,
@@ -100,6 +102,8 @@ def search_args(a, device: str, limit_ms: float, run_dir: Path) -> list[str]:
             f"data.train_subset={a.search_subset}", f"hydra.run.dir={run_dir}"]
     if a.search_steps:
         args.append(f"max_steps_per_epoch={a.search_steps}")
+    if a.data_root:
+        args.append(f"data.root={a.data_root}")
     if a.tiny:
         args += ["warmup_epochs=1", "derive.eval_batches=1", "data.batch_size=64"]
     if (run_dir / "checkpoints" / "last.pt").is_file():
@@ -114,6 +118,8 @@ def pareto_args(a, device: str, runs: list[Path], baselines: str, workers: int, 
             f"train.steps_per_epoch={a.steps}", f"train.batch_size={a.batch}", f"train.lr={a.lr}",
             f"data.train_subset={a.train_subset}", f"data.test_subset={a.test_subset}", "progress=false",
             f"hydra.run.dir={out}"]
+    if a.data_root:
+        args.append(f"data.root={a.data_root}")
     if a.tiny:
         args.append("train.calib_batches=2")
     return args
