@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--search-subset", type=int, default=16000, help="training images of a search (its default)")
     p.add_argument("--epochs", type=int, default=3, help="QAT epochs (BN) of every training")
     p.add_argument("--fold-epochs", type=int, default=1)
-    p.add_argument("--steps", type=int, default=100, help="steps per training epoch")
+    p.add_argument("--steps", type=int, default=80, help="steps per training epoch")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--data-root", default=None, help="directory with the Fashion-MNIST idx files (default: "
@@ -132,7 +132,10 @@ def estimate(a, devices: list[str], fractions: list[float]) -> dict:
     seeds = len(a.seeds.split(","))
     per_device_base = (a.random * len(fractions) + 6) * seeds  # random + 3 hand-designed x 2 bit-widths
     per_device_found = len(fractions) * 3 * seeds  # found nets + W8A8 + W4A8 versions
-    steps_job = (a.epochs + a.fold_epochs) * a.steps
+    # evaluations: test set after every epoch and ~6 more at the end (BN, float, fake-quant, integer, predictions),
+    # in batches of 500, counted as half a training step each
+    eval_batches = (a.epochs + a.fold_epochs + 6) * -(-(a.test_subset or 10000) // 500)
+    steps_job = (a.epochs + a.fold_epochs) * a.steps + eval_batches // 2
     base_s = len(devices) * per_device_base * steps_job / a.train_steps_per_s
     found_s = len(devices) * per_device_found * steps_job / a.train_steps_per_s
     start_s = 20  # python + CUDA start-up of the workers, per pareto call
@@ -193,7 +196,7 @@ def main() -> int:
     est = estimate(a, devices, fractions)
     cmd_line = " ".join([Path(sys.executable).name, *sys.argv])
     print(f"plan: {est['searches']} searches side by side (~{est['search_s']:.0f} s), {est['trainings']} trainings of "
-          f"{est['steps_per_training']} steps ({a.workers} workers): baselines ~{est['baselines_s']:.0f} s during "
+          f"~{est['steps_per_training']} step-equivalents ({a.workers} workers): baselines ~{est['baselines_s']:.0f} s during "
           f"the searches, found nets ~{est['found_s']:.0f} s after; estimated total {est['total_s']:.0f} s "
           f"({est['total_s'] / 60:.1f} min) at {a.search_step_s} s/search step and {a.train_steps_per_s:.0f} "
           "training steps/s over all workers", flush=True)
