@@ -51,9 +51,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--search-subset", type=int, default=16000, help="training images of a search (its default)")
     p.add_argument("--epochs", type=int, default=3, help="QAT epochs (BN) of every training")
     p.add_argument("--fold-epochs", type=int, default=1)
-    p.add_argument("--steps", type=int, default=100, help="steps per training epoch")
+    p.add_argument("--steps", type=int, default=80, help="steps per training epoch")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--data-root", default=None, help="directory with the Fashion-MNIST idx files (default: "
+                   "fbnas's search path, e.g. /usr/share/datasets/fashion-mnist)")
     p.add_argument("--train-subset", type=int, default=0, help="training images of every training (0: all 60000)")
     p.add_argument("--test-subset", type=int, default=0)
     p.add_argument("--search-step-s", type=float, default=0.27,
@@ -100,6 +102,8 @@ def search_args(a, device: str, limit_ms: float, run_dir: Path) -> list[str]:
             f"data.train_subset={a.search_subset}", f"hydra.run.dir={run_dir}"]
     if a.search_steps:
         args.append(f"max_steps_per_epoch={a.search_steps}")
+    if a.data_root:
+        args.append(f"data.root={a.data_root}")
     if a.tiny:
         args += ["warmup_epochs=1", "derive.eval_batches=1", "data.batch_size=64"]
     if (run_dir / "checkpoints" / "last.pt").is_file():
@@ -114,6 +118,8 @@ def pareto_args(a, device: str, runs: list[Path], baselines: str, workers: int, 
             f"train.steps_per_epoch={a.steps}", f"train.batch_size={a.batch}", f"train.lr={a.lr}",
             f"data.train_subset={a.train_subset}", f"data.test_subset={a.test_subset}", "progress=false",
             f"hydra.run.dir={out}"]
+    if a.data_root:
+        args.append(f"data.root={a.data_root}")
     if a.tiny:
         args.append("train.calib_batches=2")
     return args
@@ -126,7 +132,10 @@ def estimate(a, devices: list[str], fractions: list[float]) -> dict:
     seeds = len(a.seeds.split(","))
     per_device_base = (a.random * len(fractions) + 6) * seeds  # random + 3 hand-designed x 2 bit-widths
     per_device_found = len(fractions) * 3 * seeds  # found nets + W8A8 + W4A8 versions
-    steps_job = (a.epochs + a.fold_epochs) * a.steps
+    # evaluations: test set after every epoch and ~6 more at the end (BN, float, fake-quant, integer, predictions),
+    # in batches of 500, counted as half a training step each
+    eval_batches = (a.epochs + a.fold_epochs + 6) * -(-(a.test_subset or 10000) // 500)
+    steps_job = (a.epochs + a.fold_epochs) * a.steps + eval_batches // 2
     base_s = len(devices) * per_device_base * steps_job / a.train_steps_per_s
     found_s = len(devices) * per_device_found * steps_job / a.train_steps_per_s
     start_s = 20  # python + CUDA start-up of the workers, per pareto call
@@ -187,7 +196,7 @@ def main() -> int:
     est = estimate(a, devices, fractions)
     cmd_line = " ".join([Path(sys.executable).name, *sys.argv])
     print(f"plan: {est['searches']} searches side by side (~{est['search_s']:.0f} s), {est['trainings']} trainings of "
-          f"{est['steps_per_training']} steps ({a.workers} workers): baselines ~{est['baselines_s']:.0f} s during "
+          f"~{est['steps_per_training']} step-equivalents ({a.workers} workers): baselines ~{est['baselines_s']:.0f} s during "
           f"the searches, found nets ~{est['found_s']:.0f} s after; estimated total {est['total_s']:.0f} s "
           f"({est['total_s'] / 60:.1f} min) at {a.search_step_s} s/search step and {a.train_steps_per_s:.0f} "
           "training steps/s over all workers", flush=True)

@@ -169,15 +169,19 @@ def plot(path: Path, records: Sequence[dict], budgets: Sequence[tuple[float, str
             continue
         ax.errorbar([r["latency_ms"] for r in rs], [r["acc_integer_mean"] for r in rs],
                     yerr=[r["acc_integer_std"] or 0.0 for r in rs], fmt=MARKERS[fam], color=COLORS[fam],
-                    ms=11 if fam == "search" else 6, capsize=3, alpha=0.85, label=fam, linestyle="none")
+                    ms=11 if fam == "search" else 6, capsize=3, alpha=0.85, label=fam, linestyle="none",
+                    zorder=5 if fam == "search" else 3)
         front = pareto_front(rs)
         if len(front) > 1:
             ax.step([r["latency_ms"] for r in front], [r["acc_integer_mean"] for r in front], where="post",
                     color=COLORS[fam], alpha=0.6, lw=1.2)
         if fam in ("handcrafted", "search"):
+            at: dict[tuple[float, float], list[str]] = {}  # nets at the same point share one label
             for r in rs:
-                ax.annotate(r["name"], (r["latency_ms"], r["acc_integer_mean"]), fontsize=6,
-                            xytext=(4, 3), textcoords="offset points", color=COLORS[fam])
+                at.setdefault((r["latency_ms"], r["acc_integer_mean"]), []).append(r["name"])
+            for xy, names in at.items():
+                ax.annotate(" / ".join(names), xy, fontsize=6, xytext=(4, 3), textcoords="offset points",
+                            color=COLORS[fam])
     for b_ms, label in budgets:
         ax.axvline(b_ms, color="k", ls=":", lw=0.8, alpha=0.5)
         ax.text(b_ms, ax.get_ylim()[1], f"{label} ", fontsize=7, rotation=90, va="top", ha="right", alpha=0.7)
@@ -186,7 +190,7 @@ def plot(path: Path, records: Sequence[dict], budgets: Sequence[tuple[float, str
     ax.set_ylabel("integer-only top-1 (%), mean ± std over seeds")
     ax.set_title(f"{header.get('space', '')} on {dev}: accuracy vs latency", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Description": "; ".join(f"{k}: {v}" for k, v in header.items())})
