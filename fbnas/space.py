@@ -12,10 +12,10 @@ from typing import Any
 
 
 from .errors import ConfigError
-from .io import read_yaml, repo_root
+from .io import data_dir, read_yaml
 
 SPACE_FORMAT = "fbnas-space/1"
-SPACES_DIR = repo_root() / "search_spaces"
+SPACES_DIR = data_dir("search_spaces")
 MIN_BITS, MAX_BITS = 1, 8
 
 

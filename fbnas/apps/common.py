@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import FbnasError
-from ..io import repo_root
+from ..io import data_dir
 
-CONF_DIR = str(repo_root() / "conf")
+CONF_DIR = str(data_dir("conf"))
 log = logging.getLogger("fbnas")
 
 
