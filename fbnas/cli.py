@@ -12,6 +12,8 @@ COMMANDS = {
     "train": "fbnas.apps.train",
     "quantize": "fbnas.apps.quantize",
     "export": "fbnas.apps.export",
+    "list": "fbnas.apps.listing",
+    "info": "fbnas.apps.info",
 }
 
 USAGE = """usage: fbnas <command> [args] [key=value ...]
@@ -23,6 +25,8 @@ commands:
   train      quantization-aware training of a found architecture
   quantize   integer-only model: convert | compare | ilp | onnx
   export     export a found architecture (safetensors, torch.export, ONNX)
+  list       spaces | devices | ops: what a space=, device= or op name may be
+  info       <arch.json>: layers, bits, MACs, parameters, latency on every device
 
 Every command takes Hydra overrides (key=value); `fbnas <command> --help` shows its config.
 """
