@@ -17,7 +17,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..errors import ConfigError
+from ..errors import CHECK_FAILED_EXIT, ConfigError
 from ..io import atomic_write_text
 from .common import CONF_DIR, device_overrides, run_hydra, split_subcommand, user_errors
 
@@ -117,7 +117,7 @@ def _compare(cfg) -> None:
         atomic_write_text(cfg.out, report)
     print(report)
     if res["first_mismatch"]:
-        raise SystemExit(1)
+        raise SystemExit(CHECK_FAILED_EXIT)
 
 
 def _ilp(cfg) -> None:
