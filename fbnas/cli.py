@@ -14,6 +14,7 @@ COMMANDS = {
     "export": "fbnas.apps.export",
     "list": "fbnas.apps.listing",
     "info": "fbnas.apps.info",
+    "report": "fbnas.apps.report",
 }
 
 USAGE = """usage: fbnas <command> [args] [key=value ...]
@@ -27,6 +28,7 @@ commands:
   export     export a found architecture (safetensors, torch.export, ONNX)
   list       spaces | devices | ops: what a space=, device= or op name may be
   info       <arch.json>: layers, bits, MACs, parameters, latency on every device
+  report     run=<search run>: report.md and plots (op/bit probabilities per layer, latency, CE)
 
 Every command takes Hydra overrides (key=value); `fbnas <command> --help` shows its config.
 """

@@ -105,6 +105,7 @@ class SearchConfig:
     resume: bool = False
     logger: str = "none"  # none | wandb
     progress: bool = True
+    report: bool = True  # the command line writes report.md and plots into the run directory (fbnas report)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

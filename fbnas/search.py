@@ -385,7 +385,21 @@ class Searcher:
         self.metrics.append(record)
         append_jsonl(self.out_dir / "metrics.jsonl", record)
         if self.wandb_run is not None:
-            self.wandb_run.log(record, step=self.step)
+            self.wandb_run.log({k: v for k, v in record.items() if not k.endswith("_probs")}, step=self.step)
+
+    @torch.no_grad()
+    def _probabilities(self) -> dict:
+        """softmax(theta) per layer, for `fbnas report`: op probabilities [L][ops], and the weight / activation
+        bit probabilities [L][bits] averaged over the layer's ops that have bits, weighted by their probability."""
+        ops, ws, as_ = (t.detach().float().cpu() for t in self.supernet.probabilities())
+        weight = ops * self.supernet.op_has_bits().float()
+        norm = weight.sum(1, keepdim=True).clamp_min(1e-12)
+
+        def rows(t: torch.Tensor) -> list[list[float]]:
+            return [[round(float(v), 5) for v in row] for row in t]
+
+        return {"op_probs": rows(ops), "w_bit_probs": rows((weight[..., None] * ws).sum(1) / norm),
+                "a_bit_probs": rows((weight[..., None] * as_).sum(1) / norm)}
 
     def _start_wandb(self) -> None:
         if self.cfg.logger != "wandb":
@@ -456,7 +470,7 @@ class Searcher:
                       "argmax_latency_ms": self.latency.of_arch(arch), "argmax_val_ce": val_ce,
                       "argmax_val_acc": val_acc, "argmax_ops": [l.op for l in arch.layers],
                       "argmax_w_bits": [l.w_bits for l in arch.layers],
-                      "argmax_a_bits": [l.a_bits for l in arch.layers]}
+                      "argmax_a_bits": [l.a_bits for l in arch.layers], **self._probabilities()}
             if hasattr(self.penalty, "mu"):
                 record["mu"] = self.penalty.mu
             self._log(record)
