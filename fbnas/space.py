@@ -6,6 +6,7 @@ error names the file and the field.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from .errors import ConfigError
 from .io import data_dir, read_yaml
 
 SPACE_FORMAT = "fbnas-space/1"
+DERIVED_NAME = re.compile(r"^(?P<base>[\w.-]+)_(?P<c>\d+)x(?P<s>\d+)_(?P<n>\d+)cls$")
 SPACES_DIR = data_dir("search_spaces")
 MIN_BITS, MAX_BITS = 1, 8
 
@@ -154,8 +156,12 @@ def available_spaces() -> list[str]:
 
 
 def load_space(name_or_path: str | Path) -> SearchSpace:
-    """Load a space by name (search_spaces/<name>.yaml) or by path; raise ConfigError naming file and field."""
+    """Load a space by name (search_spaces/<name>.yaml), by the name of a derived space (<space>_<C>x<S>_<N>cls,
+    see override_io) or by path; raise ConfigError naming file and field."""
     path = space_path(name_or_path)
+    derived = DERIVED_NAME.match(str(name_or_path))
+    if not path.is_file() and derived and space_path(derived["base"]).is_file():
+        return override_io(load_space(derived["base"]), int(derived["c"]), int(derived["s"]), int(derived["n"]))
     if not path.is_file():
         raise ConfigError(
             f"{path}: search space not found; known spaces: {', '.join(available_spaces())} "

@@ -26,7 +26,9 @@ printf 'ir_k3_e6 skip ir_k5_e3 skip ir_k3_e1 skip\n' > archs.txt
 "$tmp/venv/bin/fbnas" lut predict space=fmnist device=sd835 archs=archs.txt
 "$tmp/venv/bin/python" -m fbnas search epochs=1 warmup_epochs=0 max_steps_per_epoch=3 data.train_subset=512 data.batch_size=64 \
   data.test_subset=256 derive.eval_batches=1 derive.calibration_batches=1 progress=false hydra.run.dir=run
-test -s run/arch.json
+test -s run/arch.json && test -s run/search_ops.png
+"$tmp/venv/bin/fbnas" info run/arch.json >/dev/null
+"$tmp/venv/bin/fbnas" list spaces >/dev/null
 "$tmp/venv/bin/fbnas" lut build space=fmnist device=a11 >/dev/null
 test -s "$XDG_DATA_HOME/fbnas/latency_tables/fmnist__a11.json"
 chmod -R u+w "$site/fbnas"

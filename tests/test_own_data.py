@@ -87,3 +87,6 @@ def test_override_io_validates_and_keeps_the_rest():
     assert new.stages == space.stages and new.candidates == space.candidates
     with pytest.raises(ConfigError, match="space_override.num_classes"):
         override_io(space, num_classes=0)
+    assert load_space("fmnist_3x28_5cls") == new  # a derived name loads anywhere a space name does
+    with pytest.raises(ConfigError, match="search space not found"):
+        load_space("nospace_3x28_5cls")
