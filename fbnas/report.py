@@ -1,7 +1,9 @@
 """`fbnas report run=<search run>`: what a search did, from its files: report.md (summary, the derived
 architecture with its per-layer latency on the searched device) and three plots over the epochs of
 metrics.jsonl: search_ops.png (op probabilities per layer), search_bits.png (weight and activation bit
-probabilities per layer), search_curves.png (cross-entropy, expected and argmax latency, accuracy, temperature)."""
+probabilities per layer), search_curves.png (cross-entropy, expected and argmax latency, accuracy, temperature).
+`fbnas report sweep=<multirun dir>`: sweep.md, one row per job (its overrides, derived architecture, latency,
+accuracy), and sweep.png (latency against validation accuracy of the derived architectures)."""
 from __future__ import annotations
 
 import json
@@ -206,3 +208,52 @@ def _markdown(run: Path, records: list[dict], arch: Optional[Arch], space: Searc
         lines += ["", "metrics.jsonl holds no op_probs, so the per-layer probability plots are left out."]
     lines += [""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+def sweep_rows(sweep: Path) -> list[dict]:
+    """One row per job directory of a multirun that has an arch.json, in job order."""
+    jobs = [d for d in sweep.iterdir() if d.is_dir() and (d / "arch.json").is_file()]
+    rows = []
+    for d in sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)):
+        arch = load_arch(d / "arch.json")
+        device = arch.provenance.get("device", "")
+        overrides_file = d / ".hydra" / "overrides.yaml"
+        rows.append({"job": d.name, "overrides": " ".join(read_yaml(overrides_file) or []) if overrides_file.is_file()
+                     else "", "device": device,
+                     "latency_ms": (arch.predicted.get(device) or {}).get("latency_ms"),
+                     "val_acc": arch.predicted.get("val_acc_in_supernet"),
+                     "arch": ", ".join(f"{l.op} w{l.w_bits}a{l.a_bits}" if l.op != "skip" else "skip"
+                                       for l in arch.layers)})
+    return rows
+
+
+def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    sweep = Path(sweep_dir)
+    if not sweep.is_dir():
+        raise ConfigError(f"{sweep}: sweep directory not found (field 'sweep')")
+    rows = sweep_rows(sweep)
+    if not rows:
+        raise ConfigError(f"{sweep}: no finished job (no <job>/arch.json); field 'sweep' must be a `fbnas search -m` "
+                          "directory such as runs/sweeps/<time>")
+    out = Path(out_dir) if out_dir else sweep
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    pts = [r for r in rows if r["latency_ms"] is not None and r["val_acc"] is not None]
+    ax.scatter([r["latency_ms"] for r in pts], [r["val_acc"] for r in pts])
+    for r in pts:
+        ax.annotate(r["overrides"] or r["job"], (r["latency_ms"], r["val_acc"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(f"predicted latency (ms{', ' + rows[0]['device'] if rows[0]['device'] else ''})")
+    ax.set_ylabel("validation accuracy in the supernet")
+    ax.set_title(f"{len(rows)} jobs of {sweep.name}")
+    ax.grid(alpha=0.3)
+    png = _save(fig, out / "sweep.png")
+    lines = [f"# sweep report: {sweep}", "", "| job | overrides | device | latency ms | val acc | architecture |",
+             "|---|---|---|---:|---:|---|"]
+    lines += [f"| {r['job']} | {r['overrides']} | {r['device']} | {r['latency_ms']} | {r['val_acc']} | {r['arch']} |"
+              for r in rows]
+    lines += ["", f"![{png.name}]({png.name})"]
+    atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
+    return [out / "sweep.md", png]

@@ -54,3 +54,21 @@ def test_report_command_and_bad_run(run, tmp_path, capsys):
     assert (tmp_path / "search_ops.png").is_file() and "wrote" in capsys.readouterr().out
     assert cli(["report", f"run={tmp_path / 'nope'}"]) == 2
     assert capsys.readouterr().err.strip() == f"fbnas: error: {tmp_path / 'nope'}: run directory not found (field 'run')"
+
+
+def test_sweep_report_one_row_per_job(run, tmp_path, capsys):
+    import shutil
+
+    out, result = run
+    for job, beta in (("0", "0.0"), ("1", "0.6"), ("10", "1.5")):
+        shutil.copytree(out, tmp_path / job)
+        (tmp_path / job / ".hydra").mkdir()
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- objective.beta={beta}\n")
+    (tmp_path / "multirun.yaml").write_text("{}\n")
+    assert cli(["report", f"sweep={tmp_path}"]) == 0
+    text = (tmp_path / "sweep.md").read_text()
+    rows = [l for l in text.splitlines() if l.startswith("| ") and "objective.beta" in l]
+    assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 1", "| 10"]  # job order, not string order
+    assert all(f"{result.latency_ms:.6g}"[:5] in r for r in rows) and (tmp_path / "sweep.png").is_file()
+    assert cli(["report", f"run={out}", f"sweep={tmp_path}"]) == 2
+    assert "one of run=" in capsys.readouterr().err
