@@ -28,9 +28,10 @@ commands:
   export     export a found architecture (safetensors, torch.export, ONNX)
   list       spaces | devices | ops: what a space=, device= or op name may be
   info       <arch.json>: layers, bits, MACs, parameters, latency on every device
-  report     run=<search run>: report.md and plots (op/bit probabilities per layer, latency, CE)
+  report     run=<search run> | sweep=<multirun dir>: report.md and plots (op/bit probabilities, latency, CE)
 
-Every command takes Hydra overrides (key=value); `fbnas <command> --help` shows its config.
+Commands other than list and info take Hydra overrides (key=value); `fbnas <command> --help` shows its
+config.
 """
 
 
