@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.experimental.callback import Callback
+
 from .arch import Arch, load_arch
 from .errors import ConfigError
 from .io import atomic_path, atomic_write_text, read_yaml
@@ -213,19 +215,23 @@ def _markdown(run: Path, records: list[dict], arch: Optional[Arch], space: Searc
 # ---------------------------------------------------------------------------------------------- sweeps
 
 def sweep_rows(sweep: Path) -> list[dict]:
-    """One row per job directory of a multirun that has an arch.json, in job order."""
+    """One row per job directory of a multirun that has an arch.json, in job order; `overrides` holds only the
+    overrides that differ between jobs (the swept values)."""
     jobs = [d for d in sweep.iterdir() if d.is_dir() and (d / "arch.json").is_file()]
     rows = []
     for d in sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)):
         arch = load_arch(d / "arch.json")
         device = arch.provenance.get("device", "")
         overrides_file = d / ".hydra" / "overrides.yaml"
-        rows.append({"job": d.name, "overrides": " ".join(read_yaml(overrides_file) or []) if overrides_file.is_file()
-                     else "", "device": device,
+        rows.append({"job": d.name, "overrides": read_yaml(overrides_file) or [] if overrides_file.is_file() else [],
+                     "device": device,
                      "latency_ms": (arch.predicted.get(device) or {}).get("latency_ms"),
                      "val_acc": arch.predicted.get("val_acc_in_supernet"),
                      "arch": ", ".join(f"{l.op} w{l.w_bits}a{l.a_bits}" if l.op != "skip" else "skip"
                                        for l in arch.layers)})
+    common = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    for r in rows:
+        r["overrides"] = " ".join(o for o in r["overrides"] if o not in common)
     return rows
 
 
@@ -257,3 +263,18 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None)
     lines += ["", f"![{png.name}]({png.name})"]
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
     return [out / "sweep.md", png]
+
+
+class SweepReport(Callback):
+    """A Hydra callback (conf/search.yaml, hydra.callbacks): `fbnas search -m` ends by writing sweep.md and
+    sweep.png into the sweep directory."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import logging
+
+        try:
+            paths = write_sweep_report(config.hydra.sweep.dir)
+        except ConfigError as exc:  # e.g. every job failed: nothing to summarise
+            logging.getLogger("fbnas").warning("no sweep report: %s", exc)
+            return
+        print(f"sweep report: {paths[0]}")

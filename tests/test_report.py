@@ -6,7 +6,9 @@ from PIL import Image
 
 from fbnas.cli import main as cli
 from fbnas.config import SearchConfig
-from fbnas.report import write_report
+from omegaconf import OmegaConf
+
+from fbnas.report import SweepReport, write_report
 from fbnas.search import run_search
 from fbnas.space import load_space
 
@@ -63,12 +65,15 @@ def test_sweep_report_one_row_per_job(run, tmp_path, capsys):
     for job, beta in (("0", "0.0"), ("1", "0.6"), ("10", "1.5")):
         shutil.copytree(out, tmp_path / job)
         (tmp_path / job / ".hydra").mkdir()
-        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- objective.beta={beta}\n")
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- epochs=3\n- objective.beta={beta}\n")
     (tmp_path / "multirun.yaml").write_text("{}\n")
+    SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))  # after `-m`
+    assert (tmp_path / "sweep.md").is_file()
     assert cli(["report", f"sweep={tmp_path}"]) == 0
     text = (tmp_path / "sweep.md").read_text()
     rows = [l for l in text.splitlines() if l.startswith("| ") and "objective.beta" in l]
-    assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 1", "| 10"]  # job order, not string order
+    assert [r.split(" | ")[:2] for r in rows] == [["| 0", "objective.beta=0.0"], ["| 1", "objective.beta=0.6"],
+                                                   ["| 10", "objective.beta=1.5"]]  # job order; swept values only
     assert all(f"{result.latency_ms:.6g}"[:5] in r for r in rows) and (tmp_path / "sweep.png").is_file()
     assert cli(["report", f"run={out}", f"sweep={tmp_path}"]) == 2
     assert "one of run=" in capsys.readouterr().err
