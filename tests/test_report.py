@@ -2,12 +2,11 @@
 import json
 
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from fbnas.cli import main as cli
 from fbnas.config import SearchConfig
-from omegaconf import OmegaConf
-
 from fbnas.report import SweepReport, write_report
 from fbnas.search import run_search
 from fbnas.space import load_space
