@@ -43,6 +43,8 @@ class Arch:
     fixed_a_bits: int = 8
     predicted: dict = field(default_factory=dict, compare=False)
     provenance: dict = field(default_factory=dict, compare=False)
+    # what the deployed model expects: layout, mean/std, class names (fbnas.data.DataBundle.preprocessing)
+    preprocessing: dict = field(default_factory=dict, compare=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -131,6 +133,7 @@ class Arch:
                         "w_bits": l.w_bits, "a_bits": l.a_bits} for l in self.layers],
             "head": {"channels": self.head_channels},
             "fixed_bits": {"weights": self.fixed_w_bits, "activations": self.fixed_a_bits},
+            "preprocessing": self.preprocessing,
             "predicted": self.predicted,
             "provenance": self.provenance,
         }
@@ -221,7 +224,19 @@ def arch_from_dict(raw: Any, source: str = "<dict>") -> Arch:
         fixed_a_bits=bits(fixed, "activations", "fixed_bits."),
         predicted=dict(raw.get("predicted") or {}),
         provenance=dict(raw.get("provenance") or {}),
+        preprocessing=_preprocessing(raw.get("preprocessing"), raw["num_classes"], source),
     )
+
+
+def _preprocessing(raw: Any, num_classes: int, source: str) -> dict:
+    if raw is None:
+        return {}
+    classes = raw.get("classes") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or (classes is not None and not (
+            isinstance(classes, list) and len(classes) == num_classes and all(isinstance(c, str) for c in classes))):
+        raise ConfigError(f"{source}: field 'preprocessing' must be an object whose 'classes' lists the "
+                          f"{num_classes} class names")
+    return dict(raw)
 
 
 def arch_records(archs: Iterable[Arch]) -> list[dict]:

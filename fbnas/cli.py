@@ -13,6 +13,9 @@ COMMANDS = {
     "quantize": "fbnas.apps.quantize",
     "export": "fbnas.apps.export",
     "pareto": "fbnas.apps.pareto",
+    "list": "fbnas.apps.listing",
+    "info": "fbnas.apps.info",
+    "report": "fbnas.apps.report",
 }
 
 USAGE = """usage: fbnas <command> [args] [key=value ...]
@@ -25,8 +28,12 @@ commands:
   quantize   integer-only model: convert | compare | ilp | onnx
   export     export a found architecture (safetensors, torch.export, ONNX)
   pareto     train searched nets and baselines with one recipe: accuracy vs device latency
+  list       spaces | devices | ops: what a space=, device= or op name may be
+  info       <arch.json>: layers, bits, MACs, parameters, latency on every device
+  report     run=<search run> | sweep=<multirun dir>: report.md and plots (op/bit probabilities, latency, CE)
 
-Every command takes Hydra overrides (key=value); `fbnas <command> --help` shows its config.
+Commands other than list and info take Hydra overrides (key=value); `fbnas <command> --help` shows its
+config.
 """
 
 

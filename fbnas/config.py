@@ -19,9 +19,20 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 512
     augment: bool = False
-    input_size: int = 32  # imagefolder / synthetic only
+    input_size: Optional[int] = None  # imagefolder / synthetic: image size (default: the space's input size)
     synthetic_size: int = 2048
-    synthetic_classes: int = 10
+    synthetic_classes: Optional[int] = None  # default: the space's num_classes
+
+
+@dataclass
+class SpaceOverride:
+    """Change the space's input and classes (a derived space, named e.g. fmnist_3x32_5cls, saved as space.yaml in
+    the run directory). `from_data`: take whatever the dataset gives (channels, size, classes) instead of an error."""
+
+    num_classes: Optional[int] = None
+    in_channels: Optional[int] = None
+    input_size: Optional[int] = None
+    from_data: bool = False
 
 
 @dataclass
@@ -73,6 +84,7 @@ class WandbConfig:
 @dataclass
 class SearchConfig:
     space: str = "fmnist"
+    space_override: SpaceOverride = field(default_factory=SpaceOverride)
     device: Any = "sd835"  # the target device: a name in conf/device/, or its mapping (the Hydra group)
     device_file: Optional[str] = None  # a device YAML elsewhere (device=path.yaml sets this)
     lut: Optional[str] = None  # a latency-table path; default latency_tables/<space>__<device>.json
@@ -95,6 +107,7 @@ class SearchConfig:
     resume: bool = False
     logger: str = "none"  # none | wandb
     progress: bool = True
+    report: bool = True  # the command line writes report.md and plots into the run directory (fbnas report)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -29,7 +29,10 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 
 
@@ -57,6 +60,23 @@ class DataBundle:
     in_channels: int
     input_size: int
     augment: bool = False
+    classes: Optional[list[str]] = None  # class names in label order (None: unnamed, e.g. synthetic)
+    mean: Optional[tuple[float, ...]] = None  # per-channel normalisation of [0, 1] pixels (None: no images)
+    std: Optional[tuple[float, ...]] = None
+
+    def preprocessing(self) -> dict:
+        """What a deployed model expects, as stored in arch.json, the model card and ONNX metadata."""
+        rec: dict = {"dataset": self.name, "layout": "NCHW", "dtype": "float32",
+                     "input": [self.in_channels, self.input_size, self.input_size]}
+        if self.mean is not None:
+            rec.update(pixels="RGB" if self.in_channels == 3 else "grayscale" if self.in_channels == 1 else "channels",
+                       scale="x / 255", mean=list(self.mean), std=list(self.std),
+                       formula="(x / 255 - mean) / std per channel")
+        else:
+            rec["formula"] = "none: the data are generated already normalised"
+        if self.classes is not None:
+            rec["classes"] = list(self.classes)
+        return rec
 
 
 # ---------------------------------------------------------------------------------------- batches
@@ -105,13 +125,32 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) 
     return out
 
 
+class SeededLoader(DataLoader):
+    """A DataLoader (ImageFolder data) with TensorBatches' contract: batches on `device`, and a state_dict of its
+    shuffling generator, so that a checkpoint restores the data order."""
+
+    def __init__(self, data: Dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
+                 device: str | torch.device, workers: int):
+        super().__init__(data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
+                         generator=torch.Generator().manual_seed(seed))
+        self.device = torch.device(device)
+
+    def __iter__(self):
+        for x, y in super().__iter__():
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
 def make_loader(data: TensorData | Dataset, batch_size: int, shuffle: bool, seed: int = 0, augment: bool = False,
                 drop_last: bool = False, device: str | torch.device = "cpu", workers: int = 0):
     if isinstance(data, TensorData):
         return TensorBatches(data, batch_size, shuffle, seed, augment, drop_last, device)
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
-                      num_workers=workers)
+    return SeededLoader(data, batch_size, shuffle, seed, drop_last, device, workers)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -125,10 +164,12 @@ def load_dataset(name: str = "fashion_mnist", root: Optional[str] = None, downlo
     `train_subset`/`test_subset` > 0 take a fixed, seeded random subset (for quick runs)."""
     if name == "fashion_mnist":
         train, test = _fashion_mnist(root, download)
-        bundle = DataBundle(name, train, None, test, 10, 1, 28)
+        bundle = DataBundle(name, train, None, test, 10, 1, 28, classes=list(FASHION_MNIST_CLASSES),
+                            mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     elif name in ("cifar10", "cifar100"):
-        train, test = _cifar(name, root, download)
-        bundle = DataBundle(name, train, None, test, 10 if name == "cifar10" else 100, 3, 32, augment=True)
+        train, test, classes = _cifar(name, root, download)
+        bundle = DataBundle(name, train, None, test, len(classes), 3, 32, augment=True, classes=classes,
+                            mean=CIFAR_MEAN, std=CIFAR_STD)
     elif name == "imagefolder":
         return _imagefolder(root, input_size, split_arch, seed)
     elif name == "synthetic":
@@ -220,7 +261,7 @@ def _fashion_mnist(root: Optional[str], download: bool) -> tuple[TensorData, Ten
     return out[0], out[1]
 
 
-def _cifar(name: str, root: Optional[str], download: bool) -> tuple[TensorData, TensorData]:
+def _cifar(name: str, root: Optional[str], download: bool) -> tuple[TensorData, TensorData, list[str]]:
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -236,31 +277,43 @@ def _cifar(name: str, root: Optional[str], download: bool) -> tuple[TensorData, 
             raise DataError(f"{name} download to {dest} failed ({type(exc).__name__}); set data.root to a local copy") from None
         x = _normalise(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), CIFAR_MEAN, CIFAR_STD)
         out.append(TensorData(x, torch.tensor(ds.targets, dtype=torch.int64)))
-    return out[0], out[1]
+    return out[0], out[1], list(ds.classes)
 
 
 def _imagefolder(root: Optional[str], input_size: int, split_arch: float, seed: int) -> DataBundle:
-    import torchvision
     from torchvision import transforms as T
 
     if not root:
         raise DataError("field 'data.root' must name a directory with train/ and val/ class folders for imagefolder")
-    base = Path(root)
+    base = Path(root).expanduser()
     if not (base / "train").is_dir():
         raise DataError(f"{base}: imagefolder needs {base}/train/<class>/* (and {base}/val/<class>/*)")
-    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(input_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     test_tf = T.Compose([T.Resize(int(input_size * 1.14)), T.CenterCrop(input_size), T.ToTensor(), norm])
-    train = torchvision.datasets.ImageFolder(str(base / "train"), transform=train_tf)
+    train = _image_folder(base / "train", train_tf)
     val_dir = base / "val" if (base / "val").is_dir() else base / "train"
-    test = torchvision.datasets.ImageFolder(str(val_dir), transform=test_tf)
+    test = _image_folder(val_dir, test_tf)
+    if test.classes != train.classes:
+        raise DataError(f"{val_dir}: class folders {test.classes} differ from {base / 'train'}'s {train.classes}; "
+                        "give both the same class folders")
     arch = None
     if split_arch > 0:
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1)).tolist()
         n_arch = max(1, int(round(len(train) * split_arch)))
         arch = torch.utils.data.Subset(train, perm[:n_arch])
         train = torch.utils.data.Subset(train, perm[n_arch:])
-    return DataBundle("imagefolder", train, arch, test, len(test.classes), 3, input_size)
+    return DataBundle("imagefolder", train, arch, test, len(test.classes), 3, input_size, classes=list(test.classes),
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _image_folder(path: Path, transform):
+    import torchvision
+
+    try:
+        return torchvision.datasets.ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or no images in them
+        raise DataError(f"{path}: {str(exc).splitlines()[0]}; put images in {path}/<class name>/") from None
 
 
 def synthetic(n_train: int, n_test: int, num_classes: int, channels: int, size: int,
@@ -277,11 +330,11 @@ def synthetic(n_train: int, n_test: int, num_classes: int, channels: int, size: 
     return draw(n_train), draw(n_test)
 
 
-def check_matches_space(bundle: DataBundle, in_channels: int, input_size: int, num_classes: int, space: str) -> None:
+def check_matches_space(bundle: DataBundle, in_channels: int, input_size: int, num_classes: int, space: str,
+                        fix: str = "pick a matching space= or data=") -> None:
     if bundle.in_channels != in_channels or bundle.input_size != input_size:
         raise DataError(f"dataset {bundle.name} gives {bundle.in_channels}x{bundle.input_size}x{bundle.input_size} "
-                        f"images but space {space} expects {in_channels}x{input_size}x{input_size}; pick a matching "
-                        "space= or data=")
+                        f"images but space {space} expects {in_channels}x{input_size}x{input_size}; {fix}")
     if bundle.num_classes != num_classes:
         raise DataError(f"dataset {bundle.name} has {bundle.num_classes} classes but space {space} has "
-                        f"num_classes {num_classes}; pick a matching space= or data=")
+                        f"num_classes {num_classes}; {fix}")

@@ -1,5 +1,7 @@
 """User-facing errors: one line, names the file or field, says how to fix it; the CLI exits 2."""
 
+CHECK_FAILED_EXIT = 3  # exit code of a check that ran and found a difference (fbnas quantize compare | onnx)
+
 
 class FbnasError(Exception):
     """An error caused by the user's input (config, file, data). Printed as one line, exit code 2."""

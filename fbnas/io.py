@@ -66,9 +66,53 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+DATA_FOLDERS = ("conf", "search_spaces", "latency_tables")
+TABLES_ENV = "FBNAS_TABLES_DIR"
+
+
 def repo_root() -> Path:
-    """The directory holding search_spaces/, latency_tables/ and conf/ (the source checkout)."""
+    """The source checkout, when fbnas runs from one (editable install or PYTHONPATH)."""
     return Path(__file__).resolve().parent.parent
+
+
+def data_dir(name: str) -> Path:
+    """A shipped data folder (conf, search_spaces, latency_tables). An installed wheel carries them as package
+    data, fbnas/_data/<name> (setup.py's build step copies the checkout's top-level folders there); run from a
+    source checkout, they are the checkout's own top-level folders, the only copy in the repository."""
+    from importlib.resources import files
+
+    if name not in DATA_FOLDERS:
+        raise ValueError(f"unknown data folder {name!r}")
+    packaged = files("fbnas") / "_data" / name
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return repo_root() / name
+
+
+def is_checkout() -> bool:
+    """True when the data folders come from a source checkout rather than an installed package."""
+    return data_dir("conf") == repo_root() / "conf"
+
+
+def writable_tables_dir() -> Path:
+    """Where `fbnas lut build|import` write tables by default: $FBNAS_TABLES_DIR if set; in a source checkout its
+    latency_tables/ (tables are committed there); in an installed package the user's data directory
+    (platformdirs: ~/.local/share/fbnas/latency_tables on Linux), since site-packages may be read-only and a
+    reinstall replaces it."""
+    env = os.environ.get(TABLES_ENV)
+    if env:
+        return Path(env).expanduser()
+    if is_checkout():
+        return data_dir("latency_tables")
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("fbnas")) / "latency_tables"
+
+
+def table_dirs() -> list[Path]:
+    """Latency-table folders in lookup order: the writable one (user-built tables), then the shipped one."""
+    dirs = [writable_tables_dir(), data_dir("latency_tables")]
+    return [d for i, d in enumerate(dirs) if d not in dirs[:i]]
 
 
 def read_json(path: str | os.PathLike, missing: str, error: type[FbnasError] = ConfigError) -> Any:

@@ -24,11 +24,13 @@ from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .io import append_jsonl, atomic_path, sha256_file
 from .objective import LatencyPenalty, make_penalty
 from .quant.fake import ActQuantizer
-from .space import SearchSpace, load_space
+from .space import SearchSpace, load_space, override_io, save_space
 from .supernet import BIT_MODES, MODES, Supernet, expected_cost, sample_cost
 
 log = logging.getLogger("fbnas")
 CHECKPOINT = "checkpoints/last.pt"
+SPACE_FIX = ("adapt the space to the data with space_override.from_data=true (or set space_override.num_classes, "
+             ".in_channels, .input_size), or pick a matching space=")
 
 
 @dataclass
@@ -91,9 +93,11 @@ class Searcher:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
-        self.space = device_space(load_space(cfg.space), cfg.device_file or cfg.device)
+        o = cfg.space_override
+        self.space = override_io(load_space(cfg.space), o.in_channels, o.input_size, o.num_classes)
+        self.data = self._load_data()  # space_override.from_data may change self.space
+        self.space = device_space(self.space, cfg.device_file or cfg.device)
         self.latency = LatencyModel(self.space, cfg.device_file or cfg.device, cfg.lut)
-        self.data = self._load_data()
         self.supernet = Supernet(self.space, mode=cfg.mode, quantized=cfg.quantized, tau=cfg.tau,
                                  bit_sampling=cfg.bit_sampling).to(self.device)
         self.supernet.seed(cfg.seed)
@@ -126,6 +130,8 @@ class Searcher:
         self.step = 0
         self.metrics: list[dict] = []
         self.wandb_run = None
+        if self.space.name != load_space(cfg.space).name:  # a derived space: keep it with the run
+            save_space(self.space, self.out_dir / "space.yaml")
 
     # ------------------------------------------------------------------ set-up
     def _validate(self) -> None:
@@ -148,14 +154,22 @@ class Searcher:
             raise ConfigError("field 'data.batch_size' must be >= 1")
 
     def _load_data(self) -> DataBundle:
-        d = self.cfg.data
+        d, space = self.cfg.data, self.space
         bundle = load_dataset(d.name, d.root, d.download, split_arch=d.arch_fraction, train_subset=d.train_subset,
-                              test_subset=d.test_subset, seed=self.cfg.seed, input_size=d.input_size,
-                              synthetic_size=d.synthetic_size, num_classes=d.synthetic_classes,
-                              in_channels=self.space.in_channels)
+                              test_subset=d.test_subset, seed=self.cfg.seed, input_size=d.input_size or space.input_size,
+                              synthetic_size=d.synthetic_size, num_classes=d.synthetic_classes or space.num_classes,
+                              in_channels=space.in_channels)
         bundle.augment = bundle.augment or d.augment
+        if self.cfg.space_override.from_data:
+            self.space = override_io(space, bundle.in_channels, bundle.input_size, bundle.num_classes)
+            if self.space is not space:
+                log.info("space %s adapted to dataset %s: input %dx%dx%d, %d classes (the space has %dx%dx%d, %d "
+                         "classes); searching space %s, saved as %s", space.name, bundle.name, bundle.in_channels,
+                         bundle.input_size, bundle.input_size, bundle.num_classes, space.in_channels,
+                         space.input_size, space.input_size, space.num_classes, self.space.name,
+                         self.out_dir / "space.yaml")
         check_matches_space(bundle, self.space.in_channels, self.space.input_size, self.space.num_classes,
-                            self.space.name)
+                            self.space.name, fix=SPACE_FIX)
         return bundle
 
     def _make_hessian_penalty(self):
@@ -380,7 +394,21 @@ class Searcher:
         self.metrics.append(record)
         append_jsonl(self.out_dir / "metrics.jsonl", record)
         if self.wandb_run is not None:
-            self.wandb_run.log(record, step=self.step)
+            self.wandb_run.log({k: v for k, v in record.items() if not k.endswith("_probs")}, step=self.step)
+
+    @torch.no_grad()
+    def _probabilities(self) -> dict:
+        """softmax(theta) per layer, for `fbnas report`: op probabilities [L][ops], and the weight / activation
+        bit probabilities [L][bits] averaged over the layer's ops that have bits, weighted by their probability."""
+        ops, ws, as_ = (t.detach().float().cpu() for t in self.supernet.probabilities())
+        weight = ops * self.supernet.op_has_bits().float()
+        norm = weight.sum(1, keepdim=True).clamp_min(1e-12)
+
+        def rows(t: torch.Tensor) -> list[list[float]]:
+            return [[round(float(v), 5) for v in row] for row in t]
+
+        return {"op_probs": rows(ops), "w_bit_probs": rows((weight[..., None] * ws).sum(1) / norm),
+                "a_bit_probs": rows((weight[..., None] * as_).sum(1) / norm)}
 
     def _start_wandb(self) -> None:
         if self.cfg.logger != "wandb":
@@ -451,7 +479,7 @@ class Searcher:
                       "argmax_latency_ms": self.latency.of_arch(arch), "argmax_val_ce": val_ce,
                       "argmax_val_acc": val_acc, "argmax_ops": [l.op for l in arch.layers],
                       "argmax_w_bits": [l.w_bits for l in arch.layers],
-                      "argmax_a_bits": [l.a_bits for l in arch.layers]}
+                      "argmax_a_bits": [l.a_bits for l in arch.layers], **self._probabilities()}
             if hasattr(self.penalty, "mu"):
                 record["mu"] = self.penalty.mu
             self._log(record)
@@ -475,9 +503,11 @@ class Searcher:
         provenance = {"fbnas_version": __version__, "device": self.latency.device_name, "space": self.space.name,
                       "lut": str(lut_path) if lut_path else "built in memory (analytic)",
                       "lut_sha256": sha256_file(lut_path) if lut_path and Path(lut_path).is_file() else None,
+                      "space_file": str(self.out_dir / "space.yaml") if (self.out_dir / "space.yaml").is_file() else None,
                       "seed": self.cfg.seed, "derive": self.cfg.derive.method, "config": dataclasses.asdict(self.cfg),
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        return dataclasses.replace(arch, predicted=predicted, provenance=provenance)
+        return dataclasses.replace(arch, predicted=predicted, provenance=provenance,
+                                   preprocessing=self.data.preprocessing())
 
 
 def run_search(cfg: SearchConfig, out_dir: str | Path) -> SearchResult:

@@ -6,6 +6,7 @@ error names the file and the field.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,11 @@ from typing import Any
 from .blocks.kernels import conv_out_size
 from .blocks.registry import check_op_shape
 from .errors import ConfigError
-from .io import read_yaml, repo_root
+from .io import data_dir, read_yaml
 
 SPACE_FORMAT = "fbnas-space/1"
-SPACES_DIR = repo_root() / "search_spaces"
+DERIVED_NAME = re.compile(r"^(?P<base>[\w.-]+)_(?P<c>\d+)x(?P<s>\d+)_(?P<n>\d+)cls$")
+SPACES_DIR = data_dir("search_spaces")
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -113,6 +115,24 @@ class SearchSpace:
         }
 
 
+def override_io(space: SearchSpace, in_channels: int | None = None, input_size: int | None = None,
+                num_classes: int | None = None) -> SearchSpace:
+    """The space with another input (channels, size) or number of classes; everything else as it is. A changed
+    space gets its own name (fmnist -> fmnist_3x32_5cls), so it never picks up the original's latency tables."""
+    changes = {k: v for k, v in (("in_channels", in_channels), ("input_size", input_size),
+                                 ("num_classes", num_classes)) if v is not None and v != getattr(space, k)}
+    for key, val in changes.items():
+        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+            raise ConfigError(f"field 'space_override.{key}' must be a positive integer, got {val!r}")
+    if not changes:
+        return space
+    new = replace(space, **changes)
+    new = replace(new, name=f"{space.name}_{new.in_channels}x{new.input_size}_{new.num_classes}cls",
+                  description=f"{space.name} with input {new.in_channels}x{new.input_size}x{new.input_size} and "
+                              f"{new.num_classes} classes. {space.description}".strip(), source="")
+    return space_from_dict(new.to_dict(), f"space {space.name} with {changes}")  # validated like a file
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 def space_path(name_or_path: str | Path) -> Path:
@@ -122,13 +142,26 @@ def space_path(name_or_path: str | Path) -> Path:
     return SPACES_DIR / f"{name_or_path}.yaml"
 
 
+def save_space(space: SearchSpace, path: str | Path) -> None:
+    """Write a space as YAML that load_space reads back (e.g. `fbnas lut build space=<run>/space.yaml`)."""
+    import yaml
+
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(space.to_dict(), sort_keys=False))
+
+
 def available_spaces() -> list[str]:
     return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
 
 
 def load_space(name_or_path: str | Path) -> SearchSpace:
-    """Load a space by name (search_spaces/<name>.yaml) or by path; raise ConfigError naming file and field."""
+    """Load a space by name (search_spaces/<name>.yaml), by the name of a derived space (<space>_<C>x<S>_<N>cls,
+    see override_io) or by path; raise ConfigError naming file and field."""
     path = space_path(name_or_path)
+    derived = DERIVED_NAME.match(str(name_or_path))
+    if not path.is_file() and derived and space_path(derived["base"]).is_file():
+        return override_io(load_space(derived["base"]), int(derived["c"]), int(derived["s"]), int(derived["n"]))
     if not path.is_file():
         raise ConfigError(
             f"{path}: search space not found; known spaces: {', '.join(available_spaces())} "

@@ -51,6 +51,19 @@ def test_quantize_onnx_qlinear_on_fashion_mnist(run, capsys):
     assert "channel-aligned" not in capsys.readouterr().out
 
 
+def test_quantize_onnx_failed_check_exits_3_not_2(run, capsys, monkeypatch):
+    import fbnas.quant.onnx_export as onnx_export
+
+    real = onnx_export.isolated_conv_check
+
+    def two_lsb(*args, **kwargs):  # a kernel 2 LSB off: the per-kernel bound fails whatever the sample
+        return {**real(*args, **kwargs), "max_abs_diff": 2}
+
+    monkeypatch.setattr(onnx_export, "isolated_conv_check", two_lsb)
+    assert main(["quantize", "onnx", f"run={run}", "mode=qlinear", "samples=16"]) == 3
+    assert "FAIL" in capsys.readouterr().out
+
+
 def test_export_selected_formats(run):
     assert main(["export", f"run={run}", "formats=[arch,onnx_qlinear,card]", f"out={run / 'exp'}"]) == 0
     assert sorted(p.name for p in (run / "exp").iterdir()) == ["arch.json", "model_card.md", "model_qlinear.onnx"]

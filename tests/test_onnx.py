@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from fbnas.quant.integer import to_integer  # noqa: E402
-from fbnas.quant.onnx_export import check_graph, check_with_onnxruntime  # noqa: E402
+from fbnas.quant.onnx_export import allowed_disagreements, check_graph, check_with_onnxruntime  # noqa: E402
 from fbnas.quant.onnx_graph import fp32_graph, ort_session, qdq_graph, qlinear_graph  # noqa: E402
 from fbnas.train import set_quantization  # noqa: E402
 
@@ -95,3 +95,14 @@ def test_fp32_graph_equals_float_network(models):
         set_quantization(net, True)
     got = ort_session(fp32_graph(folded)).run(None, {"input": x.numpy()})[0]
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_verdict_does_not_depend_on_the_sample(models):
+    _, _, _, integer, x = models
+    verdicts = {(n, lsb): check_graph(integer, x[:n], "qlinear", batch_size=4, lsb_samples=lsb)["passed"]
+                for n, lsb in ((2, 0), (8, 0), (8, 2))}
+    assert set(verdicts.values()) == {True}, verdicts  # end-to-end LSB counts are reported, not bounded
+
+
+def test_allowed_top1_disagreements():
+    assert [allowed_disagreements(n) for n in (1, 256, 999, 1000, 10000)] == [1, 1, 1, 1, 10]

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import FbnasError
-from ..io import repo_root
+from ..io import data_dir
 
-CONF_DIR = str(repo_root() / "conf")
+CONF_DIR = str(data_dir("conf"))
 log = logging.getLogger("fbnas")
 
 
@@ -36,6 +36,16 @@ def _remove_if_only_hydra_files() -> None:
     if all(p.name == ".hydra" or (p.is_file() and p.suffix == ".log") for p in out.iterdir()):
         logging.shutdown()
         shutil.rmtree(out, ignore_errors=True)
+
+
+def run_plain(fn: Callable, *args) -> int:
+    """Run a command without Hydra (list, info): FbnasError -> one line on stderr, exit code 2."""
+    try:
+        fn(*args)
+    except FbnasError as exc:
+        print(f"fbnas: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -98,11 +108,11 @@ def output_dir() -> Path:
 def device_overrides(rest: list[str]) -> list[str]:
     """`device=<path.yaml>` -> `device_file=<path>`; an unknown device name (also inside a -m sweep list) -> one-line
     error instead of Hydra's 'no match in the defaults list'. The device is the config group conf/device/."""
-    from ..latency.devices import known_devices
-
     out = []
     for tok in rest:
         if tok.startswith("device="):
+            from ..latency.devices import known_devices
+
             val = tok.split("=", 1)[1]
             if val.endswith((".yaml", ".yml")):
                 out.append(f"device_file={val}")

@@ -1,6 +1,7 @@
 """`fbnas lut <action> [key=value ...]`: build, check, show and use latency tables.
 
-  build       write latency_tables/<space>__<device>.json (analytic model or measured on this machine)
+  build       write <space>__<device>.json (analytic model or measured on this machine) to the checkout's
+              latency_tables/, or for an installed package the user data dir ($FBNAS_TABLES_DIR overrides)
   check       coverage of a table against a space
   show        the table as rows: op, shape, bits, latency, MACs, bytes, arithmetic intensity
   predict     whole-model latency of each architecture in archs=<file>, one number (ms) per line
@@ -67,10 +68,10 @@ def _read_table(cfg, space, device):
 
 
 def do_build(cfg) -> None:
-    from ..latency import build_table, load_table, table_path
+    from ..latency import build_table, load_table, writable_table_path
 
     space, device = _space(cfg), _device(cfg)
-    out = Path(cfg.out) if cfg.out else table_path(space.name, device.name)
+    out = Path(cfg.out) if cfg.out else writable_table_path(space.name, device.name)
     if out.is_file() and not cfg.force:
         old = load_table(out)
         if old.source != "analytic":
@@ -160,7 +161,7 @@ def do_export_ops(cfg) -> None:
 
 
 def do_import(cfg) -> None:
-    from ..latency import table_path
+    from ..latency import writable_table_path
     from ..latency.transfer import import_csv
 
     if not cfg.csv:
@@ -168,7 +169,7 @@ def do_import(cfg) -> None:
     space, device = _space(cfg), _device(cfg)
     table = import_csv(cfg.csv, space, device.name, threads=device.threads)
     table.device_config = device.to_dict()
-    out = Path(cfg.out) if cfg.out else table_path(space.name, device.name)
+    out = Path(cfg.out) if cfg.out else writable_table_path(space.name, device.name)
     table.save(out)
     print(f"wrote {out}: {len(table)} entries imported from {cfg.csv} for device {device.name}, space {space.name}")
 

@@ -1,5 +1,12 @@
-"""`fbnas quantize convert|compare|ilp`: the integer-only model of a trained run, its dump-and-compare check,
-and HAWQ-V3 ILP bit allocation."""
+"""`fbnas quantize <action> [key=value ...]`: the integer-only model of a trained run and its checks.
+
+  convert   integer.safetensors + quant_params.json of a train run (run=<dir> or weights=)
+  compare   integer-only vs folded fake-quant, every tensor; naive-vs-integer L2 per block
+  ilp       HAWQ-V3 ILP bit allocation under size / BOPs / latency limits (arch= run= latency_ratio= device=)
+  onnx      the QLinear / QDQ / integer-accumulator ONNX graph checked against the integer model in onnxruntime
+
+`fbnas quantize <action> --help` shows every field (docs/deploy.md explains them).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,12 +14,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import hydra
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..arch import load_arch
-from ..errors import ConfigError
+from ..errors import CHECK_FAILED_EXIT, ConfigError
 from ..io import atomic_write_text
 from .common import CONF_DIR, device_overrides, run_hydra, split_subcommand, user_errors
 
@@ -65,10 +70,12 @@ def _weights(cfg) -> Path:
 
 
 def _arch(cfg):
+    from ..arch import load_arch
+
     return load_arch(cfg.arch) if cfg.arch else None
 
 
-def _test_images(cfg, n: int) -> torch.Tensor:
+def _test_images(cfg, n: int):
     from ..data import load_dataset
 
     bundle = load_dataset(cfg.data.name, root=cfg.data.root, test_subset=n)
@@ -110,7 +117,7 @@ def _compare(cfg) -> None:
         atomic_write_text(cfg.out, report)
     print(report)
     if res["first_mismatch"]:
-        raise SystemExit(1)
+        raise SystemExit(CHECK_FAILED_EXIT)
 
 
 def _ilp(cfg) -> None:
@@ -119,7 +126,7 @@ def _ilp(cfg) -> None:
 
     if not cfg.arch:
         raise ConfigError("ilp needs arch=<arch.json>")
-    arch = load_arch(cfg.arch)
+    arch = _arch(cfg)
     space = load_space(arch.space)
     if cfg.hessian:
         omega = read_hessian(cfg.hessian)
@@ -165,6 +172,9 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     sub, rest = split_subcommand(argv, ACTIONS, "quantize")
     try:
         rest = device_overrides(rest)

@@ -27,6 +27,10 @@ def _app(cfg: DictConfig) -> None:
     pred = arch.predicted
     print(f"predicted latency on {result.device}: {result.latency_ms:.4f} ms | size {pred['size_kb']:.1f} KB | "
           f"{pred['bops'] / 1e9:.3f} GBOPs | arch: {out / 'arch.json'}")
+    if config.report:
+        from ..report import write_report
+
+        print(f"report: {write_report(out)[0]}")
 
 
 def main(argv: list[str]) -> int:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -36,6 +36,7 @@ def _app(cfg: DictConfig) -> None:
                         test_subset=cfg.data.test_subset, seed=settings.seed, input_size=arch.input_size,
                         num_classes=arch.num_classes, in_channels=arch.in_channels)
     check_matches_space(data, arch.in_channels, arch.input_size, arch.num_classes, arch.space)
+    arch = replace(arch, preprocessing=data.preprocessing())  # what the trained model expects, kept in arch.json
     out = output_dir()
     metrics = train(arch, data, settings, out, resume=cfg.resume)
     keys = [k for k in ("acc_float", "acc_float_of_qat_weights", "acc_fake_quant_bn", "acc_fake_quant",

@@ -1,6 +1,6 @@
 """Build, find and load the latency table of a (space, device) pair.
 
-`get_table` is what the search calls: it loads latency_tables/<space>__<device>.json if it exists (a table
+`get_table` is what the search calls: it loads <space>__<device>.json (`table_path`) if it exists (a table
 lacking keys of the space is an error, never silently rebuilt); without a file, an analytic device's
 table is built in memory (milliseconds), and a measured device's is an error saying how to build it.
 """
@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from .. import __version__ as fbnas_version
 from ..errors import LatencyTableError
-from ..io import repo_root
+from ..io import table_dirs, writable_tables_dir
 from ..space import SearchSpace, load_space
 from .analytic import kernel_bytes
 from .devices import Device, load_device
@@ -20,11 +20,24 @@ from .keys import OpSignature, space_signatures
 from .table import Entry, LatencyTable
 
 log = logging.getLogger("fbnas.latency")
-TABLES_DIR = repo_root() / "latency_tables"
+
+def table_name(space_name: str, device_name: str) -> str:
+    return f"{space_name}__{device_name}.json"
 
 
 def table_path(space_name: str, device_name: str) -> Path:
-    return TABLES_DIR / f"{space_name}__{device_name}.json"
+    """The table a search uses: the first existing file in fbnas.io.table_dirs() (user-built tables first, then
+    the shipped ones); where none exists, the path `fbnas lut build` would write."""
+    for folder in table_dirs():
+        path = folder / table_name(space_name, device_name)
+        if path.is_file():
+            return path
+    return writable_table_path(space_name, device_name)
+
+
+def writable_table_path(space_name: str, device_name: str) -> Path:
+    """Where `fbnas lut build|import` write a table by default (fbnas.io.writable_tables_dir)."""
+    return writable_tables_dir() / table_name(space_name, device_name)
 
 
 def signature_costs(sig: OpSignature) -> tuple[int, float]:

@@ -33,9 +33,9 @@ from typing import Any, Callable, Mapping
 
 from ..blocks import KernelSpec
 from ..errors import ConfigError
-from ..io import read_yaml, repo_root
+from ..io import data_dir, read_yaml
 
-DEVICES_DIR = repo_root() / "conf" / "device"
+DEVICES_DIR = data_dir("conf") / "device"
 
 
 class DeviceModel:

@@ -128,17 +128,54 @@ def export_run(run_dir: str | Path, out_dir: str | Path, formats: Sequence[str] 
             _save_pt2(integer if run.quantized else run.float_net(), example, written[fmt])
         elif fmt == "onnx_fp32":
             written[fmt] = out / "model_fp32.onnx"
-            save_onnx(fp32_graph(folded), written[fmt])
+            save_onnx(with_metadata(fp32_graph(folded), arch), written[fmt])
         elif fmt == "onnx_qdq":
             written[fmt] = out / "model_qdq.onnx"
-            save_onnx(qdq_graph(onnx_integer), written[fmt])
+            save_onnx(with_metadata(qdq_graph(onnx_integer), arch), written[fmt])
         elif fmt == "onnx_qlinear":
             written[fmt] = out / "model_qlinear.onnx"
-            save_onnx(qlinear_graph(onnx_integer), written[fmt])
+            save_onnx(with_metadata(qlinear_graph(onnx_integer), arch), written[fmt])
     if "card" in fmts:
         written["card"] = out / "model_card.md"
         atomic_write_text(written["card"], model_card(run, {k: v for k, v in written.items() if k != "card"}))
     return written
+
+
+def onnx_metadata(arch: Arch) -> dict[str, str]:
+    """ONNX metadata_props: the input the model expects and its class names (JSON values), from arch.json."""
+    pre = arch.preprocessing
+    meta = {"input_layout": pre.get("layout", "NCHW"),
+            "input_shape": json.dumps(["N", arch.in_channels, arch.input_size, arch.input_size]),
+            "fbnas_space": arch.space, "fbnas_preprocessing": json.dumps(pre)}
+    for key in ("classes", "mean", "std", "formula"):
+        if key in pre:
+            meta[key] = pre[key] if isinstance(pre[key], str) else json.dumps(pre[key])
+    return meta
+
+
+def with_metadata(model, arch: Arch):
+    import onnx
+
+    onnx.helper.set_model_props(model, onnx_metadata(arch))
+    return model
+
+
+def _input_lines(arch: Arch) -> list[str]:
+    pre = arch.preprocessing
+    lines = ["## Input and classes", "",
+             f"- input: float32 {pre.get('layout', 'NCHW')} (N, {arch.in_channels}, {arch.input_size}, "
+             f"{arch.input_size}), name `input`"]
+    if "mean" in pre:
+        lines.append(f"- {pre.get('pixels', 'pixels')} in [0, 255] -> {pre['formula']}, mean {pre['mean']}, "
+                     f"std {pre['std']} (dataset {pre.get('dataset', '?')})")
+    elif "formula" in pre:
+        lines.append(f"- preprocessing: {pre['formula']} (dataset {pre.get('dataset', '?')})")
+    else:
+        lines.append("- preprocessing: not recorded in arch.json (trained before fbnas stored it)")
+    if "classes" in pre:
+        lines.append("- classes (output index: name): " + ", ".join(f"{i}: {c}" for i, c in enumerate(pre["classes"])))
+    lines.append("- the ONNX files carry the same as metadata_props (classes, mean, std, input_layout, input_shape)")
+    return lines + [""]
 
 
 def model_card(run: TrainRun, files: dict[str, Path]) -> str:
@@ -152,7 +189,7 @@ def model_card(run: TrainRun, files: dict[str, Path]) -> str:
              "| layer | op | channels | stride | w bits | a bits |", "|---:|---|---|---:|---:|---:|"]
     lines += [f"| {i} | {l.op} | {l.c_in} -> {l.channels} | {l.stride} | {l.w_bits} | {l.a_bits} |"
               for i, l in enumerate(arch.layers)]
-    lines += ["", "## Predicted cost", "", f"- size {arch.size_kb():.1f} KB (weights at their bits, 32-bit biases), "
+    lines += [""] + _input_lines(arch) + ["## Predicted cost", "", f"- size {arch.size_kb():.1f} KB (weights at their bits, 32-bit biases), "
               f"{arch.bops() / 1e9:.4f} G BOPs, {arch.macs() / 1e6:.2f} M MACs"]
     for dev, rec in sorted(arch.predicted.items()):
         if isinstance(rec, dict) and "latency_ms" in rec:
@@ -170,5 +207,5 @@ def model_card(run: TrainRun, files: dict[str, Path]) -> str:
               "from fbnas.quant.artifacts import load_folded       # quantized run: the folded fake-quant model",
               "import torch; prog = torch.export.load('model_integer.pt2'); logits = prog.module()(images)",
               "import onnxruntime as ort; sess = ort.InferenceSession('model_qdq.onnx'); sess.run(None, {'input': x})",
-              "```", "Inputs are normalised images (N, C, H, W) float32, as fbnas.data prepares them."]
+              "```", "Inputs are normalised images as in 'Input and classes' above."]
     return "\n".join(lines) + "\n"

@@ -15,12 +15,13 @@ qlinear/qdq   the whole-model graph of `onnx_graph` runs end to end in onnxrunti
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ..errors import CHECK_FAILED_EXIT, ConfigError
 from .fold import node_key
 from .integer import IntConv, IntegerNet, IntLinear
 from .onnx_graph import ONNX_IR_VERSION, conv_attrs, debug_codes, ort_session, qdq_graph, qlinear_graph
@@ -154,17 +155,27 @@ def check_graph(integer: IntegerNet, x: torch.Tensor, mode: str = "qlinear", bat
     conv_max = max((stats[t]["max_abs_diff"] for t in conv_tensors), default=0)
     frac = conv_bad / max(conv_el, 1)
     top1 = agree / max(n, 1)
-    within = frac <= MAX_MISMATCH_FRACTION
     out = {"mode": mode, "exact_branches": exact_branches, "images": n, "lsb_images": n_lsb, "tensors": stats, "conv_elements": conv_el,
            "conv_mismatches": conv_bad, "conv_mismatch_fraction": frac, "conv_max_abs_diff": conv_max,
-           "top1_agreement": top1}
+           "top1_agreement": top1, "top1_disagreements": n - agree,
+           "top1_allowed": allowed_disagreements(n)}
+    # The verdict uses what holds per element and per image whatever the sample: each kernel alone within 1 LSB
+    # at a rare-tie rate, and top-1. End-to-end counts are reported only: one LSB at a near-tie propagates
+    # through the following layers (more at 2-4 bits), so their rate depends on which images were drawn.
+    within = True
     if mode == "qlinear":
         iso = isolated_conv_check(integer, model, debug, x[:batch_size], conv_tensors)
         out["isolated"] = iso
-        within = within and iso["max_abs_diff"] <= MAX_LSB and iso["mismatch_fraction"] <= MAX_MISMATCH_FRACTION
+        within = iso["max_abs_diff"] <= MAX_LSB and iso["mismatch_fraction"] <= MAX_MISMATCH_FRACTION
     out["within_lsb_bounds"] = within
-    out["passed"] = top1 >= MIN_TOP1_AGREEMENT and (within or mode == "qdq")
+    out["passed"] = n - agree <= out["top1_allowed"] and within
     return out
+
+
+def allowed_disagreements(n: int) -> int:
+    """Top-1 disagreements a check of n images tolerates: the 0.1% rate, and at least one (a single near-tie
+    in a small sample says nothing about the rate)."""
+    return max(1, math.floor((1 - MIN_TOP1_AGREEMENT) * n + 1e-9))
 
 
 @torch.no_grad()
@@ -198,13 +209,14 @@ def format_graph_check(res: dict) -> str:
     kind = "QLinearConv" if res["mode"] == "qlinear" else "quantized conv"
     iso = res.get("isolated")
     alone = (f"; each QLinearConv alone on our inputs: {iso['mismatches']} of {iso['elements']} elements differ "
-             f"({iso['mismatch_fraction']:.2e}), max {iso['max_abs_diff']} LSB (bound {MAX_LSB})") if iso else ""
+             f"({iso['mismatch_fraction']:.2e}; bound {MAX_MISMATCH_FRACTION:g}), max {iso['max_abs_diff']} LSB (bound {MAX_LSB})"
+             ) if iso else ""
     return (f"onnxruntime {res['mode']}{' (exact branches)' if res['exact_branches'] else ''} graph "
             f"(tensors compared on {res['lsb_images']} images) on {res['images']} images: {kind} outputs differ on "
             f"{res['conv_mismatches']} of {res['conv_elements']} elements end to end ({res['conv_mismatch_fraction']:.2e}; "
-            f"bound {MAX_MISMATCH_FRACTION:g}; max {res['conv_max_abs_diff']} LSB, differences propagate){alone}; "
-            f"top-1 agreement "
-            f"{100 * res['top1_agreement']:.3f}% (bound {100 * MIN_TOP1_AGREEMENT:.1f}%"
+            f"max {res['conv_max_abs_diff']} LSB; reported, not bounded: differences propagate){alone}; "
+            f"top-1 agreement {100 * res['top1_agreement']:.3f}%, {res['top1_disagreements']} disagreements "
+            f"(bound {res['top1_allowed']}: {100 * (1 - MIN_TOP1_AGREEMENT):.1f}% of the images, at least 1"
             f"{'' if res['mode'] == 'qlinear' else '; LSB bounds not applied to qdq'}): "
             f"{'PASS' if res['passed'] else 'FAIL'}")
 
@@ -242,4 +254,4 @@ def onnx_command(cfg, weights, arch, test_images) -> None:
         print(format_graph_check(res))
         failed = not res["passed"]
     if failed:
-        raise SystemExit(1)
+        raise SystemExit(CHECK_FAILED_EXIT)
