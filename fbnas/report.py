@@ -156,8 +156,9 @@ def _plot_layers(records: list[dict], space: SearchSpace, key: str, names: Optio
             ax.stackplot(epochs, probs, labels=names, colors=colors[:len(names)], alpha=0.9)
             ax.set_ylim(0, 1)
         else:
-            values = sorted(set(space.w_bits) | set(space.a_bits))
-            for bits, field, style in ((space.w_bits, "w_bit_probs", "-"), (space.a_bits, "a_bit_probs", "--")):
+            choices = records[-1].get("bit_choices", {"w": space.w_bits, "a": space.a_bits})  # as searched
+            values = sorted(set(choices["w"]) | set(choices["a"]))
+            for bits, field, style in ((choices["w"], "w_bit_probs", "-"), (choices["a"], "a_bit_probs", "--")):
                 for j, b in enumerate(bits):
                     ax.plot(epochs, [r[field][l][j] for r in records], style, color=colors[values.index(b) % 10],
                             label=f"{'w' if field[0] == 'w' else 'a'}{b}")

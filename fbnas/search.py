@@ -408,7 +408,8 @@ class Searcher:
             return [[round(float(v), 5) for v in row] for row in t]
 
         return {"op_probs": rows(ops), "w_bit_probs": rows((weight[..., None] * ws).sum(1) / norm),
-                "a_bit_probs": rows((weight[..., None] * as_).sum(1) / norm)}
+                "a_bit_probs": rows((weight[..., None] * as_).sum(1) / norm),
+                "bit_choices": {"w": list(self.space.w_bits), "a": list(self.space.a_bits)}}  # the device's
 
     def _start_wandb(self) -> None:
         if self.cfg.logger != "wandb":
