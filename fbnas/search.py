@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from . import __version__
 from .accelerator import resolve_device
 from .arch import Arch
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import SearchConfig
 from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -29,6 +30,7 @@ from .supernet import BIT_MODES, MODES, Supernet, expected_cost, sample_cost
 
 log = logging.getLogger("fbnas")
 CHECKPOINT = "checkpoints/last.pt"
+CHECKPOINT_FORMAT = "fbnas-search-checkpoint/2"  # /1 stored numpy and Python RNG states as objects
 
 
 @dataclass
@@ -303,13 +305,13 @@ class Searcher:
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
         return {
-            "format": "fbnas-search-checkpoint/1",
+            "format": CHECKPOINT_FORMAT,
             "supernet": self.supernet.state_dict(),
             "w_opt": self.w_opt.state_dict(), "w_sched": self.w_sched.state_dict(), "a_opt": self.a_opt.state_dict(),
             "penalty": self.penalty.state_dict(),
             "hessian": self.hessian.state_dict() if self.hessian is not None else None,
             "epoch": self.epoch, "step": self.step,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "rng": {**rng_state(),
                     "supernet": self.supernet.generator.get_state(), "sampler": self.supernet.sampler_state(),
                     "w_loader": getattr(self.w_loader, "state_dict", lambda: None)(),
                     "a_loader": getattr(self.a_loader, "state_dict", lambda: None)()},
@@ -318,21 +320,14 @@ class Searcher:
         }
 
     def save_checkpoint(self) -> None:
-        with atomic_path(self.out_dir / CHECKPOINT) as tmp:
-            torch.save(self.checkpoint_state(), tmp)
+        save_checkpoint(self.out_dir / CHECKPOINT, self.checkpoint_state())
 
     def load_checkpoint(self) -> None:
         path = self.out_dir / CHECKPOINT
         if not path.is_file():
             raise CheckpointError(f"{path}: no checkpoint to resume; run without resume=true, or point "
                                   "hydra.run.dir at the run to continue")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}); it is corrupt or "
-                                  "not an fbnas search checkpoint") from None
-        if not isinstance(state, dict) or state.get("format") != "fbnas-search-checkpoint/1":
-            raise CheckpointError(f"{path}: not an fbnas search checkpoint")
+        state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint", map_location=self.device)
         for key, mine in (("space", self.space.name), ("device", self.latency.device_name)):
             if state[key] != mine:
                 raise CheckpointError(f"{path}: checkpoint was searched with {key}={state[key]}, this run has "
@@ -349,9 +344,7 @@ class Searcher:
             self.hessian.load_state_dict(state["hessian"])
         self.epoch, self.step = state["epoch"], state["step"]
         rng = state["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        set_rng_state(rng)
         self.supernet.generator.set_state(rng["supernet"].cpu())
         self.supernet.load_sampler_state(rng.get("sampler"))
         for loader, key in ((self.w_loader, "w_loader"), (self.a_loader, "a_loader")):

@@ -22,9 +22,10 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from .arch import Arch
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataBundle, make_loader
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
-from .io import append_jsonl, atomic_path, atomic_write_json
+from .io import append_jsonl, atomic_write_json
 from .accelerator import resolve_device
 from .model import build_model
 from .quant.artifacts import load_supernet_into, load_unfolded_into, save_integer, save_state
@@ -35,6 +36,7 @@ from .quant.integer import to_integer
 
 log = logging.getLogger("fbnas")
 ACT_CLIPS = ("max", "mse")
+CHECKPOINT_FORMAT = "fbnas-train-checkpoint/1"
 
 
 @dataclass
@@ -186,20 +188,15 @@ def _train_epoch(run: _PhaseRun, epoch: int, s: TrainSettings, device: torch.dev
 
 
 def _save_checkpoint(path: Path, phase: str, next_epoch: int, run: _PhaseRun, extra: dict) -> None:
-    state = {"phase": phase, "epoch": next_epoch, "run": run.state_dict(), "extra": extra,
-             "rng": torch.get_rng_state()}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    state = {"format": CHECKPOINT_FORMAT, "phase": phase, "epoch": next_epoch, "run": run.state_dict(),
+             "extra": extra, "rng": torch.get_rng_state()}
+    save_checkpoint(path, state)
 
 
 def _load_checkpoint(path: Path) -> Optional[dict]:
     if not path.is_file():
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0][:120]}); delete it "
-                              "or set resume=false") from None
+    return load_checkpoint(path, CHECKPOINT_FORMAT, "train checkpoint")
 
 
 # --------------------------------------------------------------------------------------------- train
