@@ -193,9 +193,7 @@ def _save_checkpoint(path: Path, phase: str, next_epoch: int, run: _PhaseRun, ex
     save_checkpoint(path, state)
 
 
-def _load_checkpoint(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
+def _load_checkpoint(path: Path) -> dict:
     return load_checkpoint(path, CHECKPOINT_FORMAT, "train checkpoint")
 
 
@@ -214,6 +212,9 @@ def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, r
         torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(s.seed)
     ckpt_path = out_dir / "checkpoints" / "last.pt"
+    if resume and not ckpt_path.is_file():
+        raise CheckpointError(f"resume=true but {ckpt_path} does not exist: nothing to resume; point hydra.run.dir at "
+                              "the run to continue, or drop resume=true")
     ckpt = _load_checkpoint(ckpt_path) if resume else None
     if not resume and ckpt_path.exists():
         raise CheckpointError(f"{ckpt_path} exists: pass resume=true to continue that run or use a new run directory")
