@@ -7,7 +7,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import ConfigError, FbnasError
 
@@ -56,6 +56,24 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
         fh.flush()
+
+
+def truncate_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> list[dict]:
+    """Rewrite a metrics file (atomically) with only its whole JSON-object lines that `keep` accepts; a torn
+    last line (a kill during the write) or the lines of epochs after a checkpoint are dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and keep(rec):
+            kept.append(rec)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -22,14 +22,18 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .config import SearchConfig
 from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
-from .io import append_jsonl, atomic_path, sha256_file
+from .io import append_jsonl, sha256_file, truncate_jsonl
 from .objective import LatencyPenalty, make_penalty
 from .quant.fake import ActQuantizer
+from .resume import mismatched_fields, refuse_mismatch, tensor_fingerprint
 from .space import SearchSpace, load_space
 from .supernet import BIT_MODES, MODES, Supernet, expected_cost, sample_cost
 
 log = logging.getLogger("fbnas")
 CHECKPOINT = "checkpoints/last.pt"
+# fields a resume may change (the rest must equal the checkpoint's); device and table are compared by name and numbers
+RESUME_FREE = ("epochs", "resume", "progress", "logger", "wandb", "threads", "accelerator", "derive", "lut",
+               "device", "device_file")
 CHECKPOINT_FORMAT = "fbnas-search-checkpoint/2"  # /1 stored numpy and Python RNG states as objects
 
 
@@ -61,6 +65,10 @@ class LatencyModel:
         self.device_name = self.device.name
         self.path = getattr(self.table, "path", None)
 
+    def fingerprint(self) -> str:
+        """Of the numbers the search uses (per-layer matrix and fixed part), whatever file they came from."""
+        return tensor_fingerprint(self.matrix, torch.tensor(self.fixed_ms, dtype=torch.float64))
+
     def of_arch(self, arch: Arch) -> float:
         from .latency import arch_latency
 
@@ -73,6 +81,17 @@ class LatencyModel:
         ws = torch.full((L, n_ops, n_wb), 1.0 / n_wb, dtype=torch.float64)
         as_ = torch.full((L, n_ops, n_ab), 1.0 / n_ab, dtype=torch.float64)
         return float(expected_cost(self.matrix.double(), ops, ws, as_)) + self.fixed_ms
+
+
+def _temperature(c: SearchConfig, epoch: int, anchor: Optional[list] = None) -> float:
+    """Gumbel-softmax temperature of an epoch: tau * decay^epoch, with decay = tau_decay, or chosen so that the
+    last epoch runs at tau_final. After a resume with more or fewer epochs, `anchor` = [epoch e0, tau at e0]: the
+    schedule runs from there geometrically to tau_final at the new last epoch."""
+    if c.tau_final is None:
+        return c.tau * c.tau_decay ** epoch
+    e0, tau0 = anchor if anchor is not None else (0, c.tau)
+    decay = (c.tau_final / tau0) ** (1.0 / max(c.epochs - 1 - e0, 1))
+    return tau0 * decay ** (epoch - e0)
 
 
 class Searcher:
@@ -119,6 +138,7 @@ class Searcher:
                                       weight_decay=cfg.optim.arch_weight_decay, fused=fused)
         self.epoch = 0
         self.step = 0
+        self.tau_anchor: Optional[list] = None
         self.metrics: list[dict] = []
         self.wandb_run = None
 
@@ -165,13 +185,7 @@ class Searcher:
                               max_probes=h.max_probes, batches=h.batches)
 
     def temperature(self, epoch: int) -> float:
-        """Gumbel-softmax temperature of an epoch: tau * decay^epoch, with decay = tau_decay, or chosen so
-        that the last epoch runs at tau_final."""
-        c = self.cfg
-        decay = c.tau_decay
-        if c.tau_final is not None:
-            decay = (c.tau_final / c.tau) ** (1.0 / max(c.epochs - 1, 1))
-        return c.tau * decay ** epoch
+        return _temperature(self.cfg, epoch, self.tau_anchor)
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -315,7 +329,9 @@ class Searcher:
                     "supernet": self.supernet.generator.get_state(), "sampler": self.supernet.sampler_state(),
                     "w_loader": getattr(self.w_loader, "state_dict", lambda: None)(),
                     "a_loader": getattr(self.a_loader, "state_dict", lambda: None)()},
+            "tau_anchor": self.tau_anchor,
             "space": self.space.name, "device": self.latency.device_name, "config": dataclasses.asdict(self.cfg),
+            "lut_fingerprint": self.latency.fingerprint(),
             "fbnas_version": __version__,
         }
 
@@ -328,16 +344,14 @@ class Searcher:
             raise CheckpointError(f"{path}: no checkpoint to resume; run without resume=true, or point "
                                   "hydra.run.dir at the run to continue")
         state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint", map_location=self.device)
-        for key, mine in (("space", self.space.name), ("device", self.latency.device_name)):
-            if state[key] != mine:
-                raise CheckpointError(f"{path}: checkpoint was searched with {key}={state[key]}, this run has "
-                                      f"{key}={mine}; resume with the same {key}")
+        self._check_same_run(path, state)
         try:
             self.supernet.load_state_dict(state["supernet"])
         except RuntimeError:
             raise CheckpointError(f"{path}: the checkpoint's supernet does not match space {self.space.name}") from None
         self.w_opt.load_state_dict(state["w_opt"])
         self.w_sched.load_state_dict(state["w_sched"])
+        self.tau_anchor = state.get("tau_anchor")
         self.a_opt.load_state_dict(state["a_opt"])
         self.penalty.load_state_dict(state["penalty"])
         if self.hessian is not None and state.get("hessian"):
@@ -350,15 +364,38 @@ class Searcher:
         for loader, key in ((self.w_loader, "w_loader"), (self.a_loader, "a_loader")):
             if rng.get(key) is not None and hasattr(loader, "load_state_dict"):
                 loader.load_state_dict({"generator": rng[key]["generator"].cpu()})
-        metrics_path = self.out_dir / "metrics.jsonl"
-        if metrics_path.is_file():
-            import json
-
-            self.metrics = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-            self.metrics = [m for m in self.metrics if m.get("epoch", 0) <= self.epoch]
-            with atomic_path(metrics_path) as tmp:
-                tmp.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        if state["config"]["epochs"] != self.cfg.epochs:
+            self._extend_schedules(state["config"])
+        self.metrics = truncate_jsonl(self.out_dir / "metrics.jsonl", lambda m: m.get("epoch", 0) <= self.epoch)
         log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    def _check_same_run(self, path: Path, state: dict) -> None:
+        """Refuse a checkpoint made with other result-determining settings (fields of SearchConfig except
+        RESUME_FREE; the target device by name and the latency numbers by fingerprint, not by file path)."""
+        saved = {"space": state.get("space"), "device": state.get("device"),
+                 "latency table": state.get("lut_fingerprint")}
+        mine = {"space": self.space.name, "device": self.latency.device_name,
+                "latency table": self.latency.fingerprint()}
+        diffs = mismatched_fields(saved, mine, ()) + mismatched_fields(state["config"], dataclasses.asdict(self.cfg),
+                                                                     RESUME_FREE)
+        refuse_mismatch(path, "search checkpoint", diffs, RESUME_FREE)
+        if self.cfg.epochs < state["epoch"]:
+            raise CheckpointError(f"{path}: the checkpoint is at epoch {state['epoch']}; field 'epochs' "
+                                  f"({self.cfg.epochs}) cannot be fewer")
+
+    def _extend_schedules(self, old_cfg: dict) -> None:
+        """Resume with another `epochs`: the weights' cosine continues from its current learning rate down to 0 at
+        the new last step, and the temperature from the last epoch's value geometrically to tau_final at the new
+        last epoch (no restart, no re-heating). A finished run being extended therefore keeps its final learning
+        rate (0) and temperature."""
+        remaining = self.cfg.epochs * self.steps_per_epoch - self.step
+        self.w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, T_max=max(remaining, 1))
+        if self.cfg.tau_final is not None and self.epoch > 0:
+            old = dataclasses.replace(self.cfg, epochs=old_cfg["epochs"])
+            last = self.epoch - 1
+            self.tau_anchor = [last, _temperature(old, last, self.tau_anchor)]
+        log.info("epochs %d -> %d: schedules continue from lr %.4g, tau %.4g", old_cfg["epochs"], self.cfg.epochs,
+                 self.w_opt.param_groups[0]["lr"], self.temperature(self.epoch))
 
     # ------------------------------------------------------------------ the loop
     def _log(self, record: dict) -> None:
@@ -388,6 +425,8 @@ class Searcher:
         elif (self.out_dir / CHECKPOINT).exists():
             raise CheckpointError(f"{self.out_dir / CHECKPOINT} exists: pass resume=true to continue that run, or "
                                   "choose another hydra.run.dir (nothing was overwritten)")
+        else:  # lines of an earlier start in this directory that never reached a checkpoint
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
         self._start_wandb()
         cfg = self.cfg
         log.info("search: space %s (%d layers x %d ops, w bits %s, a bits %s), device %s, mode %s, ref %.3f ms",
