@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +83,18 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_name(name: Any, where: str) -> str:
+    """A space or device name becomes part of a file name (latency_tables/<space>__<device>.json, run
+    directories): letters, digits, '_', '.', '-' only, no path separators, not starting with '.'."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"{where} is {name!r}; a name may hold only letters, digits, '_', '.' and '-' and must not "
+                          "start with '.' (it becomes part of file names)")
+    return name
 
 
 def repo_root() -> Path:

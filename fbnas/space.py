@@ -12,7 +12,7 @@ from typing import Any
 
 
 from .errors import ConfigError
-from .io import read_yaml, repo_root
+from .io import check_name, read_yaml, repo_root
 
 SPACE_FORMAT = "fbnas-space/1"
 SPACES_DIR = repo_root() / "search_spaces"
@@ -119,7 +119,7 @@ def space_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         return p
-    return SPACES_DIR / f"{name_or_path}.yaml"
+    return SPACES_DIR / f"{check_name(str(name_or_path), 'field space')}.yaml"
 
 
 def available_spaces() -> list[str]:
@@ -145,7 +145,7 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
     fmt = raw.get("format", SPACE_FORMAT)
     if fmt != SPACE_FORMAT:
         raise ConfigError(f"{source}: field 'format' is {fmt!r}; this fbnas reads {SPACE_FORMAT!r}")
-    name = v.string(raw, "name")
+    name = check_name(v.string(raw, "name"), f"{source}: field 'name'")
     inp = v.mapping(raw, "input")
     v.only_keys(inp, "input", {"channels", "size"})
     stem = v.mapping(raw, "stem")

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from .. import __version__ as fbnas_version
 from ..errors import LatencyTableError
-from ..io import repo_root
+from ..io import check_name, repo_root
 from ..space import SearchSpace, load_space
 from .analytic import kernel_bytes
 from .devices import Device, load_device
@@ -24,7 +24,7 @@ TABLES_DIR = repo_root() / "latency_tables"
 
 
 def table_path(space_name: str, device_name: str) -> Path:
-    return TABLES_DIR / f"{space_name}__{device_name}.json"
+    return TABLES_DIR / f"{check_name(space_name, 'space name')}__{check_name(device_name, 'device name')}.json"
 
 
 def signature_costs(sig: OpSignature) -> tuple[int, float]:

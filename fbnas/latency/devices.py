@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 from ..blocks import KernelSpec
 from ..errors import ConfigError
-from ..io import read_yaml, repo_root
+from ..io import check_name, read_yaml, repo_root
 
 DEVICES_DIR = repo_root() / "conf" / "device"
 
@@ -100,7 +100,7 @@ def device_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         return p
-    return DEVICES_DIR / f"{name_or_path}.yaml"
+    return DEVICES_DIR / f"{check_name(str(name_or_path), 'field device')}.yaml"
 
 
 def load_device(spec: "str | Path | Mapping | Device") -> Device:
@@ -160,7 +160,9 @@ def _read_with_defaults(path: Path, seen: set) -> dict:
             continue
         if not isinstance(d, str):
             raise ConfigError(f"{path}: field 'defaults' entries must be device names, got {d!r}")
-        base = path.parent / f"{d}.yaml"
+        base = path.parent / f"{d}.yaml"  # a sibling file, else the shipped device of that name (Hydra's group)
+        if not base.is_file() and d in known_devices():
+            base = device_path(d)
         if not base.is_file():
             raise ConfigError(f"{path}: field 'defaults' names unknown device {d!r}; known: {', '.join(known_devices())}")
         merged = _merge(merged, _read_with_defaults(base, seen))
@@ -186,9 +188,7 @@ def device_from_dict(raw: Any, source: str = "<device>") -> Device:
     extra = sorted(set(raw) - allowed)
     if extra:
         raise err(str(extra[0]), f"is not known here; allowed: {', '.join(sorted(allowed))}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise err("name", "must be a non-empty string")
+    name = check_name(raw.get("name"), f"{source}: field 'name'")
     dtype = raw.get("type")
     if dtype not in _TYPES:
         raise err("type", f"names unknown device type {dtype!r}; known types: {', '.join(sorted(_TYPES))}")
