@@ -27,9 +27,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs are for sharing
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)  # the rename itself survives a power loss
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the `.<name>.*.tmp` files atomic_path leaves when its process is killed mid-write (call only while
+    holding the directory's run lock: nobody else is writing there)."""
+    removed = []
+    for p in Path(directory).rglob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _umask() -> int:

@@ -7,7 +7,9 @@ import json
 import os
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import FbnasError
 
@@ -60,7 +62,7 @@ def acquire(run_dir: str | os.PathLike) -> Path:
                                      "delete that file") from None
                 continue
             if pid == me["pid"] and host == me["host"]:
-                raise RunDirBusy(f"{run_dir}: already in use by this process; choose another hydra.run.dir")
+                return lock  # held by this process already (the CLI locked it before calling the library)
             where = "this host" if host == me["host"] else f"host {host}"
             raise RunDirBusy(f"{run_dir}: in use by another run (pid {pid} on {where}, since "
                              f"{owner.get('started', '?')}); wait for it to finish or choose another hydra.run.dir"
@@ -70,6 +72,21 @@ def acquire(run_dir: str | os.PathLike) -> Path:
         _held.append(lock)
         return lock
     raise RunDirBusy(f"{run_dir}: could not take the lock {lock}; try again")
+
+
+@contextmanager
+def hold(run_dir: str | os.PathLike) -> Iterator[Path]:
+    """Lock run_dir for the duration (a no-op if this process holds it already) and clear stale temp files."""
+    from .io import remove_stale_temps
+
+    held_before = Path(run_dir) / LOCK_NAME in _held
+    lock = acquire(run_dir)
+    remove_stale_temps(run_dir)
+    try:
+        yield lock
+    finally:
+        if not held_before:
+            release(lock)
 
 
 def release(lock: Path) -> None:

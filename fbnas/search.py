@@ -21,10 +21,11 @@ from .arch import Arch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import SearchConfig
 from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, LatencyTableError, NonFiniteLossError
 from .io import append_jsonl, sha256_file, truncate_jsonl
 from .objective import LatencyPenalty, make_penalty
 from .quant.fake import ActQuantizer
+from .rundir import hold
 from .resume import mismatched_fields, refuse_mismatch, tensor_fingerprint
 from .space import SearchSpace, load_space
 from .supernet import BIT_MODES, MODES, Supernet, expected_cost, sample_cost
@@ -115,6 +116,10 @@ class Searcher:
             self.supernet = self.supernet.to(memory_format=torch.channels_last)
         self.lat_matrix = self.latency.matrix.to(self.device)
         self.ref_ms = cfg.objective.ref_ms or self.latency.uniform_ms(self.supernet.op_has_bits())
+        if cfg.objective.kind != "none" and not (math.isfinite(self.ref_ms) and self.ref_ms > 0):
+            raise LatencyTableError(f"{self.latency.path or 'the latency table'}: the uniform supernet's latency is "
+                                    f"{self.ref_ms} ms; a latency penalty needs a table with positive latencies "
+                                    "(or a positive objective.ref_ms)")
         o = cfg.objective
         self.penalty: LatencyPenalty = make_penalty(o.kind, self.ref_ms, o.alpha, o.beta, o.lam, o.limit_ms, o.eta)
         self.hessian = self._make_hessian_penalty()
@@ -208,8 +213,9 @@ class Searcher:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the {where} loss became {loss.item()} at epoch {self.epoch} step {self.step} (CE {ce.item():.4g}, "
-                f"latency {lat.item():.4g} ms); lower optim.w_lr / optim.arch_lr or check the data; the last good "
-                f"checkpoint is {self.out_dir / CHECKPOINT}")
+                f"latency {lat.item():.4g} ms); lower optim.w_lr / optim.arch_lr or check the data and the latency "
+                "table; " + (f"the last good checkpoint is {self.out_dir / CHECKPOINT}"
+                             if (self.out_dir / CHECKPOINT).is_file() else "no checkpoint was written yet"))
 
     def weight_step(self, x, y, warmup: bool) -> dict:
         self.supernet.train()
@@ -417,9 +423,12 @@ class Searcher:
                                     id=self.out_dir.name.replace("/", "_"))
 
     def run(self) -> SearchResult:
+        with hold(self.out_dir):  # one run per directory (the CLI has taken it already)
+            return self._run()
+
+    def _run(self) -> SearchResult:
         from tqdm import tqdm
 
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume:
             self.load_checkpoint()
         elif (self.out_dir / CHECKPOINT).exists():

@@ -30,6 +30,7 @@ from .accelerator import resolve_device
 from .model import build_model
 from .quant.artifacts import load_supernet_into, load_unfolded_into, save_integer, save_state
 from .quant.dyadic import check_rounding
+from .rundir import hold
 from .resume import mismatched_fields, refuse_mismatch, tensor_fingerprint
 from .quant.fake import QConv2d, QLinear
 from .quant.fold import FoldedNet, QuantPoint, fold_model
@@ -220,8 +221,12 @@ def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, r
     """Train `arch` on `data` and write model.safetensors, integer.safetensors, quant_params.json, metrics.json,
     metrics.jsonl and checkpoints/last.pt into out_dir. Returns the final metrics."""
     s.check()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with hold(out_dir):  # one run per directory (the CLI has taken it already)
+        return _train(arch, data, s, Path(out_dir), resume, on_epoch)
+
+
+def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume: bool,
+           on_epoch: Optional[Callable[[dict], None]]) -> dict:
     device = resolve_device(s.accelerator)
     if device.type == "cuda":  # TF32 would make float convs on integer-valued tensors inexact
         torch.backends.cudnn.allow_tf32 = False

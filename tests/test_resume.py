@@ -100,7 +100,10 @@ def test_extending_a_finished_run_keeps_its_final_schedule(tmp_path, finished):
     import shutil
 
     shutil.copytree(finished, tmp_path / "run")
+    stale = tmp_path / "run" / "checkpoints" / ".last.pt.x1y2.tmp"  # a kill during a checkpoint write
+    stale.write_bytes(b"half a checkpoint")
     run_search(tiny(epochs=3, resume=True), tmp_path / "run")
+    assert not stale.exists()
     recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [1, 2, 3]
     assert recs[2]["tau"] == pytest.approx(0.5) and recs[2]["lr"] == pytest.approx(0.0, abs=1e-12)
@@ -141,3 +144,14 @@ def test_train_resume_refuses_other_settings_and_keeps_metrics_to_the_checkpoint
     again = train(arch, data, dataclasses.replace(s, accelerator="cpu"), tmp_path, resume=True)
     assert again["acc_integer"] == first["acc_integer"]
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines
+
+
+def test_atomic_write_failure_leaves_the_old_file_and_no_temp(tmp_path):
+    from fbnas.io import atomic_path, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.json", "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "a.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert (tmp_path / "a.json").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]

@@ -4,9 +4,10 @@ run directory before Hydra writes into it (RunDirGuard)."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from hydra.experimental.callback import Callback
 
@@ -39,9 +40,35 @@ def _register_resolvers() -> None:
 _register_resolvers()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def one_line(msg: str) -> str:
+    """An error text as one printable line: terminal escape codes removed, line breaks joined."""
+    msg = _ANSI.sub("", str(msg))
+    return "; ".join(part.strip() for part in msg.splitlines() if part.strip())
+
+
 def fail(msg: str) -> None:
-    print(f"fbnas: error: {msg}", file=sys.stderr)
+    print(f"fbnas: error: {one_line(msg)}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _required(key: str) -> str:
+    return f"field {key!r} is required: add {key}=<value> to the command line"
+
+
+def _user_message(exc: BaseException) -> Optional[str]:
+    """The one-line message of an error caused by the user's input that is not fbnas's own type: a required field
+    left out (Hydra's ???), a path that cannot be read or written. None: a bug, shown with its traceback."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(exc, MissingMandatoryValue):
+        key = getattr(exc, "full_key", None) or "?"
+        return _required(key)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or type(exc).__name__}; give a path that can be used there"
+    return None
 
 
 def _remove_if_only_hydra_files() -> None:
@@ -64,7 +91,8 @@ def _remove_if_only_hydra_files() -> None:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Decorate a Hydra task function: FbnasError -> one line on stderr, exit 2, no traceback, no output."""
+    """Decorate a Hydra task function: FbnasError (and a missing field, an unusable path) -> one line on stderr,
+    exit 2, no traceback; any failure removes a run directory that holds only Hydra's files."""
 
     def wrapper(*args, **kwargs):
         try:
@@ -73,8 +101,15 @@ def user_errors(fn: Callable) -> Callable:
             _remove_if_only_hydra_files()
             fail(str(exc))
         except KeyboardInterrupt:
+            _remove_if_only_hydra_files()
             print("fbnas: interrupted", file=sys.stderr)
             raise SystemExit(130)
+        except Exception as exc:  # every failed start leaves nothing behind, whatever the error
+            _remove_if_only_hydra_files()
+            msg = _user_message(exc)
+            if msg is None:
+                raise
+            fail(msg)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -141,7 +176,7 @@ class RunDirGuard(Callback):
 
         missing = _missing_fields(config)
         if missing:
-            fail(f"field {missing[0]!r} is required: add {missing[0]}=<value> to the command line")
+            fail(_required(missing[0]))
         existed = run_dir.exists()
         lock = RunDirGuard._lock(run_dir)
         ckpt = run_dir / "checkpoints" / "last.pt"

@@ -63,6 +63,9 @@ def build_table(space: SearchSpace | str, device: Device | str | Any, **measure_
 def get_table(space: SearchSpace | str, device: Device | str | Any, path: Optional[str | Path] = None) -> LatencyTable:
     space = space if isinstance(space, SearchSpace) else load_space(space)
     device = load_device(device)
+    if path is not None and not Path(path).is_file():
+        raise LatencyTableError(f"{path}: latency table not found (field 'lut'); give an existing table, or drop lut= "
+                                f"to use latency_tables/{space.name}__{device.name}.json")
     path = Path(path) if path is not None else table_path(space.name, device.name)
     if path.is_file():
         from .table import load_table
