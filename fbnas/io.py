@@ -140,8 +140,11 @@ def read_yaml(path: str | os.PathLike) -> Any:
 
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+        problem = (str(getattr(exc, "problem", None) or exc).splitlines() or ["?"])[0]
+        raise ConfigError(f"{path}:{where} malformed YAML ({problem}); fix the syntax") from None

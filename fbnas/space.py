@@ -235,7 +235,7 @@ class _Validator:
         return f"{parent}.{key}" if parent else key
 
     def only_keys(self, d: dict, where: str, allowed: set[str]) -> None:
-        extra = sorted(set(d) - allowed)
+        extra = sorted(set(d) - allowed, key=str)
         if extra:
             raise self._err(self._join(where, str(extra[0])), f"is not known here; allowed: {', '.join(sorted(allowed))}")
 

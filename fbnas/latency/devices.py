@@ -185,12 +185,12 @@ def device_from_dict(raw: Any, source: str = "<device>") -> Device:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a device must be a mapping")
     allowed = {"name", "type", "description", "threads", "params"}
-    extra = sorted(set(raw) - allowed)
+    extra = sorted(set(raw) - allowed, key=str)
     if extra:
         raise err(str(extra[0]), f"is not known here; allowed: {', '.join(sorted(allowed))}")
     name = check_name(raw.get("name"), f"{source}: field 'name'")
     dtype = raw.get("type")
-    if dtype not in _TYPES:
+    if not isinstance(dtype, str) or dtype not in _TYPES:
         raise err("type", f"names unknown device type {dtype!r}; known types: {', '.join(sorted(_TYPES))}")
     threads = raw.get("threads", 1)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
