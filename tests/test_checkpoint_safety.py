@@ -162,3 +162,13 @@ def test_hessian_on_a_real_train_run(tmp_path, capsys):
     assert "\n" not in err and f"use {run / 'model_bn.safetensors'}" in err, err
     assert main(["hessian", f"arch={run / 'arch.json'}", f"weights={run / 'model_bn.safetensors'}", *fast]) == 0
     assert (run / "hessian.json").is_file()
+
+
+def test_corrupt_train_checkpoint_is_one_line_without_a_dead_end(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 torn")
+    arch = Arch.from_space(load_space("fmnist"), ["skip"] * 6, 8, 8)
+    data = load_dataset("synthetic", synthetic_size=128, input_size=28, in_channels=1, num_classes=10)
+    with pytest.raises(CheckpointError, match="cannot read the train checkpoint") as exc:
+        train(arch, data, TrainSettings(**TINY_TRAIN), tmp_path, resume=True)
+    assert "resume=false" not in str(exc.value) and "\n" not in str(exc.value)
