@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO))
 
 from fbnas.io import atomic_write_json  # noqa: E402
 
-SEARCH = ["search", "epochs=4", "warmup_epochs=1", "max_steps_per_epoch=6", "data.name=synthetic",
+SEARCH = ["search", "epochs=3", "warmup_epochs=1", "max_steps_per_epoch=4", "data.name=synthetic",
           "data.synthetic_size=512", "data.input_size=28", "data.batch_size=32", "data.eval_batch_size=64",
           "derive.eval_batches=1", "progress=false", "threads=1"]
-TRAIN = ["train", "data.name=synthetic", "epochs=3", "fold_epochs=2", "batch_size=32", "steps_per_epoch=6",
+TRAIN = ["train", "data.name=synthetic", "epochs=2", "fold_epochs=2", "batch_size=32", "steps_per_epoch=4",
          "calib_batches=2", "eval_batch_size=64"]
 
 
@@ -138,9 +138,10 @@ def main() -> None:
     work.mkdir(parents=True)
     rng = random.Random(a.seed)
     t0 = time.time()
+    finish(SEARCH, work / "arch_source")  # the architecture the train runs train
+    train = series("train", TRAIN + [f"arch={work / 'arch_source' / 'arch.json'}"], train_result, work, a.total,
+                   a.kills, rng)
     search = series("search", SEARCH, search_result, work, a.total, a.kills, rng)
-    arch = work / "search_reference" / "arch.json"
-    train = series("train", TRAIN + [f"arch={arch}"], train_result, work, a.total, a.kills, rng)
     out = {"search": search, "train": train, "wall_seconds": round(time.time() - t0, 1), "cpu": cpu_model(),
            "command": " ".join(["python bench/kill_resume.py"] + sys.argv[1:]), "settings": {"search": SEARCH,
                                                                                       "train": TRAIN}}

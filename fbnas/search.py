@@ -337,7 +337,7 @@ class Searcher:
                     "a_loader": getattr(self.a_loader, "state_dict", lambda: None)()},
             "tau_anchor": self.tau_anchor,
             "space": self.space.name, "device": self.latency.device_name, "config": dataclasses.asdict(self.cfg),
-            "lut_fingerprint": self.latency.fingerprint(),
+            "lut_fingerprint": self.latency.fingerprint(), "space_definition": self._space_definition(),
             "fbnas_version": __version__,
         }
 
@@ -378,16 +378,20 @@ class Searcher:
     def _check_same_run(self, path: Path, state: dict) -> None:
         """Refuse a checkpoint made with other result-determining settings (fields of SearchConfig except
         RESUME_FREE; the target device by name and the latency numbers by fingerprint, not by file path)."""
-        saved = {"space": state.get("space"), "device": state.get("device"),
-                 "latency table": state.get("lut_fingerprint")}
-        mine = {"space": self.space.name, "device": self.latency.device_name,
-                "latency table": self.latency.fingerprint()}
+        saved = {"space": state.get("space"), "space_definition": state.get("space_definition"),
+                 "device": state.get("device"), "latency table": state.get("lut_fingerprint")}
+        mine = {"space": self.space.name, "space_definition": self._space_definition(),
+                "device": self.latency.device_name, "latency table": self.latency.fingerprint()}
         diffs = mismatched_fields(saved, mine, ()) + mismatched_fields(state["config"], dataclasses.asdict(self.cfg),
                                                                      RESUME_FREE)
         refuse_mismatch(path, "search checkpoint", diffs, RESUME_FREE)
         if self.cfg.epochs < state["epoch"]:
             raise CheckpointError(f"{path}: the checkpoint is at epoch {state['epoch']}; field 'epochs' "
                                   f"({self.cfg.epochs}) cannot be fewer")
+
+    def _space_definition(self) -> dict:
+        """The space's shape, ops and bits (an edited space file under the same name is another space)."""
+        return {k: v for k, v in self.space.to_dict().items() if k != "description"}
 
     def _extend_schedules(self, old_cfg: dict) -> None:
         """Resume with another `epochs`: the weights' cosine continues from its current learning rate down to 0 at

@@ -44,6 +44,20 @@ def test_resume_refuses_other_settings_naming_them(finished, change, named):
     assert named in str(exc.value) and "\n" not in str(exc.value)
 
 
+def test_resume_refuses_an_edited_space_file(tmp_path, monkeypatch):
+    import yaml
+
+    from fbnas.io import repo_root
+
+    raw = yaml.safe_load((repo_root() / "search_spaces" / "fmnist.yaml").read_text())
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
+    interrupted(tmp_path / "run", tiny(space=str(tmp_path / "space.yaml")), 1, monkeypatch)
+    raw["bits"]["weights"] = [4, 8]  # same name, other bit choices
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(CheckpointError, match=r"space_definition.bits.weights=\[2, 4, 8\] \(now \[4, 8\]\)"):
+        Searcher(tiny(space=str(tmp_path / "space.yaml"), resume=True), tmp_path / "run").run()
+
+
 def test_resume_refuses_another_latency_table(finished, tmp_path):
     from fbnas.io import repo_root
 
