@@ -9,7 +9,7 @@ Each command is killed --total times in all, at most --kills times per run direc
 [0, wall time of the uninterrupted run], which includes the process start; a relaunch that finishes before its
 kill ends that directory's run). Compared: arch.json's layers and
 predictions and metrics.jsonl without wall-clock fields (search); metrics.json, metrics.jsonl without seconds,
-and the bytes of model.safetensors / integer.safetensors (train). Tiny synthetic settings keep it minutes.
+and every tensor and the metadata of model.safetensors / integer.safetensors (train). Tiny synthetic settings keep it minutes.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
 
 from fbnas.io import atomic_write_json  # noqa: E402
 
@@ -78,8 +80,18 @@ def killed_run(args: list[str], run_dir: Path, kills: int, horizon: float, rng: 
     return landed, done
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def tensors_sha(path: Path) -> str:
+    """Of a safetensors file's tensors and metadata (its header's key order is not fixed, so not its bytes)."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), "pt") as fh:
+        h.update(json.dumps(fh.metadata(), sort_keys=True).encode())
+        for key in sorted(fh.keys()):
+            t = fh.get_tensor(key)
+            h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def metrics_lines(run_dir: Path, drop: tuple[str, ...]) -> list[dict]:
@@ -95,7 +107,8 @@ def search_result(run_dir: Path) -> dict:
 def train_result(run_dir: Path) -> dict:
     return {"metrics": json.loads((run_dir / "metrics.json").read_text()),
             "lines": metrics_lines(run_dir, ("seconds",)),
-            "model": sha(run_dir / "model.safetensors"), "integer": sha(run_dir / "integer.safetensors")}
+            "model": tensors_sha(run_dir / "model.safetensors"),
+            "integer": tensors_sha(run_dir / "integer.safetensors")}
 
 
 def cpu_model() -> str:
