@@ -31,13 +31,14 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fbnas.blocks import build_op  # noqa: E402
+from fbnas.checkpoint import load_checkpoint  # noqa: E402
 from fbnas.config import HessianConfig, SearchConfig  # noqa: E402
 from fbnas.data import load_dataset, make_loader  # noqa: E402
 from fbnas.hessian import hutchinson_traces, quantized_weights, supernet_traces  # noqa: E402
 from fbnas.io import atomic_write_json, atomic_write_text  # noqa: E402
 from fbnas.latency import load_device  # noqa: E402
 from fbnas.latency.builder import table_path  # noqa: E402
-from fbnas.search import run_search  # noqa: E402
+from fbnas.search import CHECKPOINT_FORMAT, run_search  # noqa: E402
 from fbnas.space import load_space, space_from_dict  # noqa: E402
 from fbnas.supernet import Supernet, has_quantized_weights  # noqa: E402
 
@@ -64,7 +65,7 @@ def base_table(space: str, device: str) -> str | None:
 
 def layer_traces(run_dir: Path, arch, cfg: SearchConfig, device, seed: int, max_probes: int) -> dict[int, dict]:
     space = load_space(cfg.space)
-    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt", CHECKPOINT_FORMAT, "search checkpoint")
     net = Supernet(space, mode=cfg.mode, quantized=cfg.quantized)
     net.load_state_dict(state["supernet"])
     net.to(device)
@@ -88,7 +89,7 @@ def op_level(run_dir: Path, cfg: SearchConfig, device, seed: int, max_probes: in
     """Every op with weights in the final supernet: its trace (measured with it chosen) and the expected weight
     bits of its learned bit distribution, sum_b softmax(w_bit_logits)_b * b (continuous: no ties, defined at gamma 0)."""
     space = load_space(cfg.space)
-    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt", CHECKPOINT_FORMAT, "search checkpoint")
     net = Supernet(space, mode=cfg.mode, quantized=cfg.quantized)
     net.load_state_dict(state["supernet"])
     net.to(device)

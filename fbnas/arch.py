@@ -13,7 +13,7 @@ from .blocks import KernelSpec, get_op, is_known_op, known_ops, op_kernels
 from .blocks.kernels import conv
 from .errors import ConfigError
 from .io import atomic_write_json, read_json
-from .space import MAX_BITS, MIN_BITS, SearchSpace, conv_out_size
+from .space import MAX_BITS, MAX_CHANNELS, MAX_CLASSES, MAX_IN_CHANNELS, MAX_INPUT_SIZE, MIN_BITS, SearchSpace, conv_out_size
 
 ARCH_FORMAT = "fbnas-arch/1"
 
@@ -164,6 +164,10 @@ def load_arch(path: str | Path) -> Arch:
     return arch_from_dict(raw, str(path))
 
 
+SIZE_LIMITS = {"channels": MAX_CHANNELS, "num_classes": MAX_CLASSES, "input.channels": MAX_IN_CHANNELS,
+               "input.size": MAX_INPUT_SIZE}
+
+
 def arch_from_dict(raw: Any, source: str = "<dict>") -> Arch:
     def err(field_name: str, msg: str) -> ConfigError:
         return ConfigError(f"{source}: field '{field_name}' {msg}")
@@ -172,6 +176,9 @@ def arch_from_dict(raw: Any, source: str = "<dict>") -> Arch:
         val = d.get(key) if isinstance(d, dict) else None
         if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
             raise err(f"{where}{key}", f"must be a positive integer, got {val!r}")
+        limit = SIZE_LIMITS.get(key if where != "input." else f"input.{key}")
+        if limit is not None and val > limit:
+            raise err(f"{where}{key}", f"is {val}; at most {limit} (a size limit of fbnas spaces)")
         return val
 
     def bits(d: Any, key: str, where: str) -> int:
@@ -189,6 +196,9 @@ def arch_from_dict(raw: Any, source: str = "<dict>") -> Arch:
         raise err("layers", "must be a non-empty list")
     inp, stem, head = raw.get("input", {}), raw.get("stem", {}), raw.get("head", {})
     fixed = raw.get("fixed_bits", {"weights": 8, "activations": 8})
+    for name in ("input", "stem", "head", "fixed_bits", "predicted", "provenance"):
+        if not isinstance(raw.get(name, {}), dict):
+            raise err(name, f"must be an object, got {type(raw.get(name)).__name__}")
     layers = []
     c_prev = pos_int(stem, "channels", "stem.")
     for i, l in enumerate(layers_raw):

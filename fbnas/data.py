@@ -231,7 +231,10 @@ def _find_idx(dirs: Sequence[Path], stem: str) -> Optional[Path]:
 
 
 def _fashion_mnist(root: Optional[str], download: bool) -> tuple[TensorData, TensorData]:
-    dirs = ([Path(root)] if root else []) + [Path(d) for d in FASHION_MNIST_DIRS]
+    if root and not download and not Path(root).is_dir():
+        raise DataError(f"data.root={root}: directory not found; give the folder with the Fashion-MNIST idx files, or "
+                        "drop data.root to use the installed copy")
+    dirs = [Path(root)] if root else [Path(d) for d in FASHION_MNIST_DIRS]  # a given root is the only place looked
     found = {k: [_find_idx(dirs, s) for s in v] for k, v in FASHION_MNIST_FILES.items()}
     if not all(p for pair in found.values() for p in pair):
         if download:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import ConfigError, FbnasError
 
@@ -26,9 +27,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs are for sharing
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)  # the rename itself survives a power loss
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the `.<name>.*.tmp` files atomic_path leaves when its process is killed mid-write (call only while
+    holding the directory's run lock: nobody else is writing there)."""
+    removed = []
+    for p in Path(directory).rglob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _umask() -> int:
@@ -58,6 +79,24 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         fh.flush()
 
 
+def truncate_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> list[dict]:
+    """Rewrite a metrics file (atomically) with only its whole JSON-object lines that `keep` accepts; a torn
+    last line (a kill during the write) or the lines of epochs after a checkpoint are dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and keep(rec):
+            kept.append(rec)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -68,6 +107,18 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 DATA_FOLDERS = ("conf", "search_spaces", "latency_tables")
 TABLES_ENV = "FBNAS_TABLES_DIR"
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_name(name: Any, where: str) -> str:
+    """A space or device name becomes part of a file name (latency_tables/<space>__<device>.json, run
+    directories): letters, digits, '_', '.', '-' only, no path separators, not starting with '.'."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"{where} is {name!r}; a name may hold only letters, digits, '_', '.' and '-' and must not "
+                          "start with '.' (it becomes part of file names)")
+    return name
 
 
 def repo_root() -> Path:
@@ -133,8 +184,11 @@ def read_yaml(path: str | os.PathLike) -> Any:
 
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+        problem = (str(getattr(exc, "problem", None) or exc).splitlines() or ["?"])[0]
+        raise ConfigError(f"{path}:{where} malformed YAML ({problem}); fix the syntax") from None

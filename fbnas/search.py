@@ -18,12 +18,15 @@ import torch.nn.functional as F
 from . import __version__
 from .accelerator import resolve_device
 from .arch import Arch
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import SearchConfig
 from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
-from .io import append_jsonl, atomic_path, sha256_file
+from .errors import CheckpointError, ConfigError, LatencyTableError, NonFiniteLossError
+from .io import append_jsonl, sha256_file, truncate_jsonl
 from .objective import LatencyPenalty, make_penalty
 from .quant.fake import ActQuantizer
+from .resume import mismatched_fields, refuse_mismatch, tensor_fingerprint
+from .rundir import hold
 from .space import SearchSpace, load_space, override_io, save_space
 from .supernet import BIT_MODES, MODES, Supernet, expected_cost, sample_cost
 
@@ -31,6 +34,12 @@ log = logging.getLogger("fbnas")
 CHECKPOINT = "checkpoints/last.pt"
 SPACE_FIX = ("adapt the space to the data with space_override.from_data=true (or set space_override.num_classes, "
              ".in_channels, .input_size), or pick a matching space=")
+
+
+# fields a resume may change (the rest must equal the checkpoint's); device and table are compared by name and numbers
+RESUME_FREE = ("epochs", "resume", "progress", "logger", "wandb", "threads", "accelerator", "derive", "lut",
+               "device", "device_file")
+CHECKPOINT_FORMAT = "fbnas-search-checkpoint/2"  # /1 stored numpy and Python RNG states as objects
 
 
 @dataclass
@@ -61,6 +70,10 @@ class LatencyModel:
         self.device_name = self.device.name
         self.path = getattr(self.table, "path", None)
 
+    def fingerprint(self) -> str:
+        """Of the numbers the search uses (per-layer matrix and fixed part), whatever file they came from."""
+        return tensor_fingerprint(self.matrix, torch.tensor(self.fixed_ms, dtype=torch.float64))
+
     def of_arch(self, arch: Arch) -> float:
         from .latency import arch_latency
 
@@ -80,6 +93,17 @@ def device_space(space: SearchSpace, device: Any) -> SearchSpace:
     from .latency import load_device
 
     return space.with_bits(*load_device(device).search_bits(space.w_bits, space.a_bits))
+
+
+def _temperature(c: SearchConfig, epoch: int, anchor: Optional[list] = None) -> float:
+    """Gumbel-softmax temperature of an epoch: tau * decay^epoch, with decay = tau_decay, or chosen so that the
+    last epoch runs at tau_final. After a resume with more or fewer epochs, `anchor` = [epoch e0, tau at e0]: the
+    schedule runs from there geometrically to tau_final at the new last epoch."""
+    if c.tau_final is None:
+        return c.tau * c.tau_decay ** epoch
+    e0, tau0 = anchor if anchor is not None else (0, c.tau)
+    decay = (c.tau_final / tau0) ** (1.0 / max(c.epochs - 1 - e0, 1))
+    return tau0 * decay ** (epoch - e0)
 
 
 class Searcher:
@@ -105,6 +129,10 @@ class Searcher:
             self.supernet = self.supernet.to(memory_format=torch.channels_last)
         self.lat_matrix = self.latency.matrix.to(self.device)
         self.ref_ms = cfg.objective.ref_ms or self.latency.uniform_ms(self.supernet.op_has_bits())
+        if cfg.objective.kind != "none" and not (math.isfinite(self.ref_ms) and self.ref_ms > 0):
+            raise LatencyTableError(f"{self.latency.path or 'the latency table'}: the uniform supernet's latency is "
+                                    f"{self.ref_ms} ms; a latency penalty needs a table with positive latencies "
+                                    "(or a positive objective.ref_ms)")
         o = cfg.objective
         self.penalty: LatencyPenalty = make_penalty(o.kind, self.ref_ms, o.alpha, o.beta, o.lam, o.limit_ms, o.eta)
         self.hessian = self._make_hessian_penalty()
@@ -128,6 +156,7 @@ class Searcher:
                                       weight_decay=cfg.optim.arch_weight_decay, fused=fused)
         self.epoch = 0
         self.step = 0
+        self.tau_anchor: Optional[list] = None
         self.metrics: list[dict] = []
         self.wandb_run = None
         if self.space.name != load_space(cfg.space).name:  # a derived space: keep it with the run
@@ -184,13 +213,7 @@ class Searcher:
                               max_probes=h.max_probes, batches=h.batches)
 
     def temperature(self, epoch: int) -> float:
-        """Gumbel-softmax temperature of an epoch: tau * decay^epoch, with decay = tau_decay, or chosen so
-        that the last epoch runs at tau_final."""
-        c = self.cfg
-        decay = c.tau_decay
-        if c.tau_final is not None:
-            decay = (c.tau_final / c.tau) ** (1.0 / max(c.epochs - 1, 1))
-        return c.tau * decay ** epoch
+        return _temperature(self.cfg, epoch, self.tau_anchor)
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -213,8 +236,9 @@ class Searcher:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the {where} loss became {loss.item()} at epoch {self.epoch} step {self.step} (CE {ce.item():.4g}, "
-                f"latency {lat.item():.4g} ms); lower optim.w_lr / optim.arch_lr or check the data; the last good "
-                f"checkpoint is {self.out_dir / CHECKPOINT}")
+                f"latency {lat.item():.4g} ms); lower optim.w_lr / optim.arch_lr or check the data and the latency "
+                "table; " + (f"the last good checkpoint is {self.out_dir / CHECKPOINT}"
+                             if (self.out_dir / CHECKPOINT).is_file() else "no checkpoint was written yet"))
 
     def weight_step(self, x, y, warmup: bool) -> dict:
         self.supernet.train()
@@ -324,70 +348,88 @@ class Searcher:
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
         return {
-            "format": "fbnas-search-checkpoint/1",
+            "format": CHECKPOINT_FORMAT,
             "supernet": self.supernet.state_dict(),
             "w_opt": self.w_opt.state_dict(), "w_sched": self.w_sched.state_dict(), "a_opt": self.a_opt.state_dict(),
             "penalty": self.penalty.state_dict(),
             "hessian": self.hessian.state_dict() if self.hessian is not None else None,
             "epoch": self.epoch, "step": self.step,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "rng": {**rng_state(),
                     "supernet": self.supernet.generator.get_state(), "sampler": self.supernet.sampler_state(),
                     "w_loader": getattr(self.w_loader, "state_dict", lambda: None)(),
                     "a_loader": getattr(self.a_loader, "state_dict", lambda: None)()},
+            "tau_anchor": self.tau_anchor,
             "space": self.space.name, "space_bits": [list(self.space.w_bits), list(self.space.a_bits)],
             "device": self.latency.device_name, "config": dataclasses.asdict(self.cfg),
+            "lut_fingerprint": self.latency.fingerprint(), "space_definition": self._space_definition(),
             "fbnas_version": __version__,
         }
 
     def save_checkpoint(self) -> None:
-        with atomic_path(self.out_dir / CHECKPOINT) as tmp:
-            torch.save(self.checkpoint_state(), tmp)
+        save_checkpoint(self.out_dir / CHECKPOINT, self.checkpoint_state())
 
     def load_checkpoint(self) -> None:
         path = self.out_dir / CHECKPOINT
         if not path.is_file():
             raise CheckpointError(f"{path}: no checkpoint to resume; run without resume=true, or point "
                                   "hydra.run.dir at the run to continue")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}); it is corrupt or "
-                                  "not an fbnas search checkpoint") from None
-        if not isinstance(state, dict) or state.get("format") != "fbnas-search-checkpoint/1":
-            raise CheckpointError(f"{path}: not an fbnas search checkpoint")
-        for key, mine in (("space", self.space.name), ("device", self.latency.device_name)):
-            if state[key] != mine:
-                raise CheckpointError(f"{path}: checkpoint was searched with {key}={state[key]}, this run has "
-                                      f"{key}={mine}; resume with the same {key}")
+        state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint", map_location=self.device)
+        self._check_same_run(path, state)
         try:
             self.supernet.load_state_dict(state["supernet"])
         except RuntimeError:
             raise CheckpointError(f"{path}: the checkpoint's supernet does not match space {self.space.name}") from None
         self.w_opt.load_state_dict(state["w_opt"])
         self.w_sched.load_state_dict(state["w_sched"])
+        self.tau_anchor = state.get("tau_anchor")
         self.a_opt.load_state_dict(state["a_opt"])
         self.penalty.load_state_dict(state["penalty"])
         if self.hessian is not None and state.get("hessian"):
             self.hessian.load_state_dict(state["hessian"])
         self.epoch, self.step = state["epoch"], state["step"]
         rng = state["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        set_rng_state(rng)
         self.supernet.generator.set_state(rng["supernet"].cpu())
         self.supernet.load_sampler_state(rng.get("sampler"))
         for loader, key in ((self.w_loader, "w_loader"), (self.a_loader, "a_loader")):
             if rng.get(key) is not None and hasattr(loader, "load_state_dict"):
                 loader.load_state_dict({"generator": rng[key]["generator"].cpu()})
-        metrics_path = self.out_dir / "metrics.jsonl"
-        if metrics_path.is_file():
-            import json
-
-            self.metrics = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-            self.metrics = [m for m in self.metrics if m.get("epoch", 0) <= self.epoch]
-            with atomic_path(metrics_path) as tmp:
-                tmp.write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
+        if state["config"]["epochs"] != self.cfg.epochs:
+            self._extend_schedules(state["config"])
+        self.metrics = truncate_jsonl(self.out_dir / "metrics.jsonl", lambda m: m.get("epoch", 0) <= self.epoch)
         log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    def _check_same_run(self, path: Path, state: dict) -> None:
+        """Refuse a checkpoint made with other result-determining settings (fields of SearchConfig except
+        RESUME_FREE; the target device by name and the latency numbers by fingerprint, not by file path)."""
+        saved = {"space": state.get("space"), "space_definition": state.get("space_definition"),
+                 "device": state.get("device"), "latency table": state.get("lut_fingerprint")}
+        mine = {"space": self.space.name, "space_definition": self._space_definition(),
+                "device": self.latency.device_name, "latency table": self.latency.fingerprint()}
+        diffs = mismatched_fields(saved, mine, ()) + mismatched_fields(state["config"], dataclasses.asdict(self.cfg),
+                                                                     RESUME_FREE)
+        refuse_mismatch(path, "search checkpoint", diffs, RESUME_FREE)
+        if self.cfg.epochs < state["epoch"]:
+            raise CheckpointError(f"{path}: the checkpoint is at epoch {state['epoch']}; field 'epochs' "
+                                  f"({self.cfg.epochs}) cannot be fewer")
+
+    def _space_definition(self) -> dict:
+        """The space's shape, ops and bits (an edited space file under the same name is another space)."""
+        return {k: v for k, v in self.space.to_dict().items() if k != "description"}
+
+    def _extend_schedules(self, old_cfg: dict) -> None:
+        """Resume with another `epochs`: the weights' cosine continues from its current learning rate down to 0 at
+        the new last step, and the temperature from the last epoch's value geometrically to tau_final at the new
+        last epoch (no restart, no re-heating). A finished run being extended therefore keeps its final learning
+        rate (0) and temperature."""
+        remaining = self.cfg.epochs * self.steps_per_epoch - self.step
+        self.w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, T_max=max(remaining, 1))
+        if self.cfg.tau_final is not None and self.epoch > 0:
+            old = dataclasses.replace(self.cfg, epochs=old_cfg["epochs"])
+            last = self.epoch - 1
+            self.tau_anchor = [last, _temperature(old, last, self.tau_anchor)]
+        log.info("epochs %d -> %d: schedules continue from lr %.4g, tau %.4g", old_cfg["epochs"], self.cfg.epochs,
+                 self.w_opt.param_groups[0]["lr"], self.temperature(self.epoch))
 
     # ------------------------------------------------------------------ the loop
     def _log(self, record: dict) -> None:
@@ -424,14 +466,19 @@ class Searcher:
                                     id=self.out_dir.name.replace("/", "_"))
 
     def run(self) -> SearchResult:
+        with hold(self.out_dir):  # one run per directory (the CLI has taken it already)
+            return self._run()
+
+    def _run(self) -> SearchResult:
         from tqdm import tqdm
 
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume:
             self.load_checkpoint()
         elif (self.out_dir / CHECKPOINT).exists():
             raise CheckpointError(f"{self.out_dir / CHECKPOINT} exists: pass resume=true to continue that run, or "
                                   "choose another hydra.run.dir (nothing was overwritten)")
+        else:  # lines of an earlier start in this directory that never reached a checkpoint
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
         self._start_wandb()
         cfg = self.cfg
         log.info("search: space %s (%d layers x %d ops, w bits %s, a bits %s), device %s, mode %s, ref %.3f ms",

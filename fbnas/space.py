@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .blocks.kernels import conv_out_size
 from .blocks.registry import check_op_shape
 from .errors import ConfigError
-from .io import data_dir, read_yaml
+from .io import check_name, data_dir, read_yaml
 
 SPACE_FORMAT = "fbnas-space/1"
 DERIVED_NAME = re.compile(r"^(?P<base>[\w.-]+)_(?P<c>\d+)x(?P<s>\d+)_(?P<n>\d+)cls$")
@@ -135,11 +135,16 @@ def override_io(space: SearchSpace, in_channels: int | None = None, input_size: 
 
 # ---------------------------------------------------------------------------------------------- loading
 
+# size limits, checked before anything is allocated (the largest shipped space, fbnet: 1984 channels, 22 layers, 224 px)
+MAX_CHANNELS, MAX_REPEATS, MAX_LAYERS = 4096, 32, 128
+MAX_IN_CHANNELS, MAX_INPUT_SIZE, MAX_CLASSES = 16, 1024, 50000
+
+
 def space_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         return p
-    return SPACES_DIR / f"{name_or_path}.yaml"
+    return SPACES_DIR / f"{check_name(str(name_or_path), 'field space')}.yaml"
 
 
 def save_space(space: SearchSpace, path: str | Path) -> None:
@@ -178,7 +183,7 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
     fmt = raw.get("format", SPACE_FORMAT)
     if fmt != SPACE_FORMAT:
         raise ConfigError(f"{source}: field 'format' is {fmt!r}; this fbnas reads {SPACE_FORMAT!r}")
-    name = v.string(raw, "name")
+    name = check_name(v.string(raw, "name"), f"{source}: field 'name'")
     inp = v.mapping(raw, "input")
     v.only_keys(inp, "input", {"channels", "size"})
     stem = v.mapping(raw, "stem")
@@ -194,8 +199,11 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
         if not isinstance(st, dict):
             raise ConfigError(f"{source}: field '{where}' must be a mapping {{channels, repeats, stride}}")
         v.only_keys(st, where, {"channels", "repeats", "stride"})
-        stages.append(Stage(v.pos_int(st, "channels", where), v.pos_int(st, "repeats", where),
+        stages.append(Stage(v.pos_int(st, "channels", where, MAX_CHANNELS), v.pos_int(st, "repeats", where, MAX_REPEATS),
                             v.choice(st, "stride", where, (1, 2))))
+    if sum(st.repeats for st in stages) > MAX_LAYERS:
+        raise ConfigError(f"{source}: field 'stages' has {sum(st.repeats for st in stages)} layers in all; at most "
+                          f"{MAX_LAYERS} (a size limit of fbnas spaces)")
     head = v.mapping(raw, "head")
     v.only_keys(head, "head", {"channels"})
     candidates = raw.get("candidates")
@@ -218,14 +226,14 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
     space = SearchSpace(
         name=name,
         description=str(raw.get("description", "")),
-        in_channels=v.pos_int(inp, "channels", "input"),
-        input_size=v.pos_int(inp, "size", "input"),
-        num_classes=v.pos_int(raw, "num_classes", ""),
-        stem_channels=v.pos_int(stem, "channels", "stem"),
+        in_channels=v.pos_int(inp, "channels", "input", MAX_IN_CHANNELS),
+        input_size=v.pos_int(inp, "size", "input", MAX_INPUT_SIZE),
+        num_classes=v.pos_int(raw, "num_classes", "", MAX_CLASSES),
+        stem_channels=v.pos_int(stem, "channels", "stem", MAX_CHANNELS),
         stem_stride=v.choice(stem, "stride", "stem", (1, 2)),
         stem_kernel=v.choice(stem, "kernel", "stem", (1, 3, 5, 7), default=3),
         stages=tuple(stages),
-        head_channels=v.pos_int(head, "channels", "head"),
+        head_channels=v.pos_int(head, "channels", "head", MAX_CHANNELS),
         candidates=tuple(candidates),
         w_bits=v.bit_list(bits, "weights", "bits"),
         a_bits=v.bit_list(bits, "activations", "bits"),
@@ -258,7 +266,7 @@ class _Validator:
         return f"{parent}.{key}" if parent else key
 
     def only_keys(self, d: dict, where: str, allowed: set[str]) -> None:
-        extra = sorted(set(d) - allowed)
+        extra = sorted(set(d) - allowed, key=str)
         if extra:
             raise self._err(self._join(where, str(extra[0])), f"is not known here; allowed: {', '.join(sorted(allowed))}")
 
@@ -274,10 +282,12 @@ class _Validator:
             raise self._err(key, "is missing or not a mapping")
         return val
 
-    def pos_int(self, d: dict, key: str, where: str) -> int:
+    def pos_int(self, d: dict, key: str, where: str, limit: Optional[int] = None) -> int:
         val = d.get(key)
         if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
             raise self._err(self._join(where, key), f"must be a positive integer, got {val!r}")
+        if limit is not None and val > limit:
+            raise self._err(self._join(where, key), f"is {val}; at most {limit} (a size limit of fbnas spaces)")
         return val
 
     def choice(self, d: dict, key: str, where: str, allowed: tuple, default: Any = None) -> Any:

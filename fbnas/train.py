@@ -22,19 +22,26 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from .arch import Arch
-from .data import DataBundle, make_loader
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import DataBundle, TensorData, make_loader
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
-from .io import append_jsonl, atomic_path, atomic_write_json
+from .io import append_jsonl, atomic_write_json, truncate_jsonl
 from .accelerator import resolve_device
 from .model import build_model
 from .quant.artifacts import load_supernet_into, load_unfolded_into, save_integer, save_state
 from .quant.dyadic import check_rounding
+from .rundir import hold
+from .resume import mismatched_fields, refuse_mismatch, tensor_fingerprint
 from .quant.fake import QConv2d, QLinear
 from .quant.fold import FoldedNet, QuantPoint, fold_model
 from .quant.integer import to_integer
 
 log = logging.getLogger("fbnas")
 ACT_CLIPS = ("max", "mse")
+CHECKPOINT_FORMAT = "fbnas-train-checkpoint/1"
+# settings a resume may change; the rest, epochs and fold_epochs included (the LR schedule is laid out over the
+# whole run at its start), must equal the checkpoint's
+RESUME_FREE = ("settings.accelerator", "settings.eval_batch_size")
 
 
 @dataclass
@@ -185,21 +192,26 @@ def _train_epoch(run: _PhaseRun, epoch: int, s: TrainSettings, device: torch.dev
     return {"loss": total_loss / max(n, 1), "train_acc": 100.0 * correct / max(n, 1), "seconds": time.time() - t0}
 
 
-def _save_checkpoint(path: Path, phase: str, next_epoch: int, run: _PhaseRun, extra: dict) -> None:
-    state = {"phase": phase, "epoch": next_epoch, "run": run.state_dict(), "extra": extra,
-             "rng": torch.get_rng_state()}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def _run_identity(arch: Arch, data: DataBundle, s: TrainSettings) -> dict:
+    """What determines a training run's result: settings, architecture and the training data (by fingerprint)."""
+    train_set = data.train
+    if isinstance(train_set, TensorData):
+        stride = max(1, len(train_set) // 256)
+        fingerprint = tensor_fingerprint(train_set.x[::stride], train_set.y)
+    else:
+        fingerprint = f"{type(train_set).__name__} of {len(train_set)}"
+    return {"settings": asdict(s), "arch": [[l.op, l.channels, l.stride, l.w_bits, l.a_bits] for l in arch.layers],
+            "data": {"name": data.name, "train": fingerprint}}
 
 
-def _load_checkpoint(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0][:120]}); delete it "
-                              "or set resume=false") from None
+def _save_checkpoint(path: Path, phase: str, next_epoch: int, run: _PhaseRun, extra: dict, identity: dict) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "phase": phase, "epoch": next_epoch, "run": run.state_dict(),
+             "extra": extra, "rng": torch.get_rng_state(), "identity": identity}
+    save_checkpoint(path, state)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    return load_checkpoint(path, CHECKPOINT_FORMAT, "train checkpoint")
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -209,18 +221,28 @@ def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, r
     """Train `arch` on `data` and write model.safetensors, integer.safetensors, quant_params.json, metrics.json,
     metrics.jsonl and checkpoints/last.pt into out_dir. Returns the final metrics."""
     s.check()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with hold(out_dir):  # one run per directory (the CLI has taken it already)
+        return _train(arch, data, s, Path(out_dir), resume, on_epoch)
+
+
+def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume: bool,
+           on_epoch: Optional[Callable[[dict], None]]) -> dict:
     device = resolve_device(s.accelerator)
     if device.type == "cuda":  # TF32 would make float convs on integer-valued tensors inexact
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(s.seed)
     ckpt_path = out_dir / "checkpoints" / "last.pt"
+    if resume and not ckpt_path.is_file():
+        raise CheckpointError(f"resume=true but {ckpt_path} does not exist: nothing to resume; point hydra.run.dir at "
+                              "the run to continue, or drop resume=true")
     ckpt = _load_checkpoint(ckpt_path) if resume else None
     if not resume and ckpt_path.exists():
         raise CheckpointError(f"{ckpt_path} exists: pass resume=true to continue that run or use a new run directory")
-    arch.save(out_dir / "arch.json")
+    identity = _run_identity(arch, data, s)
+    if ckpt:
+        refuse_mismatch(ckpt_path, "train checkpoint", mismatched_fields(ckpt["identity"], identity, RESUME_FREE),
+                        RESUME_FREE)
 
     eval_loader = make_loader(data.test, s.eval_batch_size, shuffle=False, device=device)
     n_train = len(data.train)
@@ -231,6 +253,13 @@ def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, r
     phases = _phases(s)
     names = [p for p, _ in phases]
     start_phase = names.index(ckpt["phase"]) if ckpt else 0
+    arch.save(out_dir / "arch.json")
+    if ckpt:  # the lines up to the checkpoint; a torn line or epochs after it are dropped
+        done = (start_phase, ckpt["epoch"])
+        truncate_jsonl(out_dir / "metrics.jsonl", lambda r: r.get("phase") in names
+                       and (names.index(r["phase"]), r.get("epoch", 1 << 30)) < done)
+    else:  # lines of an earlier start in this directory that never reached a checkpoint
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     if ckpt:
         torch.set_rng_state(ckpt["rng"])
 
@@ -263,7 +292,7 @@ def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, r
                      rec["loss"], rec["train_acc"], rec["test_acc"], rec["seconds"])
             if on_epoch:
                 on_epoch(rec)
-            _save_checkpoint(ckpt_path, phase, epoch + 1, run, metrics)
+            _save_checkpoint(ckpt_path, phase, epoch + 1, run, metrics, identity)
         net = run.eval_model
         if phase == "bn":
             save_state(out_dir / "model_bn.safetensors", net, arch, "bn")  # before folding: for `quantize compare`

@@ -10,6 +10,7 @@ from fbnas import Arch, build_model, load_space
 from fbnas.cli import main
 from fbnas.errors import ConfigError
 from fbnas.hessian.report import load_hessian
+from fbnas.search import CHECKPOINT_FORMAT
 from fbnas.supernet import Supernet
 
 FAST = ["dataset=synthetic", "batches=1", "batch_size=8", "max_probes=8", "min_probes=4", "method=loop", "threads=1"]
@@ -54,7 +55,8 @@ def test_supernet_checkpoint_traces_every_op(tmp_path):
     torch.manual_seed(0)
     net = Supernet(load_space("fmnist"))
     (tmp_path / "checkpoints").mkdir()
-    torch.save({"supernet": net.state_dict(), "space": "fmnist", "config": {"mode": "soft", "quantized": True},
+    torch.save({"format": CHECKPOINT_FORMAT, "supernet": net.state_dict(), "space": "fmnist",
+                "config": {"mode": "soft", "quantized": True},
                 "epoch": 1, "step": 10}, tmp_path / "checkpoints" / "last.pt")
     rc = main(["hessian", f"checkpoint={tmp_path / 'checkpoints' / 'last.pt'}", "plot=false"]
               + [a for a in FAST if not a.startswith("max_probes")] + ["max_probes=4", "min_probes=2", "batch_size=4"])

@@ -274,8 +274,11 @@ def test_shipped_fmnist_tables_cover_the_space_and_match_the_device_model(space_
     assert {k: e.p50 for k, e in table.entries.items()} == pytest.approx({k: e.p50 for k, e in fresh.entries.items()})
 
 
-def test_get_table_builds_analytic_in_memory_and_rejects_partial_files(tmp_path, fmnist, sd835_table):
-    built = get_table(fmnist, "sd835", path=tmp_path / "absent.json")
+def test_get_table_builds_analytic_in_memory_and_rejects_partial_files(tmp_path, fmnist, sd835_table, monkeypatch):
+    with pytest.raises(LatencyTableError, match="absent.json: latency table not found"):  # a given path must exist
+        get_table(fmnist, "sd835", path=tmp_path / "absent.json")
+    monkeypatch.setattr("fbnas.latency.builder.table_path", lambda space, device: tmp_path / "absent.json")
+    built = get_table(fmnist, "sd835")  # no shipped table: the analytic one, in memory
     assert built.path is None and built.check(fmnist) == []
     partial = replace(sd835_table, entries=dict(list(sd835_table.entries.items())[:10]))
     partial.save(tmp_path / "partial.json")

@@ -1,22 +1,74 @@
 """Shared plumbing for the Hydra apps: run a @hydra.main function with given overrides, turn user errors
-(FbnasError) into one line on stderr and exit code 2, and Hydra's own config errors into exit code 2."""
+(FbnasError) into one line on stderr and exit code 2, and Hydra's own config errors into exit code 2; lock a
+run directory before Hydra writes into it (RunDirGuard)."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
+
+from hydra.experimental.callback import Callback
 
 from ..errors import FbnasError
 from ..io import data_dir
+from ..rundir import LOCK_NAME, acquire, release, release_all
 
 CONF_DIR = str(data_dir("conf"))
 log = logging.getLogger("fbnas")
 
 
+def _dir_label(value: Any) -> str:
+    """A space or device given by name or path -> one safe path component for the run directory
+    (`space=../x.yaml` -> `x`): the run directory never leaves runs/."""
+    import re
+
+    stem = Path(str(value)).name
+    for suffix in (".yaml", ".yml"):
+        stem = stem.removesuffix(suffix)
+    label = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).strip(".")
+    return label or "unnamed"
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("fbnas_label", _dir_label, replace=True)
+
+
+_register_resolvers()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def one_line(msg: str) -> str:
+    """An error text as one printable line: terminal escape codes removed, line breaks joined."""
+    msg = _ANSI.sub("", str(msg))
+    return "; ".join(part.strip() for part in msg.splitlines() if part.strip())
+
+
 def fail(msg: str) -> None:
-    print(f"fbnas: error: {msg}", file=sys.stderr)
+    print(f"fbnas: error: {one_line(msg)}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _required(key: str) -> str:
+    return f"field {key!r} is required: add {key}=<value> to the command line"
+
+
+def _user_message(exc: BaseException) -> Optional[str]:
+    """The one-line message of an error caused by the user's input that is not fbnas's own type: a required field
+    left out (Hydra's ???), a path that cannot be read or written. None: a bug, shown with its traceback."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(exc, MissingMandatoryValue):
+        key = getattr(exc, "full_key", None) or "?"
+        return _required(key)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or type(exc).__name__}; give a path that can be used there"
+    return None
 
 
 def _remove_if_only_hydra_files() -> None:
@@ -33,7 +85,7 @@ def _remove_if_only_hydra_files() -> None:
         return
     if not out.is_dir() or out.resolve() == Path.cwd().resolve():
         return
-    if all(p.name == ".hydra" or (p.is_file() and p.suffix == ".log") for p in out.iterdir()):
+    if all(p.name in (".hydra", LOCK_NAME) or (p.is_file() and p.suffix == ".log") for p in out.iterdir()):
         logging.shutdown()
         shutil.rmtree(out, ignore_errors=True)
 
@@ -49,7 +101,8 @@ def run_plain(fn: Callable, *args) -> int:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Decorate a Hydra task function: FbnasError -> one line on stderr, exit 2, no traceback, no output."""
+    """Decorate a Hydra task function: FbnasError (and a missing field, an unusable path) -> one line on stderr,
+    exit 2, no traceback; any failure removes a run directory that holds only Hydra's files."""
 
     def wrapper(*args, **kwargs):
         try:
@@ -58,8 +111,15 @@ def user_errors(fn: Callable) -> Callable:
             _remove_if_only_hydra_files()
             fail(str(exc))
         except KeyboardInterrupt:
+            _remove_if_only_hydra_files()
             print("fbnas: interrupted", file=sys.stderr)
             raise SystemExit(130)
+        except Exception as exc:  # every failed start leaves nothing behind, whatever the error
+            _remove_if_only_hydra_files()
+            msg = _user_message(exc)
+            if msg is None:
+                raise
+            fail(msg)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -79,6 +139,7 @@ def run_hydra(app: Callable, prog: str, overrides: list[str]) -> int:
         return 2 if code == 1 else code
     finally:
         sys.argv = saved
+        release_all()
     return 0
 
 
@@ -89,6 +150,74 @@ def run_hydra_with_device(app: Callable, prog: str, argv: list[str]) -> int:
     except SystemExit as exc:  # fail(): the one-line message is printed already
         return exc.code if isinstance(exc.code, int) else 2
     return run_hydra(app, prog, overrides)
+
+
+def _missing_fields(cfg: Any, prefix: str = "") -> list[str]:
+    """Required fields (???) left unset, outside Hydra's own node."""
+    from omegaconf import DictConfig, OmegaConf
+
+    out = []
+    for key in cfg.keys():
+        if not prefix and key == "hydra":
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            out.append(prefix + str(key))
+        elif isinstance(cfg._get_node(key), DictConfig):
+            out += _missing_fields(cfg[key], f"{prefix}{key}.")
+    return out
+
+
+class RunDirGuard(Callback):
+    """Hydra callback (conf/search.yaml, conf/train.yaml): before Hydra writes .hydra/ into the run directory,
+    refuse a missing required field, `resume=true` without a checkpoint and a checkpoint without `resume=true`,
+    then lock the directory. A refused start creates and changes nothing."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        from omegaconf import OmegaConf
+
+        self._guard(Path(str(OmegaConf.select(config, "hydra.run.dir"))), config, created_here=True)
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from omegaconf import OmegaConf
+
+        self._lock(Path(str(OmegaConf.select(config, "hydra.sweep.dir"))))
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            self._guard(Path(HydraConfig.get().runtime.output_dir), config, created_here=False)
+
+    @staticmethod
+    def _guard(run_dir: Path, config: Any, created_here: bool) -> None:
+        missing = _missing_fields(config)
+        if missing:
+            fail(_required(missing[0]))
+        existed = run_dir.exists()
+        lock = RunDirGuard._lock(run_dir)
+        ckpt = run_dir / "checkpoints" / "last.pt"
+        msg = None
+        if "resume" in config and config.resume and not ckpt.is_file():
+            msg = (f"resume=true but {ckpt} does not exist: nothing to resume; point hydra.run.dir at the run to "
+                   "continue, or drop resume=true")
+        elif "resume" in config and not config.resume and ckpt.exists():
+            msg = (f"{ckpt} exists: pass resume=true to continue that run, or choose another hydra.run.dir "
+                   "(nothing was overwritten)")
+        if msg:
+            release(lock)
+            if created_here and not existed:
+                import shutil
+
+                shutil.rmtree(run_dir, ignore_errors=True)
+            fail(msg)
+
+    @staticmethod
+    def _lock(run_dir: Path) -> Path:
+        try:
+            return acquire(run_dir)
+        except FbnasError as exc:
+            fail(str(exc))
 
 
 def split_subcommand(argv: list[str], known: tuple[str, ...], command: str) -> tuple[str, list[str]]:

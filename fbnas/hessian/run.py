@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 
 from ..accelerator import resolve_device
+from ..checkpoint import load_checkpoint
 from ..errors import CheckpointError, ConfigError
+from ..search import CHECKPOINT_FORMAT
 from .estimator import DEFAULT_MAX_PROBES, DEFAULT_MIN_PROBES, TraceResult, hutchinson_traces
 from .groups import child_groups, supernet_groups
 from .penalty import supernet_traces
@@ -43,27 +45,14 @@ class HessianRunConfig:
 
 
 def _load_child(cfg: HessianRunConfig) -> tuple[nn.Module, str]:
-    from safetensors.torch import load_file
-
     from ..arch import load_arch
-    from ..model import build_model
+    from ..quant.artifacts import load_unfolded
 
     if not cfg.weights:
-        raise ConfigError("field 'weights' is missing: give the child's model.safetensors with arch=")
+        raise ConfigError("field 'weights' is missing: give the child's model_bn.safetensors (a QAT run) or "
+                          "model.safetensors (a float run) with arch=")
     arch = load_arch(cfg.arch)
-    model = build_model(arch)
-    wpath = Path(cfg.weights)
-    if not wpath.is_file():
-        raise CheckpointError(f"{wpath}: weights file not found")
-    try:
-        state = load_file(str(wpath))
-    except Exception as exc:
-        raise CheckpointError(f"{wpath}: cannot read safetensors ({type(exc).__name__}: {exc})") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise CheckpointError(f"{wpath}: weights do not match {cfg.arch} ({first})") from None
+    model = load_unfolded(cfg.weights, arch, cfg.arch)
     return model, arch.space
 
 
@@ -72,13 +61,8 @@ def _load_supernet(cfg: HessianRunConfig) -> tuple[nn.Module, str, dict]:
     from ..supernet import Supernet
 
     path = Path(cfg.checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or "supernet" not in state or "space" not in state:
+    state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint")
+    if not isinstance(state.get("supernet"), dict) or not isinstance(state.get("space"), str):
         raise CheckpointError(f"{path}: not an fbnas search checkpoint (needs keys 'supernet' and 'space')")
     conf = state.get("config") or {}
     space = load_space(state["space"])

@@ -22,20 +22,32 @@ def read_archs(path: str | Path, space: SearchSpace, w_bits: int, a_bits: int) -
     if not path.is_file():
         raise ConfigError(f"{path}: architectures file not found")
     if path.suffix == ".json":
-        return [load_arch(path)]
+        return [_of_space(load_arch(path), space, str(path))]
     archs = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    for n, line in enumerate(lines, start=1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
         if text.endswith(".json"):
             p = Path(text)
-            archs.append(load_arch(p if p.is_absolute() else path.parent / p))
+            p = p if p.is_absolute() else path.parent / p
+            archs.append(_of_space(load_arch(p), space, f"{path}: line {n} ({p})"))
             continue
         archs.append(ops_line(text, space, w_bits, a_bits, f"{path}: line {n}"))
     if not archs:
         raise ConfigError(f"{path}: no architectures in the file")
     return archs
+
+
+def _of_space(arch: Arch, space: SearchSpace, where: str) -> Arch:
+    if arch.space and arch.space != space.name:
+        raise ConfigError(f"{where}: the architecture is of space {arch.space!r}, not {space.name!r}; pass "
+                          f"space={arch.space} (and its device) to predict it")
+    return arch
 
 
 def ops_line(text: str, space: SearchSpace, w_bits: int, a_bits: int, where: str) -> Arch:

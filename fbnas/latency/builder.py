@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from .. import __version__ as fbnas_version
 from ..errors import LatencyTableError
-from ..io import table_dirs, writable_tables_dir
+from ..io import check_name, table_dirs, writable_tables_dir
 from ..space import SearchSpace, load_space
 from .analytic import kernel_bytes
 from .devices import Device, load_device
@@ -22,7 +22,7 @@ from .table import Entry, LatencyTable
 log = logging.getLogger("fbnas.latency")
 
 def table_name(space_name: str, device_name: str) -> str:
-    return f"{space_name}__{device_name}.json"
+    return f"{check_name(space_name, 'space name')}__{check_name(device_name, 'device name')}.json"
 
 
 def table_path(space_name: str, device_name: str) -> Path:
@@ -76,6 +76,9 @@ def build_table(space: SearchSpace | str, device: Device | str | Any, **measure_
 def get_table(space: SearchSpace | str, device: Device | str | Any, path: Optional[str | Path] = None) -> LatencyTable:
     space = space if isinstance(space, SearchSpace) else load_space(space)
     device = load_device(device)
+    if path is not None and not Path(path).is_file():
+        raise LatencyTableError(f"{path}: latency table not found (field 'lut'); give an existing table, or drop lut= "
+                                f"to use latency_tables/{space.name}__{device.name}.json")
     path = Path(path) if path is not None else table_path(space.name, device.name)
     if path.is_file():
         from .table import load_table

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 
 from ..blocks import KernelSpec
 from ..errors import ConfigError
-from ..io import data_dir, read_yaml
+from ..io import check_name, data_dir, read_yaml
 
 DEVICES_DIR = data_dir("conf") / "device"
 
@@ -168,7 +168,7 @@ def device_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         return p
-    return DEVICES_DIR / f"{name_or_path}.yaml"
+    return DEVICES_DIR / f"{check_name(str(name_or_path), 'field device')}.yaml"
 
 
 def load_device(spec: "str | Path | Mapping | Device") -> Device:
@@ -228,9 +228,9 @@ def _read_with_defaults(path: Path, seen: set) -> dict:
             continue
         if not isinstance(d, str):
             raise ConfigError(f"{path}: field 'defaults' entries must be device names, got {d!r}")
-        base = path.parent / f"{d}.yaml"
-        if not base.is_file():
-            base = DEVICES_DIR / f"{d}.yaml"  # a device file elsewhere may extend a shipped device
+        base = path.parent / f"{d}.yaml"  # a sibling file, else the shipped device of that name (Hydra's group)
+        if not base.is_file() and d in known_devices():
+            base = device_path(d)
         if not base.is_file():
             raise ConfigError(f"{path}: field 'defaults' names unknown device {d!r}; known: {', '.join(known_devices())}")
         merged = _merge(merged, _read_with_defaults(base, seen))
@@ -253,14 +253,12 @@ def device_from_dict(raw: Any, source: str = "<device>") -> Device:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a device must be a mapping")
     allowed = {"name", "type", "description", "threads", "params", "bits"}
-    extra = sorted(set(raw) - allowed)
+    extra = sorted(set(raw) - allowed, key=str)
     if extra:
         raise err(str(extra[0]), f"is not known here; allowed: {', '.join(sorted(allowed))}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise err("name", "must be a non-empty string")
+    name = check_name(raw.get("name"), f"{source}: field 'name'")
     dtype = raw.get("type")
-    if dtype not in _TYPES:
+    if not isinstance(dtype, str) or dtype not in _TYPES:
         raise err("type", f"names unknown device type {dtype!r}; known types: {', '.join(sorted(_TYPES))}")
     threads = raw.get("threads", 1)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

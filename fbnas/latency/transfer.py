@@ -181,11 +181,23 @@ def _number(text: str, path: Path, line: int, field: str, positive: bool = True)
     return val
 
 
+_EXTRA = " extra"  # DictReader's key for values beyond the header
+
+
 def _read_rows(path: Path) -> list[_Row]:
     if not path.is_file():
         raise LatencyTableError(f"{path}: measurements CSV not found")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
+    try:
+        return _parse_rows(path)
+    except UnicodeDecodeError as exc:
+        raise LatencyTableError(f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8") from None
+    except csv.Error as exc:
+        raise LatencyTableError(f"{path}: not a readable CSV ({exc}); write plain key,p50[,p10,p90,n] rows") from None
+
+
+def _parse_rows(path: Path) -> list[_Row]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh, restkey=_EXTRA)
         header = [h.strip() for h in (reader.fieldnames or [])]
         if "key" not in header or "p50" not in header:
             raise LatencyTableError(f"{path}: line 1: the header must name at least 'key' and 'p50' "
@@ -195,6 +207,9 @@ def _read_rows(path: Path) -> list[_Row]:
             raise LatencyTableError(f"{path}: line 1: unknown column {unknown_cols[0]!r}; columns: {', '.join(CSV_FIELDS)}")
         rows = []
         for line, raw in enumerate(reader, start=2):
+            if raw.get(_EXTRA):
+                raise LatencyTableError(f"{path}: line {line}: {len(raw[_EXTRA])} value(s) more than the "
+                                        f"{len(header)} columns of the header")
             raw = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
             if not any(raw.values()):
                 continue

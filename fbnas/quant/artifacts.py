@@ -131,14 +131,12 @@ def load_supernet_into(net: nn.Module, arch: Arch, checkpoint: str | Path) -> No
     with i the index of the layer's op among the space's candidates; stem.* and head.* unchanged."""
     from ..space import load_space
 
+    from ..checkpoint import load_checkpoint
+    from ..search import CHECKPOINT_FORMAT
+
     path = Path(checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: supernet checkpoint not found (field 'supernet')")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"{path}: cannot read the supernet checkpoint ({str(exc).splitlines()[0][:120]})") from None
-    sd = ckpt.get("supernet") if isinstance(ckpt, dict) else None
+    ckpt = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint (field 'supernet')")
+    sd = ckpt.get("supernet")
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: no 'supernet' state_dict in the checkpoint")
     if not arch.space:
@@ -162,8 +160,8 @@ def load_supernet_into(net: nn.Module, arch: Arch, checkpoint: str | Path) -> No
 def _read_unfolded(weights: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     state, meta = read_state(weights)
     if meta.get("kind") not in (None, "bn", "float"):
-        raise CheckpointError(f"{weights}: holds a {meta.get('kind')!r} model, not an unfolded (BN) model "
-                              "(use model_bn.safetensors of a `fbnas train` run)")
+        raise CheckpointError(f"{weights}: holds a {meta.get('kind')!r} model, not an unfolded (BN) model; use "
+                              f"{Path(weights).with_name('model_bn.safetensors')} of the same `fbnas train` run")
     return state, meta
 
 
