@@ -5,9 +5,9 @@ uninterrupted run of the same settings.
     PYTHONPATH=$PWD python bench/kill_resume.py [--total 20] [--kills 5] [--seed 0] [--work /tmp/kill_resume]
         [--out bench/results/kill_resume.json]
 
-Each command is killed --total times in all, at most --kills times per run directory (kill times uniform in
-[0, wall time of the uninterrupted run], which includes the process start; a relaunch that finishes before its
-kill ends that directory's run). Compared: arch.json's layers and
+Each command is killed --total times in all, at most --kills times per run directory: once the relaunched
+process has taken its run directory (imports and config done), after a delay uniform in [0, the uninterrupted
+run's time from that point]; a relaunch that finishes before its kill ends that directory's run. Compared: arch.json's layers and
 predictions and metrics.jsonl without wall-clock fields (search); metrics.json, metrics.jsonl without seconds,
 and every tensor and the metadata of model.safetensors / integer.safetensors (train). Tiny synthetic settings keep it minutes.
 """
@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from fbnas.io import atomic_write_json  # noqa: E402
+from fbnas.rundir import LOCK_NAME  # noqa: E402
 
 SEARCH = ["search", "epochs=3", "warmup_epochs=1", "max_steps_per_epoch=4", "data.name=synthetic",
           "data.synthetic_size=512", "data.input_size=28", "data.batch_size=32", "data.eval_batch_size=64",
@@ -47,13 +48,28 @@ def launch(args: list[str], run_dir: Path) -> subprocess.Popen:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def finish(args: list[str], run_dir: Path) -> float:
+def wait_for_lock(proc: subprocess.Popen, run_dir: Path) -> None:
+    """Until the process holds the run directory (its imports and config are done) or has exited."""
+    lock = run_dir / LOCK_NAME
+    while proc.poll() is None:
+        try:
+            if json.loads(lock.read_text()).get("pid") == proc.pid:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
+
+
+def finish(args: list[str], run_dir: Path) -> tuple[float, float]:
+    """Run to the end; returns (seconds in all, seconds of work after the process took the directory)."""
     t0 = time.time()
     proc = launch(args, run_dir)
+    wait_for_lock(proc, run_dir)
+    t_lock = time.time()
     _, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{run_dir}: exit {proc.returncode}: {err.strip()[-2000:]}")
-    return time.time() - t0
+    return time.time() - t0, time.time() - t_lock
 
 
 def killed_run(args: list[str], run_dir: Path, kills: int, horizon: float, rng: random.Random) -> tuple[dict, int]:
@@ -64,6 +80,7 @@ def killed_run(args: list[str], run_dir: Path, kills: int, horizon: float, rng: 
     while done < kills:
         had_ckpt = (run_dir / "checkpoints" / "last.pt").is_file()
         proc = launch(args, run_dir)
+        wait_for_lock(proc, run_dir)
         try:
             proc.wait(timeout=rng.uniform(0, horizon))
         except subprocess.TimeoutExpired:
@@ -123,18 +140,18 @@ def cpu_model() -> str:
 
 def series(name: str, args: list[str], result, work: Path, total: int, kills: int, rng: random.Random) -> dict:
     ref = work / f"{name}_reference"
-    wall = finish(args, ref)
+    wall, work_seconds = finish(args, ref)
     expected = result(ref)
     rows = []
     while sum(r["kills"] for r in rows) < total:
         run_dir = work / f"{name}_{len(rows)}"
         t0 = time.time()
-        landed, n = killed_run(args, run_dir, min(kills, total - sum(r["kills"] for r in rows)), wall, rng)
+        landed, n = killed_run(args, run_dir, min(kills, total - sum(r["kills"] for r in rows)), work_seconds, rng)
         same = result(run_dir) == expected
         rows.append({"run": len(rows), "kills": n, **landed, "identical": same, "seconds": round(time.time() - t0, 1)})
         print(f"{name} run {len(rows) - 1}: {n} kills ({landed}), identical to the uninterrupted run: {same}",
               flush=True)
-    return {"uninterrupted_seconds": round(wall, 1), "runs": rows,
+    return {"uninterrupted_seconds": round(wall, 1), "work_seconds": round(work_seconds, 1), "runs": rows,
             "kills": sum(r["kills"] for r in rows), "identical": all(r["identical"] for r in rows)}
 
 
