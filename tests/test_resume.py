@@ -51,11 +51,12 @@ def test_resume_refuses_an_edited_space_file(tmp_path, monkeypatch):
 
     raw = yaml.safe_load((repo_root() / "search_spaces" / "fmnist.yaml").read_text())
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
-    interrupted(tmp_path / "run", tiny(space=str(tmp_path / "space.yaml")), 1, monkeypatch)
+    # bitfusion runs every bit pair, so the space's bit choices are the search's
+    interrupted(tmp_path / "run", tiny(space=str(tmp_path / "space.yaml"), device="bitfusion"), 1, monkeypatch)
     raw["bits"]["weights"] = [4, 8]  # same name, other bit choices
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(CheckpointError, match=r"space_definition.bits.weights=\[2, 4, 8\] \(now \[4, 8\]\)"):
-        Searcher(tiny(space=str(tmp_path / "space.yaml"), resume=True), tmp_path / "run").run()
+        Searcher(tiny(space=str(tmp_path / "space.yaml"), device="bitfusion", resume=True), tmp_path / "run").run()
 
 
 def test_resume_refuses_another_latency_table(finished, tmp_path):

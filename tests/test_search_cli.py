@@ -64,7 +64,7 @@ def test_resume_continues_and_refuses_to_overwrite(search_run, tmp_path):
     r = fbnas("search", *TINY, "data.input_size=28", f"hydra.run.dir={out}")
     assert r.returncode == 2 and "resume=true" in r.stderr and "Traceback" not in r.stderr
     more = [t if not t.startswith("epochs=") else "epochs=3" for t in TINY]
-    r = fbnas("search", *more, "data.input_size=28", "resume=true", f"hydra.run.dir={out}")
+    r = fbnas("search", *more, "data.input_size=28", "data.synthetic_classes=10", "resume=true", f"hydra.run.dir={out}")
     assert r.returncode == 0, r.stderr
     epochs = [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]

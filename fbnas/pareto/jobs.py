@@ -93,7 +93,9 @@ def run_job(job: Job, settings: TrainSettings, data: TrainData, out_dir: Path) -
     arch = arch_from_dict(job.arch, job.name)
     s = replace(settings, seed=job.seed)
     t0 = time.time()
-    metrics = train(arch, _dataset(data, arch), s, out_dir / "train" / job.arch_id / f"seed{job.seed}", resume=True)
+    run_dir = out_dir / "train" / job.arch_id / f"seed{job.seed}"
+    # an interrupted training continues from its checkpoint; a started one that never wrote one starts afresh
+    metrics = train(arch, _dataset(data, arch), s, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())
     res = {"format": RESULT_FORMAT, "arch_id": job.arch_id, "name": job.name, "seed": job.seed,
            "acc_integer": metrics.get("acc_integer"), "acc_fake_quant": metrics.get("acc_fake_quant"),
            "acc_float_of_qat_weights": metrics.get("acc_float_of_qat_weights"),
