@@ -5,7 +5,57 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .train import TrainSettings
+from .errors import ConfigError
+
+ACT_CLIPS = ("max", "mse")  # activation ranges of fbnas train
+
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 8  # phase 1 (fake quant with BN; the whole run when quantized=False)
+    fold_epochs: int = 2  # phase 2 (BN folded); the last one with frozen activation ranges
+    batch_size: int = 128
+    opt: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    sched: str = "cosine"
+    warmup_epochs: int = 1
+    min_lr: float = 1e-5
+    fold_lr_scale: float = 0.1  # phase-2 learning rate = lr * fold_lr_scale
+    label_smoothing: float = 0.0
+    ema: bool = True
+    ema_decay: float = 0.998
+    quantized: bool = True
+    init: str = "scratch"  # scratch | supernet | weights
+    supernet: str = ""  # search checkpoint (key 'supernet') when init=supernet
+    weights: str = ""  # init=weights: an unfolded model of the same ops (model_bn.safetensors, or a float run's
+    # model.safetensors), e.g. fine-tune a mixed-bit model from its trained W8A8 or FP32 version
+    rounding: str = "half_even"
+    act_clip: str = "mse"  # activation ranges: mse (EMA of the MSE-optimal clip at the bits) | max (EMA of min/max)
+    calib_batches: int = 8
+    steps_per_epoch: int = 0  # 0 = whole epochs (a limit is for smoke tests)
+    eval_batch_size: int = 500
+    seed: int = 0
+    accelerator: str = "auto"  # auto | cpu | cuda | cuda:N (as in `fbnas search`)
+
+    def check(self) -> None:
+        from .quant.dyadic import check_rounding
+
+        check_rounding(self.rounding)
+        if self.init not in ("scratch", "supernet", "weights"):
+            raise ConfigError(f"field 'init' is {self.init!r}; choose scratch, supernet or weights")
+        if self.init == "supernet" and not self.supernet:
+            raise ConfigError("init=supernet needs field 'supernet' (a search checkpoint path)")
+        if self.init == "weights" and not self.weights:
+            raise ConfigError("init=weights needs field 'weights' (a model_bn.safetensors or float model.safetensors)")
+        if self.epochs < 0 or self.fold_epochs < 0 or self.epochs + self.fold_epochs == 0:
+            raise ConfigError("fields 'epochs'/'fold_epochs' must be >= 0 and not both 0")
+        if self.batch_size <= 0:
+            raise ConfigError("field 'batch_size' must be positive")
+        if self.act_clip not in ACT_CLIPS:
+            raise ConfigError(f"field 'act_clip' is {self.act_clip!r}; choose one of {', '.join(ACT_CLIPS)}")
 
 
 @dataclass

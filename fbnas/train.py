@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,13 +23,14 @@ from timm.utils import ModelEmaV3
 
 from .arch import Arch
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainSettings  # noqa: F401  (defined with the other configs; part of the fbnas.train API)
+
 from .data import DataBundle, TensorData, make_loader
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .io import append_jsonl, atomic_write_json, truncate_jsonl
 from .accelerator import resolve_device
 from .model import build_model
 from .quant.artifacts import load_supernet_into, load_unfolded_into, save_integer, save_state
-from .quant.dyadic import check_rounding
 from .rundir import hold
 from .resume import mismatched_fields, refuse_mismatch, tensor_fingerprint
 from .quant.fake import QConv2d, QLinear
@@ -37,56 +38,10 @@ from .quant.fold import FoldedNet, QuantPoint, fold_model
 from .quant.integer import to_integer
 
 log = logging.getLogger("fbnas")
-ACT_CLIPS = ("max", "mse")
 CHECKPOINT_FORMAT = "fbnas-train-checkpoint/1"
 # settings a resume may change; the rest, epochs and fold_epochs included (the LR schedule is laid out over the
 # whole run at its start), must equal the checkpoint's
 RESUME_FREE = ("settings.accelerator", "settings.eval_batch_size")
-
-
-@dataclass
-class TrainSettings:
-    epochs: int = 8  # phase 1 (fake quant with BN; the whole run when quantized=False)
-    fold_epochs: int = 2  # phase 2 (BN folded); the last one with frozen activation ranges
-    batch_size: int = 128
-    opt: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    sched: str = "cosine"
-    warmup_epochs: int = 1
-    min_lr: float = 1e-5
-    fold_lr_scale: float = 0.1  # phase-2 learning rate = lr * fold_lr_scale
-    label_smoothing: float = 0.0
-    ema: bool = True
-    ema_decay: float = 0.998
-    quantized: bool = True
-    init: str = "scratch"  # scratch | supernet | weights
-    supernet: str = ""  # search checkpoint (key 'supernet') when init=supernet
-    weights: str = ""  # init=weights: an unfolded model of the same ops (model_bn.safetensors, or a float run's
-    # model.safetensors), e.g. fine-tune a mixed-bit model from its trained W8A8 or FP32 version
-    rounding: str = "half_even"
-    act_clip: str = "mse"  # activation ranges: mse (EMA of the MSE-optimal clip at the bits) | max (EMA of min/max)
-    calib_batches: int = 8
-    steps_per_epoch: int = 0  # 0 = whole epochs (a limit is for smoke tests)
-    eval_batch_size: int = 500
-    seed: int = 0
-    accelerator: str = "auto"  # auto | cpu | cuda | cuda:N (as in `fbnas search`)
-
-    def check(self) -> None:
-        check_rounding(self.rounding)
-        if self.init not in ("scratch", "supernet", "weights"):
-            raise ConfigError(f"field 'init' is {self.init!r}; choose scratch, supernet or weights")
-        if self.init == "supernet" and not self.supernet:
-            raise ConfigError("init=supernet needs field 'supernet' (a search checkpoint path)")
-        if self.init == "weights" and not self.weights:
-            raise ConfigError("init=weights needs field 'weights' (a model_bn.safetensors or float model.safetensors)")
-        if self.epochs < 0 or self.fold_epochs < 0 or self.epochs + self.fold_epochs == 0:
-            raise ConfigError("fields 'epochs'/'fold_epochs' must be >= 0 and not both 0")
-        if self.batch_size <= 0:
-            raise ConfigError("field 'batch_size' must be positive")
-        if self.act_clip not in ACT_CLIPS:
-            raise ConfigError(f"field 'act_clip' is {self.act_clip!r}; choose one of {', '.join(ACT_CLIPS)}")
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -116,7 +116,7 @@ def test_any_failed_start_leaves_no_run_directory(tmp_path, monkeypatch, capsys)
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("fbnas.apps.train.train", broken)
+    monkeypatch.setattr("fbnas.train.train", broken)  # the app imports it when it runs
     assert main(["train", f"arch={tmp_path / 'arch.json'}", "data.name=synthetic",
                  f"hydra.run.dir={tmp_path / 'r'}"]) != 0
     assert "RuntimeError: a bug" in capsys.readouterr().err  # a bug keeps its traceback ...

@@ -86,8 +86,21 @@ def _remove_if_only_hydra_files() -> None:
     if not out.is_dir() or out.resolve() == Path.cwd().resolve():
         return
     if all(p.name in (".hydra", LOCK_NAME) or (p.is_file() and p.suffix == ".log") for p in out.iterdir()):
-        logging.shutdown()
+        _drop_file_handlers(out)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _drop_file_handlers(folder: Path) -> None:
+    """Close and detach the log file handlers (Hydra's <job>.log) writing into `folder`, so that nothing in this
+    process writes there again once it is removed."""
+    root = folder.resolve()
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in list(lg.handlers):
+            if isinstance(h, logging.FileHandler) and root in Path(h.baseFilename).resolve().parents:
+                lg.removeHandler(h)
+                h.close()
 
 
 def run_plain(fn: Callable, *args) -> int:

@@ -8,10 +8,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from ..arch import load_arch
-from ..config import TrainData
-from ..data import check_matches_space, load_dataset
-from ..train import TrainSettings, train
+from ..config import TrainData, TrainSettings
 from .common import CONF_DIR, output_dir, run_hydra, user_errors
 
 log = logging.getLogger("fbnas")
@@ -30,6 +27,10 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 @user_errors
 def _app(cfg: DictConfig) -> None:
+    from ..arch import load_arch
+    from ..data import check_matches_space, load_dataset
+    from ..train import train
+
     arch = load_arch(cfg.arch)
     settings = TrainSettings(**{f.name: cfg[f.name] for f in fields(TrainSettings)})
     data = load_dataset(cfg.data.name, root=cfg.data.root, train_subset=cfg.data.train_subset,
