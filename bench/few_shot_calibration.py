@@ -27,7 +27,7 @@ from fbnas.arch import Arch
 from fbnas.io import atomic_write_json, atomic_write_text
 from fbnas.latency import load_device
 from fbnas.latency.calibration import pixel3_latencies, random_archs
-from fbnas.latency.fewshot import Timing, arch_macs, arch_ms, fit_constants, random_pool, spread_indices
+from fbnas.latency.fewshot import Timing, arch_ms, fit_constants, random_pool, spread_indices, whole_model_onnx
 from fbnas.latency.measured import _cpu_name
 from fbnas.space import load_space
 
@@ -41,13 +41,12 @@ def pixel3_set(n: int, seed: int):
 
 
 def ort_set(n: int, seed: int, precision: str, repeats: int):
-    from fbnas.latency.fewshot import _onnx_whole_model
     from fbnas.latency.measured_int8 import run_interleaved
     import onnx
 
     space = load_space("fmnist")
     archs = random_pool(space, load_device("sd835"), n, seed)
-    models = [onnx.load_from_string(_onnx_whole_model(a, precision, seed)) for a in archs]
+    models = [onnx.load_from_string(whole_model_onnx(a, precision, seed)) for a in archs]
     times = run_interleaved(models, batch=1, threads=1, warmup=20, repeats=repeats)
     return archs, np.array([np.median(t) for t in times]), precision
 
@@ -63,7 +62,7 @@ def evaluate(name: str, archs, truth, precision: str, shots: int, base_name: str
     from dataclasses import replace
     params = replace(base.params, **fitted)
     cal = np.array([arch_ms(base, archs[i], precision, params) for i in rest])
-    macs = np.array([arch_macs(archs[i]) for i in rest])
+    macs = np.array([archs[i].macs() for i in rest])
     t = truth[rest]
 
     def rho(p):

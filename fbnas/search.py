@@ -88,13 +88,6 @@ class LatencyModel:
         return float(expected_cost(self.matrix.double(), ops, ws, as_)) + self.fixed_ms
 
 
-def device_space(space: SearchSpace, device: Any) -> SearchSpace:
-    """The space with the bit choices the device's runtime runs (its `bits`); the others are never offered."""
-    from .latency import load_device
-
-    return space.with_bits(*load_device(device).search_bits(space.w_bits, space.a_bits))
-
-
 def _temperature(c: SearchConfig, epoch: int, anchor: Optional[list] = None) -> float:
     """Gumbel-softmax temperature of an epoch: tau * decay^epoch, with decay = tau_decay, or chosen so that the
     last epoch runs at tau_final. After a resume with more or fewer epochs, `anchor` = [epoch e0, tau at e0]: the
@@ -120,8 +113,11 @@ class Searcher:
         o = cfg.space_override
         self.space = override_io(load_space(cfg.space), o.in_channels, o.input_size, o.num_classes)
         self.data = self._load_data()  # space_override.from_data may change self.space
-        self.space = device_space(self.space, cfg.device_file or cfg.device)
-        self.latency = LatencyModel(self.space, cfg.device_file or cfg.device, cfg.lut)
+        from .latency import load_device
+
+        device = load_device(cfg.device_file or cfg.device)
+        self.space = device.search_space(self.space)  # the bit pairs the device's runtime runs
+        self.latency = LatencyModel(self.space, device, cfg.lut)
         self.supernet = Supernet(self.space, mode=cfg.mode, quantized=cfg.quantized, tau=cfg.tau,
                                  bit_sampling=cfg.bit_sampling).to(self.device)
         self.supernet.seed(cfg.seed)

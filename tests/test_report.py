@@ -23,9 +23,9 @@ def run(tmp_path_factory):
 
 def test_metrics_hold_probabilities_per_layer(run):
     out, _ = run
-    from fbnas.search import device_space
+    from fbnas.latency import load_device
 
-    space = device_space(load_space("fmnist"), "sd835")  # the bit choices the search offers there: W8A8
+    space = load_device("sd835").search_space(load_space("fmnist"))  # the bit choices the search offers: W8A8
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3
     for r in records:

@@ -188,7 +188,8 @@ def do_export_archs(cfg) -> None:
 
 def do_calibrate(cfg) -> None:
     from ..io import atomic_write_text
-    from ..latency.fewshot import calibrate, check_device_name, device_yaml, fitted_fields, read_timings
+    from ..io import check_name
+    from ..latency.fewshot import calibrate, device_yaml, fitted_fields, read_timings
 
     if not cfg.measurements:
         raise ConfigError("field 'measurements' is required: measurements=<CSV with header arch,ms>")
@@ -197,7 +198,7 @@ def do_calibrate(cfg) -> None:
     out = Path(cfg.out)
     if out.suffix not in (".yaml", ".yml"):
         raise ConfigError(f"field 'out' ({out}) must name a .yaml device file")
-    name = check_device_name(out.stem)
+    name = check_name(out.stem, "field 'out': the new device's name (the file's stem)")
     space, base = _space(cfg), _device(cfg)
     fields = fitted_fields(base)
     timings = read_timings(cfg.measurements, space, min_rows=len(fields) + 1)

@@ -27,6 +27,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -102,10 +103,14 @@ class BitSupport:
     modes: tuple[tuple[tuple[int, int], str], ...] = ()
     default: str = "native"
 
+    @cached_property
+    def _by_pair(self) -> dict[tuple[int, int], str]:
+        return dict(self.modes)
+
     def mode(self, w_bits: int, a_bits: int) -> str:
         if max(w_bits, a_bits) > 8:
             return "native"  # float
-        return dict(self.modes).get((w_bits, a_bits), self.default)
+        return self._by_pair.get((w_bits, a_bits), self.default)
 
     def searchable(self, w_bits: int, a_bits: int) -> bool:
         return self.mode(w_bits, a_bits) in SEARCHABLE_BIT_MODES
@@ -156,6 +161,10 @@ class Device:
                               f"of weight and activation choices (no {', '.join(f'w{w}a{a}' for w, a in missing)}); "
                               f"the search samples weight and activation bits independently")
         return ws, as_
+
+    def search_space(self, space: Any) -> Any:
+        """`space` with the bit choices this device's runtime runs (search_bits); the others are never offered."""
+        return space.with_bits(*self.search_bits(space.w_bits, space.a_bits))
 
 
 # ---------------------------------------------------------------------------------------------- loading

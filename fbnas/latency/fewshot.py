@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -38,7 +37,6 @@ FITTED = {
 }
 PRIOR_WEIGHT = 0.05     # pull of log(constant / base constant) against the log-ratio residuals
 BOUND = 20.0            # constants stay within base / 20 .. base * 20
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass(frozen=True)
@@ -63,11 +61,12 @@ def arch_ms(device: Device, arch: Arch, precision: str = "int8", params=None) ->
     return float(sum(model.runtime_kernel_ms(k, w, a) for k, w, a in priced_parts(arch, precision)))
 
 
-def arch_macs(arch: Arch) -> int:
-    return sum(k.macs for k, _, _ in priced_parts(arch))
-
-
 # ---------------------------------------------------------------------------------------------- export-archs
+
+def arch_key(arch: Arch) -> tuple:
+    """What tells two architectures of one space apart: each layer's op and bits."""
+    return tuple((l.op, l.w_bits, l.a_bits) for l in arch.layers)
+
 
 def random_arch(space: SearchSpace, device: Device, rng: np.random.Generator) -> Arch:
     w_bits, a_bits = device.search_bits(space.w_bits, space.a_bits)
@@ -84,7 +83,7 @@ def random_pool(space: SearchSpace, device: Device, size: int, seed: int) -> lis
     seen, out = set(), []
     for _ in range(size):
         arch = random_arch(space, device, rng)
-        key = tuple((l.op, l.w_bits, l.a_bits) for l in arch.layers)
+        key = arch_key(arch)
         if key not in seen:
             seen.add(key)
             out.append(arch)
@@ -129,7 +128,7 @@ def export_archs(space: SearchSpace, device: Device, n: int, seed: int, out_dir:
     for i, arch in enumerate(archs):
         stem = f"arch_{i:03d}"
         atomic_write_json(out_dir / f"{stem}.json", arch.to_dict())
-        atomic_write_bytes(out_dir / f"{stem}.onnx", _onnx_whole_model(arch, precision, seed))
+        atomic_write_bytes(out_dir / f"{stem}.onnx", whole_model_onnx(arch, precision, seed))
         files.append(out_dir / f"{stem}.onnx")
     atomic_write_text(out_dir / "archs.txt", "".join(f"arch_{i:03d}.json  # {arch_line(a)}\n"
                                                     for i, a in enumerate(archs)))
@@ -143,7 +142,7 @@ def export_archs(space: SearchSpace, device: Device, n: int, seed: int, out_dir:
     return files
 
 
-def _onnx_whole_model(arch: Arch, precision: str, seed: int) -> bytes:
+def whole_model_onnx(arch: Arch, precision: str, seed: int) -> bytes:
     import torch
 
     if precision == "int8":
@@ -191,7 +190,7 @@ def read_timings(path: str | Path, space: SearchSpace, min_rows: int = 1) -> lis
         if not math.isfinite(ms) or ms <= 0:
             raise ConfigError(f"{where}: ms must be a positive number, got {ms_text!r}")
         arch = _arch_cell(cell, path, space, where, w_default, a_default)
-        key = tuple((l.op, l.w_bits, l.a_bits) for l in arch.layers)
+        key = arch_key(arch)
         if key in seen:
             raise ConfigError(f"{where}: the same architecture as line {seen[key]}; give each architecture once "
                               f"(average repeated timings)")
@@ -284,7 +283,7 @@ def calibrate(base: Device, timings: Sequence[Timing], precision: str = "int8") 
         p = replace(base.params, **fit_constants(base, rest, precision))
         loo.append(arch_ms(base, timings[i].arch, precision, p))
     zero = _scores(truth, [arch_ms(base, t.arch, precision) for t in timings])
-    macs = _scores(truth, [arch_macs(t.arch) for t in timings])["spearman"]
+    macs = _scores(truth, [t.arch.macs() for t in timings])["spearman"]
     return Calibration(base, fields, {f: float(getattr(base.params, f)) for f in fields}, after, list(timings),
                        precision, in_sample, _scores(truth, loo), zero, macs)
 
@@ -310,9 +309,3 @@ def device_yaml(cal: Calibration, name: str, measurements: str, space: str) -> s
         lines.append(yaml.safe_dump(raw, sort_keys=False).rstrip())
     return "\n".join(lines) + "\n"
 
-
-def check_device_name(name: str, field: str = "out") -> str:
-    if not _NAME_RE.match(name) or name in (".", ".."):
-        raise ConfigError(f"field '{field}': device name {name!r} must be letters, digits, '_', '.' or '-' "
-                          f"(it names the latency table file)")
-    return name

@@ -58,21 +58,18 @@ def layer_subgraphs(model) -> dict[str, object]:
             return n.input[0]
         return tensor
 
+    # a tensor that crosses a part boundary is an input of the consuming layer and an output of the producing one
     layers: dict[str, tuple[list[str], list[str]]] = {}
     for n in model.graph.node:
-        part = parts[n.name]
-        if not part.startswith("layers."):
-            continue
-        ins, outs = layers.setdefault(part, ([], []))
         for t in n.input:
-            if t and t not in inits and t in producer and parts[producer[t].name] != part:
-                ins.append(codes(t)) if codes(t) not in ins else None
-    for n in model.graph.node:
-        for t in n.input:
-            if t in producer:
-                src = parts[producer[t].name]
-                if src.startswith("layers.") and src != parts[n.name] and codes(t) not in layers[src][1]:
-                    layers[src][1].append(codes(t))
+            if not t or t in inits or t not in producer:
+                continue
+            src, dst = parts[producer[t].name], parts[n.name]
+            if src == dst:
+                continue
+            for part, side in ((dst, 0), (src, 1)):
+                if part.startswith("layers.") and codes(t) not in layers.setdefault(part, ([], []))[side]:
+                    layers[part][side].append(codes(t))
     extractor = Extractor(model)
     return {part: extractor.extract_model(ins, outs) for part, (ins, outs) in layers.items() if ins and outs}
 

@@ -88,7 +88,7 @@ def run_pareto(cfg: ParetoConfig, out_dir: str | Path, command: str = "") -> Par
     device = load_device(cfg.device_file or cfg.device)
     table = get_table(space, device, cfg.lut)
     # random nets draw the bits the device runs, as the search does (sd835: W8A8)
-    runnable = space.with_bits(*device.search_bits(space.w_bits, space.a_bits))
+    runnable = device.search_space(space)
     nets, budgets, mbv2_ms = collect_networks(cfg, space, table, runnable)
     check_matches_space(_dataset(cfg.data, nets[0].arch), space.in_channels, space.input_size, space.num_classes,
                         space.name)
