@@ -21,6 +21,7 @@ CONFIGS = {
     # name: (op mode, quantized, bf16 autocast, channels_last, bit_sampling)
     "reference_fp32_all_paths": ("soft", False, False, False, "soft"),
     "fbnas_default": ("soft", True, True, False, "hard"),       # `fbnas search` defaults: soft ops, hard bits
+    "fbnas_default_channels_last": ("soft", True, True, True, "hard"),
     "fbnas_soft_bits": ("soft", True, True, False, "soft"),     # soft ops, soft (EdMIPS-mixed) bits
     "fbnas_hard_bits": ("hard", True, True, False, "hard"),     # one path per step (mode=hard)
     "fbnas_hard_bits_channels_last": ("hard", True, True, True, "hard"),
@@ -83,7 +84,7 @@ def measure(name: str, args: dict, queue) -> None:
     for _ in range(args["warmup"]):
         step()
     sync()
-    host_syncs = None
+    host_syncs, sync_sites = None, []
     if dev.type == "cuda":  # count the host<->device synchronisations of one step (each one stalls the pipeline)
         import warnings
 
@@ -92,7 +93,13 @@ def measure(name: str, args: dict, queue) -> None:
             torch.cuda.set_sync_debug_mode("warn")
             step()
             torch.cuda.set_sync_debug_mode("default")
-        host_syncs = sum("synchroniz" in str(w.message) for w in caught)
+        synced = [w for w in caught if "synchroniz" in str(w.message)]
+        host_syncs = len(synced)
+        where: dict[str, int] = {}
+        for w in synced:
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            where[key] = where.get(key, 0) + 1
+        sync_sites = sorted(where.items(), key=lambda kv: -kv[1])[:8]
         sync()
     if args["profile"]:
         from torch.profiler import ProfilerActivity, profile
@@ -120,7 +127,8 @@ def measure(name: str, args: dict, queue) -> None:
         mem_kind = "process max RSS"
     queue.put({"config": name, "mode": mode, "bit_sampling": bit_sampling, "quantized": quantized, "bf16_autocast": amp, "channels_last": channels_last,
                "images_per_s": args["steps"] * b / dt, "step_ms": 1000 * dt / args["steps"],
-               "peak_mem_gib": peak, "memory": mem_kind, "host_syncs_per_step": host_syncs})
+               "peak_mem_gib": peak, "memory": mem_kind, "host_syncs_per_step": host_syncs,
+               "sync_sites": sync_sites})
 
 
 def main() -> None:
@@ -148,7 +156,7 @@ def main() -> None:
         results.append(q.get())
         r = results[-1]
         print(f"{name}: {r['images_per_s']:.1f} images/s, {r['step_ms']:.1f} ms/step, {r['peak_mem_gib']:.2f} GiB, "
-              f"host syncs per step {r['host_syncs_per_step']}", flush=True)
+              f"host syncs per step {r['host_syncs_per_step']} {r['sync_sites']}", flush=True)
     ref = next((r for r in results if r["config"] == "reference_fp32_all_paths"), None)
     print(f"space {args['space']}, batch {args['batch']}, device {args['device']}, {args['steps']} timed steps")
     print(f"{'config':<26} {'images/s':>10} {'step ms':>9} {'peak GiB':>9} {'speed x':>8} {'mem x':>7}")

@@ -28,7 +28,8 @@ from .quant.fake import ActQuantizer
 from .resume import mismatched_fields, refuse_mismatch, tensor_fingerprint
 from .rundir import hold
 from .space import SearchSpace, load_space, override_io, save_space
-from .supernet import BIT_MODES, MODES, Supernet, expected_cost, sample_cost
+from .step_stats import StepStats
+from .supernet import BIT_MODES, MODES, Supernet, argmax_cost, expected_cost, sample_cost
 
 log = logging.getLogger("fbnas")
 CHECKPOINT = "checkpoints/last.pt"
@@ -130,7 +131,7 @@ class Searcher:
                                     f"{self.ref_ms} ms; a latency penalty needs a table with positive latencies "
                                     "(or a positive objective.ref_ms)")
         o = cfg.objective
-        self.penalty: LatencyPenalty = make_penalty(o.kind, self.ref_ms, o.alpha, o.beta, o.lam, o.limit_ms, o.eta)
+        self.penalty: LatencyPenalty = make_penalty(o.kind, self.ref_ms, o)
         self.hessian = self._make_hessian_penalty()
         self.w_loader = make_loader(self.data.train, cfg.data.batch_size, True, cfg.seed, self.data.augment,
                                     drop_last=True, device=self.device)
@@ -228,30 +229,36 @@ class Searcher:
         lat = sample_cost(self.supernet, self.lat_matrix) + self.latency.fixed_ms
         return logits, ce, lat
 
-    def _check_finite(self, loss: torch.Tensor, ce: torch.Tensor, lat: torch.Tensor, where: str) -> None:
-        if not torch.isfinite(loss):
+    def _check_finite(self, values: dict[str, float], epoch: int, step: int) -> None:
+        for where, loss_key, ce_key, lat_key in (("weight", "loss", "ce", "lat"),
+                                                 ("architecture", "arch_loss", "arch_ce", "arch_lat")):
+            loss = values.get(loss_key)
+            if loss is None or math.isfinite(loss):
+                continue
             raise NonFiniteLossError(
-                f"the {where} loss became {loss.item()} at epoch {self.epoch} step {self.step} (CE {ce.item():.4g}, "
-                f"latency {lat.item():.4g} ms); lower optim.w_lr / optim.arch_lr or check the data and the latency "
+                f"the {where} loss became {loss} at epoch {epoch} step {step} (CE {values[ce_key]:.4g}, latency "
+                f"{values[lat_key]:.4g} ms); lower optim.w_lr / optim.arch_lr or check the data and the latency "
                 "table; " + (f"the last good checkpoint is {self.out_dir / CHECKPOINT}"
                              if (self.out_dir / CHECKPOINT).is_file() else "no checkpoint was written yet"))
 
-    def weight_step(self, x, y, warmup: bool) -> dict:
+    def weight_step(self, x, y, warmup: bool) -> dict[str, torch.Tensor]:
+        """One SGD step of the weights; the losses stay on the device (StepStats reads them)."""
         self.supernet.train()
         self.w_opt.zero_grad(set_to_none=True)
         _, ce, lat = self._forward(x, y)
         loss = ce if warmup else self.penalty(ce, lat)
         if not warmup and self.hessian is not None:
             loss = loss + self.hessian(self.supernet)  # gradient to the weights through ||Q_b(W) - W||^2
-        self._check_finite(loss, ce, lat, "weight")
         loss.backward()
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.supernet.weight_parameters(), self.cfg.optim.grad_clip)
         self.w_opt.step()
         self.w_sched.step()
-        return {"ce": ce.item(), "loss": loss.item(), "lat": lat.item()}
+        return {"ce": ce.detach(), "loss": loss.detach(), "lat": lat.detach()}
 
-    def arch_step(self, x, y) -> dict:
+    def arch_step(self, x, y) -> dict[str, torch.Tensor]:
+        """One Adam step of the architecture logits, then the penalty's update (e.g. the target multiplier) with
+        the latency of the network derived now; no host read."""
         self.supernet.train()
         weights = self.supernet.weight_parameters()
         for p in weights:
@@ -262,14 +269,13 @@ class Searcher:
             loss = self.penalty(ce, lat)
             if self.hessian is not None:
                 loss = loss + self.hessian(self.supernet)
-            self._check_finite(loss, ce, lat, "architecture")
             loss.backward()
             self.a_opt.step()
-            self.penalty.update(lat.item())
+            self.penalty.update(argmax_cost(self.supernet, self.lat_matrix) + self.latency.fixed_ms)
         finally:
             for p in weights:
                 p.requires_grad_(True)
-        return {"arch_ce": ce.item(), "arch_loss": loss.item(), "arch_lat": lat.item()}
+        return {"arch_ce": ce.detach(), "arch_loss": loss.detach(), "arch_lat": lat.detach()}
 
     def _refresh_hessian(self) -> None:
         if self.hessian is None:
@@ -493,6 +499,19 @@ class Searcher:
             t0 = time.time()
             bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}"
                        + (" (warm-up)" if warmup else ""), disable=not cfg.progress, leave=False)
+            stats_reader = StepStats(self.device)
+
+            def account(read) -> None:
+                if read is None:
+                    return
+                values, (epoch, step) = read
+                self._check_finite(values, epoch, step)
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+                bar.update(1)
+                bar.set_postfix(ce=f"{values['ce']:.3f}", lat=f"{values['lat']:.3f}")
+
             for i, (x, y) in enumerate(self.w_loader):
                 if i >= self.steps_per_epoch:
                     break
@@ -506,12 +525,9 @@ class Searcher:
                     stats.update(self.arch_step(xa, ya))
                     if self.hessian is not None and self.hessian.should_refresh(self.step):
                         self._refresh_hessian()
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
+                account(stats_reader.push(stats, (self.epoch, self.step)))
                 self.step += 1
-                bar.update(1)
-                bar.set_postfix(ce=f"{stats['ce']:.3f}", lat=f"{stats['lat']:.3f}")
+            account(stats_reader.flush())
             bar.close()
             self.epoch += 1
             choice = self.supernet.argmax_choice()
@@ -525,7 +541,7 @@ class Searcher:
                       "argmax_w_bits": [l.w_bits for l in arch.layers],
                       "argmax_a_bits": [l.a_bits for l in arch.layers], **self._probabilities()}
             if hasattr(self.penalty, "mu"):
-                record["mu"] = self.penalty.mu
+                record["mu"] = float(self.penalty.mu)
             self._log(record)
             self.save_checkpoint()
             log.info("epoch %d/%d: ce %.3f, E[lat] %.3f ms, argmax %.3f ms, val acc %.3f (%.0fs)", self.epoch,

@@ -48,16 +48,14 @@ def gumbel_noise(shape: Sequence[int], generator: Optional[torch.Generator], dev
     return (-torch.log(-torch.log(u))).to(device=device, dtype=dtype)
 
 
-def gumbel_softmax_rows(logits: torch.Tensor, noise: torch.Tensor, index: list[int], tau: float, hard: bool,
+def gumbel_softmax_rows(logits: torch.Tensor, noise: torch.Tensor, one_hot: Optional[torch.Tensor], tau: float,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gumbel-softmax over the last dim of [R, n] logits with given noise and sampled indices: (weights used in
-    the forward, soft relaxation). In hard mode the weights are straight-through one-hots: value one_hot,
-    gradient of the soft relaxation."""
+    """Gumbel-softmax over the last dim of [R, n] logits with given noise: (weights used in the forward, soft
+    relaxation). With `one_hot` (the sampled choices, [R, n]) the weights are straight-through one-hots: value
+    one_hot, gradient of the soft relaxation."""
     soft = F.softmax((logits + noise) / tau, dim=-1)
-    if not hard:
+    if one_hot is None:
         return soft, soft
-    one_hot = torch.zeros_like(soft)
-    one_hot[torch.arange(len(index)), index] = 1.0
     return one_hot - soft.detach() + soft, soft
 
 
@@ -194,12 +192,20 @@ class Supernet(nn.Module):
         sizes = [t.numel() for t in logits]
         noise_cpu = gumbel_noise((sum(sizes),), self.generator, "cpu")
         flat_cpu = self._lagged_logits(torch.cat([t.detach().reshape(-1) for t in logits]).float())
-        noise = noise_cpu.to(logits[0].device, non_blocking=True).split(sizes)
-        op_idx, w_idx, a_idx = (p.view_as(t).argmax(-1).tolist()
+        op_idx, w_idx, a_idx = (p.view_as(t).argmax(-1)
                                 for t, p in zip(logits, (flat_cpu + noise_cpu).split(sizes)))
+        hards = (hard, self.hard_bits, self.hard_bits)
+        # the noise and the sampled one-hots go to the device in one asynchronous copy (no host wait)
+        host = [noise_cpu] + [F.one_hot(idx, t.shape[-1]).float().reshape(-1)
+                              for idx, t, h in zip((op_idx, w_idx, a_idx), logits, hards) if h]
+        moved = self._to_device(torch.cat(host), logits[0].device)
+        parts = moved.split([sum(sizes)] + [n for n, h in zip(sizes, hards) if h])
+        noise, one_hots = parts[0].split(sizes), iter(parts[1:])
         (op_w, op_soft), (w_w, w_soft), (a_w, a_soft) = (
-            gumbel_softmax_rows(t, n.view_as(t).to(t.dtype), idx, self.tau, h)
-            for t, n, idx, h in zip(logits, noise, (op_idx, w_idx, a_idx), (hard, self.hard_bits, self.hard_bits)))
+            gumbel_softmax_rows(t, n.view_as(t).to(t.dtype), next(one_hots).view_as(t).to(t.dtype) if h else None,
+                                self.tau)
+            for t, n, h in zip(logits, noise, hards))
+        op_idx, w_idx, a_idx = op_idx.tolist(), w_idx.tolist(), a_idx.tolist()
         full = [self._full_bit_matrix(rows, n) for rows, n in
                 ((w_w, len(self.space.w_bits)), (a_w, len(self.space.a_bits)),
                  (w_soft, len(self.space.w_bits)), (a_soft, len(self.space.a_bits)))]
@@ -231,6 +237,13 @@ class Supernet(nn.Module):
         if self.quantized:
             self._prescaled = running_convs + self._fixed_convs
             prescale_activations(self._prescaled)
+
+    @staticmethod
+    def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A host tensor on `device`; to a GPU through pinned memory, without blocking the host."""
+        if device.type == "cpu":
+            return host
+        return host.pin_memory().to(device, non_blocking=True)
 
     def _lagged_logits(self, flat: torch.Tensor) -> torch.Tensor:
         """The host copy of the arch logits that picks this forward's discrete choices: the logits as they were
@@ -376,3 +389,14 @@ def sample_cost(supernet: Supernet, table: torch.Tensor) -> torch.Tensor:
         return hard_val
     soft_val = expected_cost(table, *supernet.sample_weights(soft=True))
     return hard_val.detach() + soft_val - soft_val.detach()
+
+
+@torch.no_grad()
+def argmax_cost(supernet: Supernet, table: torch.Tensor) -> torch.Tensor:
+    """The cost of the architecture the search would derive now (the argmax of every op and bit logit, as
+    argmax_choice), computed on the logits' device without a host read."""
+    def one_hot(p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(p, dtype=table.dtype).scatter_(-1, p.argmax(-1, keepdim=True), 1.0)
+
+    ops, ws, as_ = supernet.probabilities()
+    return expected_cost(table, one_hot(ops), one_hot(ws), one_hot(as_))

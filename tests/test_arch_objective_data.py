@@ -8,7 +8,8 @@ import torch
 from fbnas import Arch, build_model, load_arch, load_space
 from fbnas.data import TensorBatches, TensorData, load_dataset, read_idx, split_tensor_data
 from fbnas.errors import ConfigError, DataError
-from fbnas.objective import AdditivePenalty, MultiplicativePenalty, TargetPenalty, make_penalty
+from fbnas.config import ObjectiveConfig
+from fbnas.objective import PENALTIES, AdditivePenalty, MultiplicativePenalty, TargetPenalty, make_penalty
 
 
 def _arch():
@@ -77,6 +78,31 @@ def test_penalties():
     assert t.mu == 0.0  # the multiplier stays >= 0
     with pytest.raises(ConfigError, match="objective.limit_ms"):
         make_penalty("target", 1.0)
+    with pytest.raises(ConfigError, match="objective.kind.*multiplicative"):
+        make_penalty("fastest", 1.0)
+
+
+@pytest.mark.parametrize("kind", sorted(PENALTIES))
+def test_every_registered_penalty_builds_from_the_config_and_never_rewards_latency(kind):
+    pen = make_penalty(kind, 2.0, ObjectiveConfig(kind=kind, limit_ms=1.5))
+    assert pen.name == kind and isinstance(pen, PENALTIES[kind])
+    pen.update(torch.tensor(3.0))  # e.g. a target multiplier becomes positive
+    ce = torch.tensor(1.2)
+    lat = torch.tensor([0.5, 1.0, 2.0, 4.0], requires_grad=True)
+    losses = torch.stack([pen(ce, l) for l in lat])
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and (lat.grad >= 0).all()
+    assert (losses[1:] >= losses[:-1] - 1e-6).all()  # more latency never lowers the loss
+    pen.load_state_dict(pen.state_dict())
+
+
+def test_target_multiplier_updates_on_the_device_without_a_host_read():
+    t = make_penalty("target", 1.0, limit_ms=2.0, eta=0.5)
+    t.update(torch.tensor(4.0))
+    assert isinstance(t.mu, torch.Tensor) and float(t.mu) == pytest.approx(0.5)
+    t.update(torch.tensor(0.0))
+    t.update(torch.tensor(0.0))
+    assert float(t.mu) == 0.0 and t.state_dict() == {"mu": 0.0}
 
 
 def test_fashion_mnist_loads_and_split_is_deterministic():

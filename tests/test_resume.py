@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fbnas.config import DataConfig, DeriveConfig, SearchConfig
-from fbnas.errors import CheckpointError
+from fbnas.errors import CheckpointError, NonFiniteLossError
 from fbnas.search import Searcher, run_search
 
 
@@ -170,3 +170,10 @@ def test_atomic_write_failure_leaves_the_old_file_and_no_temp(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert (tmp_path / "a.json").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_a_non_finite_loss_stops_the_search_naming_the_step_and_writes_no_result(tmp_path):
+    cfg = tiny(epochs=1, optim=dataclasses.replace(SearchConfig().optim, w_lr=1e30, grad_clip=0.0))
+    with pytest.raises(NonFiniteLossError, match=r"loss became (nan|inf) at epoch 0 step \d.*no checkpoint was written"):
+        run_search(cfg, tmp_path)
+    assert not (tmp_path / "arch.json").exists() and not (tmp_path / "checkpoints" / "last.pt").exists()

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from fbnas import load_space
 from fbnas.latency import arch_latency, fixed_latency, get_table, latency_matrix
-from fbnas.supernet import Supernet, gumbel_noise, sample_cost
+from fbnas.step_stats import StepStats
+from fbnas.supernet import Supernet, argmax_cost, gumbel_noise, sample_cost
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +188,28 @@ def test_batched_weight_quantization_gives_the_per_conv_forward(space, mode, mon
         outs.append(net(x))
         assert all(c.prequantized is None for c in net.modules() if hasattr(c, "prequantized"))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_argmax_cost_is_the_latency_of_the_derived_architecture(space):
+    table = get_table(space, "sd835")
+    matrix, fixed = latency_matrix(table, space), fixed_latency(table, space)
+    net = Supernet(space)
+    with torch.no_grad():
+        for p in net.arch_parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    derived = net.choice_to_arch(net.argmax_choice())
+    assert float(argmax_cost(net, matrix)) + fixed == pytest.approx(arch_latency(table, derived), rel=1e-5)
+
+
+def test_step_stats_on_a_cpu_are_read_at_once_with_their_tag():
+    stats = StepStats(torch.device("cpu"))
+    values, tag = stats.push({"ce": torch.tensor(1.5), "lat": torch.tensor(0.25, requires_grad=True)}, (0, 7))
+    assert values == {"ce": 1.5, "lat": 0.25} and tag == (0, 7) and stats.flush() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_stats_on_a_gpu_are_read_one_step_late():
+    stats = StepStats(torch.device("cuda"))
+    assert stats.push({"ce": torch.tensor(1.0, device="cuda")}, 0) is None
+    assert stats.push({"ce": torch.tensor(2.0, device="cuda")}, 1) == ({"ce": 1.0}, 0)
+    assert stats.flush() == ({"ce": 2.0}, 1) and stats.flush() is None

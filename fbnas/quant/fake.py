@@ -126,6 +126,15 @@ def _constant(shape: int | tuple[int, ...], value: float, device: torch.device, 
     return _CONSTANTS[key]
 
 
+def _constant_vector(values: tuple[float, ...], device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """A cached 1-d tensor of `values` (made once per values, device and dtype, with no host wait; never written)."""
+    key = ("vector", values, device, dtype)
+    if key not in _CONSTANTS:
+        host = torch.tensor(values, dtype=dtype)
+        _CONSTANTS[key] = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    return _CONSTANTS[key]
+
+
 def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Q_b(W) per output channel, symmetric; straight-through gradient (every weight lies inside the range)."""
     if bits >= 32:
@@ -435,8 +444,8 @@ class ActQuantizer(nn.Module):
             return self.quantize(x, bits)
         levels = [self.levels(b) for b in state.a_choices]
         scales = torch.stack([self.scale(b) for b in state.a_choices]).to(x.dtype)
-        los = torch.tensor([lv[0] for lv in levels], dtype=x.dtype, device=x.device)
-        his = torch.tensor([lv[1] for lv in levels], dtype=x.dtype, device=x.device)
+        los = _constant_vector(tuple(lv[0] for lv in levels), x.device, x.dtype)
+        his = _constant_vector(tuple(lv[1] for lv in levels), x.device, x.dtype)
         return _MixedAct.apply(x, state.a_probs.to(x.dtype), scales, los, his)
 
 
