@@ -9,12 +9,17 @@ Prints, with PASS/FAIL, and exits 1 if a check fails:
   - MobileNet-v1/v2 anchors within +-25% (sd835 vs XNNPACK on a Pixel 2, a11 vs TFLite on an iPhone 8);
   - rank agreement with the Pixel 3 per-block sums over random FBNet CIFAR-100 architectures (>= 0.97).
 --fit refits the sd835 constants (least squares on log ratios, one level factor per framework) and prints them
-with in-sample errors; --loo adds leave-one-network-out errors and rank agreement.
+with in-sample errors, and the a11 constants that follow from the sd835 file; --loo adds leave-one-network-out
+errors and rank agreement: each network's rows (fp32, and int8 at the file's int8 speed-ups) predicted by a fit to
+the other networks, Spearman per group of networks measured together against MACs alone on the same rows.
+The fit runs on the CPU (seconds).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
 from dataclasses import asdict
@@ -22,8 +27,9 @@ from dataclasses import asdict
 from fbnas.io import atomic_write_json
 from fbnas.latency import load_device
 from fbnas.latency.calibration import (FITS, check_model_targets, check_pixel3_ranks, check_whole_model_ranks,
-                                       fit_device, fit_rows, leave_one_network_out,
+                                       fit_a11, fit_device, fit_rows, leave_one_network_out,
                                        whole_model_measurements)
+from fbnas.latency.measured import _cpu_name
 
 
 def show(results) -> None:
@@ -40,7 +46,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     rows = whole_model_measurements()
-    report: dict = {"command": "python bench/calibration.py " + " ".join(sys.argv[1:])}
+    report: dict = {"command": "python bench/calibration.py " + " ".join(sys.argv[1:]),
+                    "hardware": f"{_cpu_name()} ({os.cpu_count()} logical cores, {platform.machine()}); CPU only"}
     spec = FITS["sd835"]
     base = load_device(spec.device)
     if args.fit or args.loo:
@@ -52,18 +59,28 @@ def main() -> int:
         errs = [fit.predict(base, m) / m.ms - 1 for m in fit_set]
         print(f"  in-sample |error|: median {statistics.median(abs(e) for e in errs):.1%}, "
               f"max {max(abs(e) for e in errs):.1%}")
-        report["fit"] = {"params": fit.params, "framework_factor": fit.framework_factor}
+        a11 = fit_a11(rows)
+        print("  a11 (sd835's ratios, one factor and the int8 speed-up fitted to MobileNet-v1 on an iPhone 8):",
+              json.dumps({k: round(v, 4) for k, v in a11.items()}))
+        report["fit"] = {"params": fit.params, "framework_factor": fit.framework_factor,
+                         "in_sample_median_abs_error": statistics.median(abs(e) for e in errs),
+                         "in_sample_max_abs_error": max(abs(e) for e in errs), "a11": a11}
         if args.loo:
-            loo = leave_one_network_out(spec, fit_set)
+            int8 = [m for m in rows if m.soc == spec.soc and m.precision == "int8"
+                    and m.framework not in spec.exclude_frameworks]
+            loo = leave_one_network_out(spec, fit_set, also=int8)
             print("leave-one-network-out (each network predicted by a fit to the others):")
             for m, pred in loo.items():
-                print(f"  {m.framework[:12]:<12} {m.threads}t {m.model:<20} measured {m.ms:8.1f} ms  "
+                print(f"  {m.framework[:12]:<12} {m.threads}t {m.precision} {m.model:<20} measured {m.ms:8.1f} ms  "
                       f"predicted {pred:8.1f}  {pred / m.ms - 1:+.1%}")
-            ape = [abs(p / m.ms - 1) for m, p in loo.items()]
-            print(f"  MAPE {statistics.mean(ape):.1%}, median {statistics.median(ape):.1%}")
+            ape = [abs(p / m.ms - 1) for m, p in loo.items() if m.precision == "fp32"]
+            ape8 = [abs(p / m.ms - 1) for m, p in loo.items() if m.precision == "int8"]
+            print(f"  fp32 MAPE {statistics.mean(ape):.1%}, median {statistics.median(ape):.1%}; int8 MAPE "
+                  f"{statistics.mean(ape8):.1%} (int8 speed-ups of the file, not fitted)")
             loo_ranks = check_whole_model_ranks(base, list(loo), predict=lambda m: loo[m], label="leave-one-out")
             show(loo_ranks)
-            report["leave_one_out"] = {"mape": statistics.mean(ape),
+            report["leave_one_out"] = {"mape": statistics.mean(ape), "median_ape": statistics.median(ape),
+                                       "int8_mape": statistics.mean(ape8),
                                        "rows": [{**asdict(m), "predicted_ms": p} for m, p in loo.items()],
                                        "ranks": [asdict(r) for r in loo_ranks]}
     print("zero-shot rank agreement of the shipped device files (Spearman over the networks of each group):")

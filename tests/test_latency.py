@@ -112,6 +112,30 @@ def test_cpu_threads_scale_below_linear_and_groups_are_penalised():
     assert one.kernel_ms(grouped, 32, 32) == pytest.approx(one.kernel_ms(k, 32, 32))  # half MACs, half efficiency
 
 
+def test_cpu_winograd_transforms_cost_per_element_of_3x3_stride1_convs_only():
+    wino = replace(CPU, eff_conv3x3=2.0, winograd_ns_per_elem=10.0)
+    plain, one, four = AnalyticCPU(replace(wino, winograd_ns_per_elem=0.0)), AnalyticCPU(wino), AnalyticCPU(wino, 4)
+    k = conv("conv", 16, 64, 32, 32, 3, 1)
+    transforms_ms = (16 + 64) * 32 * 32 * 10e-9 * 1e3
+    assert one.kernel_ms(k, 32, 32) - plain.kernel_ms(k, 32, 32) == pytest.approx(transforms_ms, rel=1e-9)
+    four_plain = AnalyticCPU(replace(wino, winograd_ns_per_elem=0.0), 4)
+    assert four.kernel_ms(k, 32, 32) - four_plain.kernel_ms(k, 32, 32) == pytest.approx(transforms_ms / 2.5)
+    for other in (conv("conv", 16, 64, 32, 32, 3, 2), conv("conv", 16, 64, 32, 32, 5, 1), conv("pw", 16, 64, 32, 32),
+                  conv("dw", 16, 16, 32, 32, 3, 1, 16)):
+        assert one.kernel_ms(other, 32, 32) == plain.kernel_ms(other, 32, 32)
+    # with few channels the transforms dominate: per MAC, a narrow 3x3 conv costs more than a wide one
+    wide = conv("conv", 256, 256, 8, 8, 3, 1)
+    assert one.kernel_ms(k, 32, 32) / k.macs > one.kernel_ms(wide, 32, 32) / wide.macs
+
+
+def test_reference_nets_run_silu_as_an_elementwise_pass():
+    from fbnas.latency.reference_nets import reference_kernels
+
+    acts = [k for k in reference_kernels("efficientnet_b0") if k.kind == "act"]
+    assert len(acts) == 49 and acts[0].c_in == 32 and acts[0].h_in == 112 and acts[0].macs == 0
+    assert not any(k.kind == "act" for k in reference_kernels("mobilenet_v2"))  # ReLU6 fuses into the conv
+
+
 def test_bitfusion_speedup_rule():
     assert bitfusion_speedup(8, 8) == 1
     assert bitfusion_speedup(4, 8) == 2

@@ -13,8 +13,9 @@ def conv_out_size(size: int, stride: int) -> int:
     return -(-size // stride)
 
 # kinds: conv (dense kxk), pw (1x1, groups allowed), dw (depthwise), add (residual), shuffle (channel
-# shuffle copy), concat (copy), pool (global average), linear (classifier)
-KERNEL_KINDS = ("conv", "pw", "dw", "add", "shuffle", "concat", "pool", "linear")
+# shuffle copy), concat (copy), pool (global average), linear (classifier), act (an activation runtimes do not
+# fuse into the conv before it, e.g. SiLU: one elementwise pass)
+KERNEL_KINDS = ("conv", "pw", "dw", "add", "shuffle", "concat", "pool", "linear", "act")
 
 
 @dataclass(frozen=True)

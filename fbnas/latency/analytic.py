@@ -2,13 +2,16 @@
 (BitFusion-like). They price one fused kernel (conv+BN+act, add, shuffle, concat, pool, linear) at given
 weight and activation bits. They are models, not measurements; calibration lives in bench/calibration.py.
 
-CPU, per fused kernel:  t = max(MACs / (P * e_kind * s_prec), bytes / BW) + t_op
+CPU, per fused kernel:  t = max(MACs / (P * e_kind * s_prec) + t_wino, bytes / BW) + t_op
   P       peak fp32 MAC/s = freq * SIMD lanes * vector pipes * thread speed-up,
           thread speed-up(T) = 1 + (T - 1) * thread_efficiency (below linear; bandwidth is shared)
   e_kind  fraction of peak a kernel kind reaches (pointwise, depthwise (~1/3 of pointwise), dense kxk, linear),
           times group_efficiency for grouped 1x1 convs
   s_prec  1 for fp32 (bits > 8); the int8 speed-up of that kind otherwise: 2/4-bit run on int8 kernels,
           so sub-8-bit saves bytes, not MACs
+  t_wino  dense 3x3 stride-1 convs run as Winograd: their input and output transforms cost
+          winograd_ns_per_elem per input + output element (divided by the thread speed-up); with few channels
+          the transforms, not the multiplies, dominate
   bytes   inputs at a_bits, weights at w_bits, outputs at a_bits (32 for fp32)
   t_op    per-kernel overhead; channel shuffle costs shuffle_ns_per_elem per element on top of the copy
 
@@ -62,6 +65,8 @@ class CPUParams:
     eff_conv3x3: Optional[float] = None  # dense 3x3 stride-1 convs (Winograd: can exceed 1 per direct MAC);
                                          # default eff_conv
     qdq_ns_per_elem: float = 1.0         # fp32 fallback of a bit pair the runtime has no kernel for
+    winograd_ns_per_elem: float = 0.0    # Winograd transforms of dense 3x3 stride-1 convs, per input + output
+                                         # element (only with eff_conv3x3)
 
 
 class AnalyticCPU(DeviceModel):
@@ -72,14 +77,18 @@ class AnalyticCPU(DeviceModel):
         self.threads = threads
         self.bit_support = bit_support
         self.qdq_ns_per_elem = params.qdq_ns_per_elem
-        speedup = 1.0 + (threads - 1) * params.thread_efficiency
-        self.peak_macs_per_s = params.freq_ghz * 1e9 * params.simd_lanes * params.vector_pipes * speedup
+        self.speedup = 1.0 + (threads - 1) * params.thread_efficiency
+        self.peak_macs_per_s = params.freq_ghz * 1e9 * params.simd_lanes * params.vector_pipes * self.speedup
+
+    def winograd(self, k: KernelSpec) -> bool:
+        return bool(self.p.eff_conv3x3) and k.kind == "conv" and k.kh == k.kw == 3 and k.stride == 1 \
+            and k.groups == 1
 
     def efficiency(self, k: KernelSpec, fp32: bool) -> float:
         p = self.p
         kind = "pw" if k.kind == "conv" and k.kh == k.kw == 1 else k.kind
         eff = {"pw": p.eff_pw, "dw": p.eff_dw, "conv": p.eff_conv, "linear": p.eff_linear}[kind]
-        if kind == "conv" and k.kh == k.kw == 3 and k.stride == 1 and k.groups == 1 and p.eff_conv3x3:
+        if self.winograd(k):
             eff = p.eff_conv3x3
         if not fp32:
             eff *= {"pw": p.int8_speedup_pw, "dw": p.int8_speedup_dw, "conv": p.int8_speedup_conv,
@@ -93,6 +102,8 @@ class AnalyticCPU(DeviceModel):
         fp32 = is_fp32(w_bits, a_bits)
         memory_s = kernel_bytes(k, w_bits, a_bits) / (p.bandwidth_gbs * 1e9)
         compute_s = k.macs / (self.peak_macs_per_s * self.efficiency(k, fp32)) if k.macs else 0.0
+        if p.winograd_ns_per_elem and self.winograd(k):
+            compute_s += (k.in_elems + k.out_elems) * p.winograd_ns_per_elem * 1e-9 / self.speedup
         extra_s = k.out_elems * p.shuffle_ns_per_elem * 1e-9 if k.kind == "shuffle" else 0.0
         return (max(compute_s, memory_s) + extra_s + p.t_op_us * 1e-6) * 1e3
 

@@ -92,9 +92,11 @@ class FitSpec:
 FITS = {
     "sd835": FitSpec("sd835", "Snapdragon 835", "XNNPACK (2020-03)",
                      ("eff_pw", "eff_dw", "eff_conv", "eff_conv3x3", "eff_linear", "bandwidth_gbs", "t_op_us",
-                      "thread_efficiency"),
-                     (0.05, 0.02, 0.05, 0.05, 0.01, 1.0, 0.5, 0.1),
-                     (1.0, 1.0, 1.0, 4.0, 1.0, 40.0, 200.0, 1.0),
+                      "thread_efficiency", "winograd_ns_per_elem"),
+                     # eff_conv3x3 <= 4: Winograd F(6x6, 3x3) does 5.06x fewer multiplies than a direct 3x3 conv,
+                     # at ~80% of peak
+                     (0.05, 0.02, 0.05, 0.05, 0.01, 1.0, 0.5, 0.1, 0.0),
+                     (1.0, 1.0, 1.0, 4.0, 1.0, 40.0, 200.0, 1.0, 50.0),
                      # two networks only, one of uncertain version (SqueezeNet 1.0 or 1.1): its level factor
                      # would be fitted from the same two rows it is checked on
                      exclude_frameworks=("TFLite (2018 benchmark doc)",)),
@@ -112,7 +114,9 @@ class Fit:
         return AnalyticCPU(replace(base.params, **self.params), threads)
 
     def predict(self, base: Device, m: Measurement) -> float:
-        return self.framework_factor[m.framework] * net_ms(self.model(base, m.threads), m.model, 32, m.input_size)
+        """fp32 rows at the fitted constants; int8 rows also at the base file's int8 speed-ups (not fitted)."""
+        bits = 32 if m.precision == "fp32" else 8
+        return self.framework_factor[m.framework] * net_ms(self.model(base, m.threads), m.model, bits, m.input_size)
 
 
 def fit_rows(spec: FitSpec, rows: Optional[list[Measurement]] = None) -> list[Measurement]:
@@ -139,7 +143,7 @@ def fit_device(spec: FitSpec, rows: Sequence[Measurement]) -> Fit:
         return np.array([math.log(factor[m.framework] * models[m.threads].op_ms(kernels[m.model, m.input_size], 32, 32)
                                   / m.ms) for m in rows])
 
-    x0 = [min(max(getattr(base.params, f) or base.params.eff_conv, lo), hi)
+    x0 = [min(max(getattr(base.params, f) or (lo + hi) / 2, lo), hi)
           for f, lo, hi in zip(spec.fields, spec.lower, spec.upper)]
     x = least_squares(resid, np.array(x0 + [1.0] * len(frameworks)),
                       bounds=(np.array(list(spec.lower) + [0.05] * len(frameworks)),
@@ -151,7 +155,7 @@ def fit_device(spec: FitSpec, rows: Sequence[Measurement]) -> Fit:
 def fit_a11(rows: Optional[Sequence[Measurement]] = None) -> dict[str, float]:
     """The A11 model keeps the sd835 file's ratios between kernel kinds (no A11 data separates them); one
     factor on every efficiency is fitted to MobileNet-v1 fp32 and int8_speedup_pw to its int8 time (TFLite,
-    iPhone 8)."""
+    iPhone 8). The Winograd transform cost follows the same factor and the ratio of the two cores' peaks."""
     from scipy.optimize import least_squares
 
     rows = list(rows) if rows is not None else whole_model_measurements()
@@ -159,8 +163,12 @@ def fit_a11(rows: Optional[Sequence[Measurement]] = None) -> dict[str, float]:
     targets = [m for m in rows if m.soc == "Apple A11" and m.model == "mobilenet_v1"]
     kinds = ("eff_pw", "eff_dw", "eff_conv", "eff_conv3x3", "eff_linear")
 
+    def peak(p) -> float:
+        return p.freq_ghz * p.simd_lanes * p.vector_pipes
+
     def params(x):
-        return replace(base.params, **{k: getattr(ref, k) * x[0] for k in kinds}, int8_speedup_pw=x[1])
+        return replace(base.params, **{k: getattr(ref, k) * x[0] for k in kinds}, int8_speedup_pw=x[1],
+                       winograd_ns_per_elem=ref.winograd_ns_per_elem * peak(ref) / (peak(base.params) * x[0]))
 
     def resid(x):
         return np.array([math.log(net_ms(AnalyticCPU(params(x)), m.model, 32 if m.precision == "fp32" else 8)
@@ -168,15 +176,18 @@ def fit_a11(rows: Optional[Sequence[Measurement]] = None) -> dict[str, float]:
 
     x = least_squares(resid, np.array([1.0, 1.3]), bounds=([0.1, 1.0], [3.0, 1.4])).x
     p = params(x)
-    return {**{k: float(getattr(p, k)) for k in kinds}, "int8_speedup_pw": float(x[1])}
+    return {**{k: float(getattr(p, k)) for k in (*kinds, "winograd_ns_per_elem")},
+            "int8_speedup_pw": float(x[1])}
 
 
-def leave_one_network_out(spec: FitSpec, rows: Sequence[Measurement]) -> dict[Measurement, float]:
-    """Each network's rows predicted by a fit to every other network's rows."""
+def leave_one_network_out(spec: FitSpec, rows: Sequence[Measurement],
+                          also: Sequence[Measurement] = ()) -> dict[Measurement, float]:
+    """Each network's rows predicted by a fit to every other network's rows; rows in `also` (e.g. int8 rows, which
+    the fit does not use) are predicted by the fit that held their network out."""
     base = load_device(spec.device)
     out = {}
     for net in sorted({m.model for m in rows}):
-        held = [m for m in rows if m.model == net]
+        held = [m for m in [*rows, *also] if m.model == net]
         rest = [m for m in rows if m.model != net]
         if not {m.framework for m in held} <= {m.framework for m in rest}:
             continue  # a framework with no other network has no level to predict from

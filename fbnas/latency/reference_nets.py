@@ -4,7 +4,9 @@ whole-model latencies (fbnas/latency/data/whole_model_latency.csv).
 MobileNet-v1 is written out here (torchvision has none); every other network is traced from its torchvision
 definition at the measured input size: the aten operations of one forward pass on the meta device (no weights,
 no compute) become KernelSpecs (convolutions, matrix products, residual adds and SE scales, concatenations,
-pooling). BatchNorm and activations are fused into the convolution before them, as mobile runtimes do.
+pooling). BatchNorm and activations are fused into the convolution before them, as mobile runtimes do, except
+SiLU (swish), which runtimes run as elementwise passes of their own (ncnn's Swish layer, TFLite's LOGISTIC and
+MUL): an `act` kernel.
 """
 from __future__ import annotations
 
@@ -69,6 +71,9 @@ def trace_kernels(module, size: int = 224, in_channels: int = 3) -> list[KernelS
                     and args[0].dim() == 4:
                 _, c, h, wd = shape4(out)
                 kernels.append(KernelSpec("add", c, c, h, wd, quantized=False))
+            elif op in (aten.silu, aten.silu_) and out.dim() == 4:
+                _, c, h, wd = out.shape
+                kernels.append(KernelSpec("act", c, c, h, wd, quantized=False))
             elif op is aten.cat and args[0][0].dim() == 4:
                 _, c, h, wd = shape4(out)
                 kernels.append(KernelSpec("concat", c, c, h, wd, quantized=False))
