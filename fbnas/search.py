@@ -450,16 +450,10 @@ class Searcher:
                 "bit_choices": {"w": list(self.space.w_bits), "a": list(self.space.a_bits)}}  # the device's
 
     def _start_wandb(self) -> None:
-        if self.cfg.logger != "wandb":
-            return
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("logger=wandb needs the wandb package (pip install wandb)") from None
-        w = self.cfg.wandb
-        self.wandb_run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, dir=str(self.out_dir),
-                                    config=dataclasses.asdict(self.cfg), resume="allow",
-                                    id=self.out_dir.name.replace("/", "_"))
+        if self.cfg.logger == "wandb":
+            from .wandb_run import start_wandb
+
+            self.wandb_run = start_wandb(self.cfg.wandb, self.out_dir, dataclasses.asdict(self.cfg), "search")
 
     def run(self) -> SearchResult:
         with hold(self.out_dir):  # one run per directory (the CLI has taken it already)

@@ -13,7 +13,7 @@ from fbnas.hessian.report import load_hessian
 from fbnas.search import CHECKPOINT_FORMAT
 from fbnas.supernet import Supernet
 
-FAST = ["dataset=synthetic", "batches=1", "batch_size=8", "max_probes=8", "min_probes=4", "method=loop", "threads=1"]
+FAST = ["data.name=synthetic", "batches=1", "batch_size=8", "max_probes=8", "min_probes=4", "method=loop", "threads=1"]
 
 
 @pytest.fixture(autouse=True)

@@ -34,4 +34,4 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    return run_hydra_with_device(_app, "fbnas search", argv)
+    return run_hydra_with_device(_app, "fbnas search", argv, schema=SearchConfig, config_name="search", doc=__doc__)
