@@ -23,6 +23,7 @@ from .config import SearchConfig
 from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
 from .errors import CheckpointError, ConfigError, LatencyTableError, NonFiniteLossError
 from .io import append_jsonl, sha256_file, truncate_jsonl
+from .latency.lookup import check_target_limit
 from .objective import LatencyPenalty, make_penalty
 from .quant.fake import ActQuantizer
 from .resume import mismatched_fields, refuse_mismatch, tensor_fingerprint
@@ -131,6 +132,8 @@ class Searcher:
                                     "(or a positive objective.ref_ms)")
         o = cfg.objective
         self.penalty: LatencyPenalty = make_penalty(o.kind, self.ref_ms, o.alpha, o.beta, o.lam, o.limit_ms, o.eta)
+        check_target_limit(o.kind, o.limit_ms, self.latency.matrix, self.latency.fixed_ms,
+                           f"space {self.space.name} on {self.latency.device_name}")
         self.hessian = self._make_hessian_penalty()
         self.w_loader = make_loader(self.data.train, cfg.data.batch_size, True, cfg.seed, self.data.augment,
                                     drop_last=True, device=self.device)

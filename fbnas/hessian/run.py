@@ -83,6 +83,18 @@ def _batches(cfg: HessianRunConfig, space_name: str, search_conf: dict, device: 
     return out
 
 
+def _labels(cfg: HessianRunConfig, model: nn.Module) -> dict[str, str]:
+    """Plot labels of the groups: layer and op (a child: and its bits)."""
+    if cfg.checkpoint:
+        ops = model.space.candidates
+        return {f"mixed_layers.{l}.ops.{i}": f"{l}: {op}" for l in range(len(model.mixed_layers))
+                for i, op in enumerate(ops)}
+    from ..arch import load_arch
+
+    return {f"layers.{i}": f"{i}: {layer.op} W{layer.w_bits}A{layer.a_bits}"
+            for i, layer in enumerate(load_arch(cfg.arch).layers)}
+
+
 def run_hessian(cfg: HessianRunConfig) -> tuple[dict, list[Path], TraceResult]:
     """Compute the traces named by cfg and write hessian.json / hessian.png. Returns (record, paths, result)."""
     if bool(cfg.checkpoint) == bool(cfg.arch):
@@ -121,5 +133,5 @@ def run_hessian(cfg: HessianRunConfig) -> tuple[dict, list[Path], TraceResult]:
                 "bits": [int(b) for b in bits]}
     source = {"arch": cfg.arch, "weights": cfg.weights, "checkpoint": cfg.checkpoint}
     record = hessian_record(result, groups, bits, source, settings)
-    paths = write_hessian(cfg.out_dir or default_out, record, plot=cfg.plot)
+    paths = write_hessian(cfg.out_dir or default_out, record, plot=cfg.plot, labels=_labels(cfg, model))
     return record, paths, result
