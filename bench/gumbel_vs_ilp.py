@@ -87,7 +87,7 @@ def main() -> None:
         print(f"note: arch.json predicts {stored} ms on {a.lut_device}, the table gives {lut_ms} ms; using the table")
 
     data = load_dataset("fashion_mnist", train_subset=a.train_subset, test_subset=a.test_subset, seed=a.seed)
-    base = dict(epochs=a.epochs, fold_epochs=a.fold_epochs, steps_per_epoch=a.steps, batch_size=a.batch_size,
+    base = dict(epochs=a.epochs, fold_epochs=a.fold_epochs, max_steps_per_epoch=a.steps, batch_size=a.batch_size,
                 lr=a.lr, accelerator=a.device, seed=a.seed)
     w8_arch = searched.with_bits(8, 8)
     w8 = train(w8_arch, data, TrainSettings(**base), runs / "w8a8")

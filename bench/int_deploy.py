@@ -69,7 +69,7 @@ def main() -> None:
     space = load_space(a.space)
     arch8 = Arch.from_space(space, a.ops.split(","), 8, 8)
     data = load_dataset("fashion_mnist", train_subset=a.train_subset, test_subset=a.test_subset)
-    base = dict(epochs=a.epochs, fold_epochs=a.fold_epochs, steps_per_epoch=a.steps, batch_size=a.batch_size,
+    base = dict(epochs=a.epochs, fold_epochs=a.fold_epochs, max_steps_per_epoch=a.steps, batch_size=a.batch_size,
                 lr=a.lr, accelerator=a.device, act_clip=a.w8_act_clip)
     runs = Path(a.runs)
     t0 = time.time()

@@ -37,7 +37,7 @@ from fbnas.rundir import LOCK_NAME  # noqa: E402
 SEARCH = ["search", "epochs=3", "warmup_epochs=1", "max_steps_per_epoch=4", "data.name=synthetic",
           "data.synthetic_size=512", "data.input_size=28", "data.batch_size=32", "data.eval_batch_size=64",
           "derive.eval_batches=1", "progress=false", "threads=1"]
-TRAIN = ["train", "data.name=synthetic", "epochs=2", "fold_epochs=2", "batch_size=32", "steps_per_epoch=4",
+TRAIN = ["train", "data.name=synthetic", "epochs=2", "fold_epochs=2", "batch_size=32", "max_steps_per_epoch=4",
          "calib_batches=2", "eval_batch_size=64"]
 
 

@@ -115,7 +115,7 @@ def pareto_args(a, device: str, runs: list[Path], baselines: str, workers: int, 
     args = ["pareto", f"device={device}", f"runs=[{','.join(map(str, runs))}]", f"baselines=[{baselines}]",
             f"budgets=[{a.fractions}]", "budget_unit=mbv2", f"seeds=[{a.seeds}]", f"workers={workers}",
             f"train.accelerator={a.accelerator}", f"train.epochs={a.epochs}", f"train.fold_epochs={a.fold_epochs}",
-            f"train.steps_per_epoch={a.steps}", f"train.batch_size={a.batch}", f"train.lr={a.lr}",
+            f"train.max_steps_per_epoch={a.steps}", f"train.batch_size={a.batch}", f"train.lr={a.lr}",
             f"data.train_subset={a.train_subset}", f"data.test_subset={a.test_subset}", "progress=false",
             f"hydra.run.dir={out}"]
     if a.data_root:

@@ -23,6 +23,7 @@ from .config import SearchConfig
 from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
 from .errors import CheckpointError, ConfigError, LatencyTableError, NonFiniteLossError
 from .io import append_jsonl, sha256_file, truncate_jsonl
+from .latency.lookup import check_target_limit
 from .objective import LatencyPenalty, make_penalty
 from .quant.fake import ActQuantizer
 from .resume import mismatched_fields, refuse_mismatch, tensor_fingerprint
@@ -132,6 +133,8 @@ class Searcher:
                                     "(or a positive objective.ref_ms)")
         o = cfg.objective
         self.penalty: LatencyPenalty = make_penalty(o.kind, self.ref_ms, o)
+        check_target_limit(o.kind, o.limit_ms, self.latency.matrix, self.latency.fixed_ms,
+                           f"space {self.space.name} on {self.latency.device_name}")
         self.hessian = self._make_hessian_penalty()
         self.w_loader = make_loader(self.data.train, cfg.data.batch_size, True, cfg.seed, self.data.augment,
                                     drop_last=True, device=self.device)
@@ -456,16 +459,10 @@ class Searcher:
                 "bit_choices": {"w": list(self.space.w_bits), "a": list(self.space.a_bits)}}  # the device's
 
     def _start_wandb(self) -> None:
-        if self.cfg.logger != "wandb":
-            return
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("logger=wandb needs the wandb package (pip install wandb)") from None
-        w = self.cfg.wandb
-        self.wandb_run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, dir=str(self.out_dir),
-                                    config=dataclasses.asdict(self.cfg), resume="allow",
-                                    id=self.out_dir.name.replace("/", "_"))
+        if self.cfg.logger == "wandb":
+            from .wandb_run import start_wandb
+
+            self.wandb_run = start_wandb(self.cfg.wandb, self.out_dir, dataclasses.asdict(self.cfg), "search")
 
     def run(self) -> SearchResult:
         with hold(self.out_dir):  # one run per directory (the CLI has taken it already)

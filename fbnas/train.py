@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 
 from .arch import Arch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainSettings  # noqa: F401  (defined with the other configs; part of the fbnas.train API)
+from .config import TrainSettings, current_names  # TrainSettings: defined with the other configs; in this API
 
 from .data import DataBundle, TensorData, make_loader
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -123,10 +123,14 @@ class _PhaseRun:
         self.loader.load_state_dict(st["loader"])
 
 
-def _train_epoch(run: _PhaseRun, epoch: int, s: TrainSettings, device: torch.device) -> dict:
+def _train_epoch(run: _PhaseRun, epoch: int, s: TrainSettings, device: torch.device, bar_desc: str = "",
+                 progress: bool = False) -> dict:
+    from tqdm import tqdm
+
     model = run.model
     model.train()
     total_loss, n, correct, t0 = 0.0, 0, 0, time.time()
+    bar = tqdm(total=run.steps, desc=bar_desc, disable=not progress, leave=False, dynamic_ncols=True)
     for i, (x, y) in enumerate(run.loader):
         if i >= run.steps:
             break
@@ -144,6 +148,9 @@ def _train_epoch(run: _PhaseRun, epoch: int, s: TrainSettings, device: torch.dev
         total_loss += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         n += len(y)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
     return {"loss": total_loss / max(n, 1), "train_acc": 100.0 * correct / max(n, 1), "seconds": time.time() - t0}
 
 
@@ -172,16 +179,16 @@ def _load_checkpoint(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------- train
 
 def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, resume: bool = False,
-          on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+          on_epoch: Optional[Callable[[dict], None]] = None, progress: bool = False) -> dict:
     """Train `arch` on `data` and write model.safetensors, integer.safetensors, quant_params.json, metrics.json,
-    metrics.jsonl and checkpoints/last.pt into out_dir. Returns the final metrics."""
+    metrics.jsonl and checkpoints/last.pt into out_dir. Returns the final metrics. `progress`: a bar per epoch."""
     s.check()
     with hold(out_dir):  # one run per directory (the CLI has taken it already)
-        return _train(arch, data, s, Path(out_dir), resume, on_epoch)
+        return _train(arch, data, s, Path(out_dir), resume, on_epoch, progress)
 
 
 def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume: bool,
-           on_epoch: Optional[Callable[[dict], None]]) -> dict:
+           on_epoch: Optional[Callable[[dict], None]], progress: bool = False) -> dict:
     device = resolve_device(s.accelerator)
     if device.type == "cuda":  # TF32 would make float convs on integer-valued tensors inexact
         torch.backends.cudnn.allow_tf32 = False
@@ -196,12 +203,15 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
         raise CheckpointError(f"{ckpt_path} exists: pass resume=true to continue that run or use a new run directory")
     identity = _run_identity(arch, data, s)
     if ckpt:
+        ckpt["identity"]["settings"] = current_names(ckpt["identity"]["settings"])
         refuse_mismatch(ckpt_path, "train checkpoint", mismatched_fields(ckpt["identity"], identity, RESUME_FREE),
                         RESUME_FREE)
 
     eval_loader = make_loader(data.test, s.eval_batch_size, shuffle=False, device=device)
     n_train = len(data.train)
-    steps = n_train // s.batch_size if s.steps_per_epoch <= 0 else min(s.steps_per_epoch, n_train // s.batch_size)
+    steps = n_train // s.batch_size
+    if s.max_steps_per_epoch > 0:
+        steps = min(s.max_steps_per_epoch, steps)
     if steps == 0:
         raise ConfigError(f"field 'batch_size' ({s.batch_size}) is larger than the training set ({n_train})")
     metrics: dict = dict(ckpt["extra"]) if ckpt else {}
@@ -239,7 +249,7 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
             if phase == "folded" and epoch == n_epochs - 1 and n_epochs > 1:
                 for m in (run.model, run.eval_model):
                     m.freeze_ranges(True)
-            rec = _train_epoch(run, epoch, s, device)
+            rec = _train_epoch(run, epoch, s, device, f"{phase} epoch {epoch + 1}/{n_epochs}", progress)
             rec.update(phase=phase, epoch=epoch, lr=run.optimizer.param_groups[0]["lr"],
                        test_acc=evaluate(run.eval_model, eval_loader, device))
             append_jsonl(out_dir / "metrics.jsonl", rec)

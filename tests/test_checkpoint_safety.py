@@ -16,7 +16,7 @@ from fbnas.search import CHECKPOINT_FORMAT, run_search
 from fbnas.train import TrainSettings, train
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_TRAIN = dict(epochs=1, fold_epochs=1, batch_size=32, steps_per_epoch=2, calib_batches=1, eval_batch_size=64)
+TINY_TRAIN = dict(epochs=1, fold_epochs=1, batch_size=32, max_steps_per_epoch=2, calib_batches=1, eval_batch_size=64)
 
 
 class Payload:
@@ -121,7 +121,7 @@ def test_train_init_supernet_refuses_a_pickle(tmp_path):
 def test_hessian_checkpoint_refuses_a_pickle(tmp_path, capsys):
     marker = tmp_path / "pwned"
     ckpt = evil_checkpoint(tmp_path / "checkpoints" / "last.pt", marker)
-    assert main(["hessian", f"checkpoint={ckpt}", "dataset=synthetic", "plot=false"]) == 2
+    assert main(["hessian", f"checkpoint={ckpt}", "data.name=synthetic", "plot=false"]) == 2
     err = capsys.readouterr().err.strip()
     assert "refused" in err and "\n" not in err and not marker.exists()
     assert not (tmp_path / "hessian.json").exists()
@@ -155,7 +155,7 @@ def test_hessian_on_a_real_train_run(tmp_path, capsys):
     data = load_dataset("synthetic", synthetic_size=128, input_size=28, in_channels=1, num_classes=10)
     run = tmp_path / "run"
     train(arch, data, TrainSettings(**TINY_TRAIN), run)
-    fast = ["dataset=synthetic", "batches=1", "batch_size=8", "max_probes=4", "min_probes=2", "method=loop",
+    fast = ["data.name=synthetic", "batches=1", "batch_size=8", "max_probes=4", "min_probes=2", "method=loop",
             "plot=false", "threads=1"]
     assert main(["hessian", f"arch={run / 'arch.json'}", f"weights={run / 'model.safetensors'}", *fast]) == 2
     err = capsys.readouterr().err.strip()

@@ -39,9 +39,9 @@ def exported(tmp_path_factory):
     return run, folded, x, written
 
 
-def test_quantized_run_exports_every_default_format(exported):
+def test_quantized_run_exports_every_format_by_default(exported):
     run, folded, x, written = exported
-    assert set(written) == {"arch", "safetensors", "pt2", "onnx_fp32", "onnx_qdq", "card"}
+    assert set(written) == {"arch", "safetensors", "pt2", "onnx_fp32", "onnx_qdq", "onnx_qlinear", "card"}
     assert all(p.is_file() and p.parent == run / "export" for p in written.values())
     assert (run / "export" / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
     assert json.loads((run / "export" / "arch.json").read_text())["layers"][2]["w_bits"] == 2
@@ -60,6 +60,8 @@ def test_exported_programs_agree_with_the_integer_model(exported):
     assert qdq.ir_version == 10 and onnx.TensorProto.INT4 in {i.data_type for i in qdq.graph.initializer}
     got = ort_session(qdq).run(None, {"input": x.numpy()})[0]
     assert (got.argmax(1) == ref.numpy().argmax(1)).all()
+    qlinear = ort_session(onnx.load(written["onnx_qlinear"])).run(None, {"input": x.numpy()})[0]
+    assert (qlinear.argmax(1) == ref.numpy().argmax(1)).all()
     fp32 = ort_session(onnx.load(written["onnx_fp32"])).run(None, {"input": x.numpy()})[0]
     assert fp32.shape == (len(x), 10) and np.isfinite(fp32).all()
 

@@ -68,3 +68,11 @@ def test_export_selected_formats(run):
     assert main(["export", f"run={run}", "formats=[arch,onnx_qlinear,card]", f"out={run / 'exp'}"]) == 0
     assert sorted(p.name for p in (run / "exp").iterdir()) == ["arch.json", "model_card.md", "model_qlinear.onnx"]
     assert json.loads((run / "exp" / "arch.json").read_text())["format"] == "fbnas-arch/1"
+
+
+def test_pt2_export_prints_nothing_but_its_path(run, capfd):
+    capfd.readouterr()
+    assert main(["export", f"run={run}", "formats=[pt2]", f"out={run / 'pt2'}"]) == 0
+    out, err = capfd.readouterr()
+    assert out.split() == ["pt2", str(run / "pt2" / "model_integer.pt2")] and err == ""
+    assert sorted(p.name for p in (run / "pt2").iterdir()) == ["model_integer.pt2"]

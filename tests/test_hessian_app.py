@@ -13,7 +13,7 @@ from fbnas.hessian.report import load_hessian
 from fbnas.search import CHECKPOINT_FORMAT
 from fbnas.supernet import Supernet
 
-FAST = ["dataset=synthetic", "batches=1", "batch_size=8", "max_probes=8", "min_probes=4", "method=loop", "threads=1"]
+FAST = ["data.name=synthetic", "batches=1", "batch_size=8", "max_probes=8", "min_probes=4", "method=loop", "threads=1"]
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +49,21 @@ def test_child_traces_written_as_fbnas_hessian_json(child, capsys):
     assert rec["groups"]["layers.2"]["n_params"] == 0 and rec["groups"]["layers.2"]["omega"]["2"] == 0.0
     out = capsys.readouterr()
     assert "layers.3" in out.out and "probe cap" in out.err
+
+
+def test_plot_names_bars_by_layer_op_and_bits(child, monkeypatch):
+    import matplotlib.axes
+
+    from fbnas.config import HessianRunConfig
+    from fbnas.hessian.run import _labels
+
+    d, model = child
+    labels = _labels(HessianRunConfig(arch=str(d / "arch.json"), weights="w"), model)
+    assert labels["layers.0"] == "0: ir_k3_e1 W4A8" and labels["layers.5"] == "5: sqnxt_k3 W4A8"
+    seen = {}
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda self, text, **kw: seen.update(x=text))
+    main(["hessian", f"arch={d / 'arch.json'}", f"weights={d / 'model.safetensors'}", f"out_dir={d / 'o'}"] + FAST)
+    assert seen["x"] == "layer: op and bits"
 
 
 def test_supernet_checkpoint_traces_every_op(tmp_path):

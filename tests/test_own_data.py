@@ -51,7 +51,7 @@ def test_imagefolder_search_train_export_carries_class_names(image_folder, tmp_p
 
     train_dir = tmp_path / "train"
     assert cli(["train", f"arch={search_dir / 'arch.json'}", *data, "epochs=1", "fold_epochs=1", "batch_size=4",
-                "steps_per_epoch=2", "calib_batches=1", "eval_batch_size=8", f"hydra.run.dir={train_dir}"]) == 0
+                "max_steps_per_epoch=2", "calib_batches=1", "eval_batch_size=8", f"hydra.run.dir={train_dir}"]) == 0
     assert (train_dir / "checkpoints" / "last.pt").is_file() and (train_dir / "model.safetensors").is_file()
     assert load_arch(train_dir / "arch.json").preprocessing["classes"] == CLASSES
 

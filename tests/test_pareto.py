@@ -20,7 +20,7 @@ SPACE = load_space("fmnist")
 TABLE = get_table(SPACE, "sd835")
 CHEAP = (["skip", "ir_k3_e1", "skip", "ir_k3_e1", "skip", "skip"], [8, 4, 8, 4, 8, 8], [8, 8, 8, 8, 8, 4])
 TINY = ["data.name=synthetic", "data.train_subset=128", "data.test_subset=64", "train.epochs=1",
-        "train.fold_epochs=1", "train.steps_per_epoch=1", "train.batch_size=32", "train.calib_batches=1",
+        "train.fold_epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=32", "train.calib_batches=1",
         "train.eval_batch_size=64", "train.act_clip=max", "workers=0", "progress=false", "seeds=[0,1]"]
 
 

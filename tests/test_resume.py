@@ -145,7 +145,7 @@ def test_train_resume_refuses_other_settings_and_keeps_metrics_to_the_checkpoint
 
     arch = Arch.from_space(load_space("fmnist"), ["ir_k3_e1", "skip", "skip", "skip", "skip", "skip"], 8, 8)
     data = load_dataset("synthetic", synthetic_size=128, input_size=28, in_channels=1, num_classes=10)
-    s = TrainSettings(epochs=1, fold_epochs=1, batch_size=32, steps_per_epoch=1, calib_batches=1, eval_batch_size=64)
+    s = TrainSettings(epochs=1, fold_epochs=1, batch_size=32, max_steps_per_epoch=1, calib_batches=1, eval_batch_size=64)
     first = train(arch, data, s, tmp_path)
     for change, named in ((dict(seed=1), "settings.seed=0 (now 1)"), (dict(epochs=2), "settings.epochs=1 (now 2)"),
                           (dict(lr=0.1), "settings.lr=0.05 (now 0.1)")):

@@ -23,7 +23,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("timm_run")
     data = load_dataset("fashion_mnist", train_subset=256, test_subset=64)
     arch = replace(Arch.from_space(load_space("fmnist"), OPS, 8, 8), preprocessing=data.preprocessing())
-    train(arch, data, TrainSettings(epochs=1, fold_epochs=1, batch_size=32, steps_per_epoch=2, calib_batches=1,
+    train(arch, data, TrainSettings(epochs=1, fold_epochs=1, batch_size=32, max_steps_per_epoch=2, calib_batches=1,
                                     eval_batch_size=64), out)
     return out, data
 

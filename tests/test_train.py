@@ -20,7 +20,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     arch = Arch.from_space(load_space("fmnist"), OPS, [8, 4, 2, 8, 4, 8], [8, 4, 4, 8, 4, 8])
     data = load_dataset("synthetic", synthetic_size=256, input_size=28, in_channels=1, num_classes=10)
-    s = TrainSettings(epochs=1, fold_epochs=2, batch_size=32, steps_per_epoch=2, calib_batches=2, eval_batch_size=64)
+    s = TrainSettings(epochs=1, fold_epochs=2, batch_size=32, max_steps_per_epoch=2, calib_batches=2, eval_batch_size=64)
     metrics = train(arch, data, s, out)
     return out, arch, data, s, metrics
 
@@ -96,7 +96,7 @@ def test_train_command_takes_accelerator_and_refuses_a_missing_gpu_in_one_line(r
     _, arch, _, _, _ = run
     arch.save(tmp_path / "arch.json")
     common = [f"arch={tmp_path / 'arch.json'}", "data.name=synthetic", "epochs=1", "fold_epochs=1", "batch_size=32",
-              "steps_per_epoch=1", "calib_batches=1", "eval_batch_size=64"]
+              "max_steps_per_epoch=1", "calib_batches=1", "eval_batch_size=64"]
     assert main(["train", *common, "accelerator=cpu", f"hydra.run.dir={tmp_path / 'cpu'}"]) == 0
     assert json.loads((tmp_path / "cpu" / "metrics.json").read_text())["settings"]["accelerator"] == "cpu"
     if not torch.cuda.is_available():

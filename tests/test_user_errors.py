@@ -34,7 +34,7 @@ def train_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "run"
     arch = Arch.from_space(load_space("fmnist"), ["ir_k3_e1", "skip", "skip", "skip", "skip", "skip"], 8, 8)
     data = load_dataset("synthetic", synthetic_size=128, input_size=28, in_channels=1, num_classes=10)
-    train(arch, data, TrainSettings(epochs=1, fold_epochs=1, batch_size=32, steps_per_epoch=1, calib_batches=1,
+    train(arch, data, TrainSettings(epochs=1, fold_epochs=1, batch_size=32, max_steps_per_epoch=1, calib_batches=1,
                                     eval_batch_size=64), out)
     return out
 

@@ -140,8 +140,45 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def run_hydra(app: Callable, prog: str, overrides: list[str]) -> int:
-    """Call a @hydra.main-decorated `app` as if `prog overrides...` had been typed."""
+HELP_FLAGS = ("-h", "--help")
+
+
+def show_help(prog: str, doc: str, schema: type, config_name: str, overrides: list[str]) -> int:
+    """`fbnas <command> --help`: the command's doc, then every field of its config with its type, the value it starts
+    from (the composed config with the given overrides) and its description (fbnas.fieldhelp)."""
+    from ..fieldhelp import format_rows, rows
+
+    values: Any = {}
+    given = [o for o in overrides if not o.startswith("-")]
+    try:
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
+
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            values = OmegaConf.to_container(compose(config_name, overrides=given), resolve=False)
+    except Exception as exc:  # a bad override: the defaults, and the reason
+        print(f"fbnas: warning: showing the defaults; the overrides do not compose: {one_line(str(exc))}",
+              file=sys.stderr)
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+    text = (f"{doc.strip()}\n\nusage: {prog} [key=value ...]   (Hydra overrides; --cfg job prints the composed "
+            f"config)\n\nfields (key=value it starts from, type, description):\n"
+            f"{format_rows(rows(schema, values, groups))}\n")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `fbnas search --help | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def run_hydra(app: Callable, prog: str, overrides: list[str], schema: Optional[type] = None,
+              config_name: str = "", doc: str = "") -> int:
+    """Call a @hydra.main-decorated `app` as if `prog overrides...` had been typed. With `schema` (the config
+    dataclass) and `config_name`, -h/--help shows every field with its description instead of Hydra's help."""
+    if schema is not None and any(o in HELP_FLAGS for o in overrides):
+        return show_help(prog, doc, schema, config_name, overrides)
     saved = sys.argv
     sys.argv = [prog] + list(overrides)
     try:
@@ -156,13 +193,28 @@ def run_hydra(app: Callable, prog: str, overrides: list[str]) -> int:
     return 0
 
 
-def run_hydra_with_device(app: Callable, prog: str, argv: list[str]) -> int:
+def renamed(argv: list[str], names: dict[str, str]) -> list[str]:
+    """Overrides with renamed fields (fbnas.config.RENAMED: old -> new) given their new names, each with a one-line
+    warning; `+`/`++`/`~` prefixes are kept."""
+    out = []
+    for tok in argv:
+        prefix = tok[: len(tok) - len(tok.lstrip("+~"))]
+        key, eq, value = tok[len(prefix):].partition("=")
+        if key in names:
+            print(f"fbnas: warning: field {key!r} is now {names[key]!r}; the old name will be removed",
+                  file=sys.stderr)
+            tok = f"{prefix}{names[key]}{eq}{value}"
+        out.append(tok)
+    return out
+
+
+def run_hydra_with_device(app: Callable, prog: str, argv: list[str], **help_spec: Any) -> int:
     """run_hydra after device_overrides: an unknown device is a one-line error (exit 2) before Hydra starts."""
     try:
         overrides = device_overrides(argv)
     except SystemExit as exc:  # fail(): the one-line message is printed already
         return exc.code if isinstance(exc.code, int) else 2
-    return run_hydra(app, prog, overrides)
+    return run_hydra(app, prog, overrides, **help_spec)
 
 
 def _missing_fields(cfg: Any, prefix: str = "") -> list[str]:

@@ -2,22 +2,12 @@
 fbnas.quant.bundle."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
+from ..config import ExportConfig
 from .common import CONF_DIR, run_hydra, user_errors
-
-
-@dataclass
-class ExportConfig:
-    run: str = MISSING  # a finished `fbnas train` run directory
-    out: str = ""  # default: <run>/export
-    formats: list = field(default_factory=lambda: ["all"])  # arch safetensors pt2 onnx_fp32 onnx_qdq onnx_qlinear card
-    align: bool = True  # quantized ONNX: zero channels for onnxruntime's int8 kernels (fbnas.quant.align)
-
 
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
@@ -36,4 +26,4 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    return run_hydra(_app, "fbnas export", argv)
+    return run_hydra(_app, "fbnas export", argv, schema=ExportConfig, config_name="export", doc=__doc__)

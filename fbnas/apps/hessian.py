@@ -8,9 +8,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from ..hessian.estimator import HessianConvergenceWarning
-from ..hessian.run import HessianRunConfig, run_hessian
-from .common import CONF_DIR, run_hydra, user_errors
+from ..config import RENAMED, HessianRunConfig
+from .common import CONF_DIR, renamed, run_hydra, user_errors
 
 ConfigStore.instance().store(name="hessian_schema", node=HessianRunConfig)
 
@@ -22,6 +21,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="hessian")
 @user_errors
 def _app(cfg: DictConfig) -> None:
+    from ..hessian.estimator import HessianConvergenceWarning
+    from ..hessian.run import run_hessian
+
     run_cfg: HessianRunConfig = OmegaConf.to_object(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("always", HessianConvergenceWarning)
@@ -34,4 +36,5 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    return run_hydra(_app, "fbnas hessian", argv)
+    return run_hydra(_app, "fbnas hessian", renamed(argv, RENAMED["hessian"]), schema=HessianRunConfig,
+                     config_name="hessian", doc=__doc__)

@@ -14,43 +14,17 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from ..config import LutConfig
 from ..errors import ConfigError, LatencyTableError
-from .common import CONF_DIR, device_overrides, run_hydra, split_subcommand, user_errors
+from .common import CONF_DIR, HELP_FLAGS, device_overrides, run_hydra, show_help, split_subcommand, user_errors
 
 ACTIONS = ("build", "check", "show", "predict", "export-ops", "import", "export-archs", "calibrate", "devices")
-
-
-@dataclass
-class LutConfig:
-    action: str = "check"
-    space: str = "fmnist"
-    device: Any = None                # the conf/device group node (device=<name>)
-    device_file: Optional[str] = None  # a device YAML elsewhere (device=path.yaml sets this)
-    table: Optional[str] = None        # table file to read (default latency_tables/<space>__<device>.json)
-    out: Optional[str] = None          # table file to write (build, import)
-    force: bool = False                # build: replace a measured/imported table
-    repeats: Optional[int] = None      # measured build: override the device's repeats / warmup
-    warmup: Optional[int] = None
-    archs: Optional[str] = None        # predict: arch.json, or lines of arch.json paths / ops per layer
-    w_bits: Optional[int] = None       # predict: bits of ops given without bits (default: the space's max)
-    a_bits: Optional[int] = None
-    filter: str = ""                   # show: only keys containing this text
-    limit: int = 0                     # show: at most this many rows (0: all)
-    out_dir: Optional[str] = None      # export-ops: default lut_ops/<space>
-    csv: Optional[str] = None          # import: the measurements
-    n: int = 20                        # export-archs: how many architectures
-    seed: int = 0                      # export-archs: random architectures' seed
-    precision: str = "int8"            # export-archs, calibrate: int8 (the QDQ graph fbnas export ships) | fp32
-    measurements: Optional[str] = None  # calibrate: CSV `arch,ms` of whole-model timings
-
 
 ConfigStore.instance().store(name="lut_schema", node=LutConfig)
 
@@ -242,12 +216,11 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
+    if argv and argv[0] in HELP_FLAGS:
+        return show_help("fbnas lut <action>", __doc__, LutConfig, "lut", argv[1:])
     try:
         action, rest = split_subcommand(argv, ACTIONS, "lut")
         overrides = [f"action={action}"] + device_overrides(rest)
     except SystemExit as exc:  # fail(): the one-line message is printed already
         return exc.code if isinstance(exc.code, int) else 2
-    return run_hydra(_app, "fbnas lut", overrides)
+    return run_hydra(_app, f"fbnas lut {action}", overrides, schema=LutConfig, config_name="lut", doc=__doc__)

@@ -6,8 +6,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ParetoConfig
-from .common import CONF_DIR, output_dir, run_hydra_with_device, user_errors
+from ..config import RENAMED, ParetoConfig
+from .common import CONF_DIR, output_dir, renamed, run_hydra_with_device, user_errors
 
 ConfigStore.instance().store(name="pareto_schema", node=ParetoConfig)
 _ARGV: list[str] = []
@@ -27,5 +27,5 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    _ARGV[:] = argv
-    return run_hydra_with_device(_app, "fbnas pareto", argv)
+    _ARGV[:] = argv = renamed(argv, RENAMED["pareto"])
+    return run_hydra_with_device(_app, "fbnas pareto", argv, schema=ParetoConfig, config_name="pareto", doc=__doc__)

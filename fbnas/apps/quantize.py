@@ -9,54 +9,18 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from ..config import QuantizeConfig
 from ..errors import CHECK_FAILED_EXIT, ConfigError
 from ..io import atomic_write_text
-from .common import CONF_DIR, device_overrides, run_hydra, split_subcommand, user_errors
+from .common import CONF_DIR, HELP_FLAGS, device_overrides, run_hydra, show_help, split_subcommand, user_errors
 
 ACTIONS = ("convert", "compare", "ilp", "onnx")
-
-
-@dataclass
-class QuantizeData:
-    name: str = "fashion_mnist"
-    root: Optional[str] = None
-
-
-@dataclass
-class QuantizeConfig:
-    action: str = ""
-    run: str = ""  # a `fbnas train` run directory
-    weights: str = ""  # folded model (default: <run>/model.safetensors)
-    arch: str = ""  # arch.json (default: the one stored in the weights)
-    out: str = ""  # convert: output dir; compare: markdown report; ilp: new arch.json; onnx: .onnx path
-    rounding: str = "half_even"
-    samples: int = 256  # compare/onnx: test images (onnx: 0 = the whole test set)
-    mode: str = "qlinear"  # onnx: qlinear | qdq | accumulators
-    lsb_samples: int = 1000  # onnx qlinear/qdq: images whose every tensor is compared (top-1 uses all `samples`)
-    exact_branches: bool = False  # onnx: requantize add/concat branches exactly (slower graph; see onnx_graph)
-    align: bool = True  # onnx: check (and write) the int8-kernel layout that `fbnas export` ships (quant.align)
-    bits: list = field(default_factory=lambda: [8, 4])  # compare: naive-vs-integer at these w/a bits
-    data: QuantizeData = field(default_factory=QuantizeData)
-    hessian: str = ""  # ilp: fbnas-hessian/1 traces (else weight perturbation of `weights`)
-    size_kb: float = 0.0
-    bops: float = 0.0
-    latency_ms: float = 0.0
-    size_ratio: float = 0.0  # limits relative to the W8A8 version of the architecture
-    bops_ratio: float = 0.0
-    latency_ratio: float = 0.0
-    device: Any = "bitfusion"  # ilp: latency device, the conf/device/ Hydra group (device=<name> or device=<path.yaml>)
-    device_file: Optional[str] = None  # set by device=<path.yaml>
-    lut: str = ""  # ilp: latency table file (default latency_tables/<space>__<device>.json, else built analytically)
-    opset: int = 21
-
 
 ConfigStore.instance().store(name="quantize_schema", node=QuantizeConfig)
 
@@ -172,12 +136,12 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
+    if argv and argv[0] in HELP_FLAGS:
+        return show_help("fbnas quantize <action>", __doc__, QuantizeConfig, "quantize", argv[1:])
     sub, rest = split_subcommand(argv, ACTIONS, "quantize")
     try:
         rest = device_overrides(rest)
     except SystemExit as exc:  # fail(): the one-line message is printed already
         return exc.code if isinstance(exc.code, int) else 2
-    return run_hydra(_app, "fbnas quantize", [f"action={sub}"] + rest)
+    return run_hydra(_app, f"fbnas quantize {sub}", [f"action={sub}"] + rest, schema=QuantizeConfig,
+                     config_name="quantize", doc=__doc__)

@@ -2,22 +2,13 @@
 sweep.md and sweep.png of a multirun; see fbnas.report."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from ..config import ReportConfig
 from ..errors import ConfigError
 from .common import CONF_DIR, run_hydra, user_errors
-
-
-@dataclass
-class ReportConfig:
-    run: str = ""  # a `fbnas search` run directory (metrics.jsonl, arch.json)
-    sweep: str = ""  # or a `fbnas search -m` directory (runs/sweeps/<time>: one job per sub-directory)
-    out: str = ""  # default: the run or sweep directory
-
 
 ConfigStore.instance().store(name="report_schema", node=ReportConfig)
 
@@ -35,4 +26,4 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    return run_hydra(_app, "fbnas report", argv)
+    return run_hydra(_app, "fbnas report", argv, schema=ReportConfig, config_name="report", doc=__doc__)

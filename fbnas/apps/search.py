@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -27,6 +28,11 @@ def _app(cfg: DictConfig) -> None:
     pred = arch.predicted
     print(f"predicted latency on {result.device}: {result.latency_ms:.4f} ms | size {pred['size_kb']:.1f} KB | "
           f"{pred['bops'] / 1e9:.3f} GBOPs | arch: {out / 'arch.json'}")
+    o = config.objective
+    if o.kind == "target" and o.limit_ms is not None and result.latency_ms > o.limit_ms:
+        print(f"fbnas: warning: the found architecture takes {result.latency_ms:.4g} ms, over objective.limit_ms="
+              f"{o.limit_ms} ms by {100 * (result.latency_ms / o.limit_ms - 1):.1f}%; search longer or raise "
+              "objective.eta", file=sys.stderr)
     if config.report:
         from ..report import write_report
 
@@ -34,4 +40,4 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    return run_hydra_with_device(_app, "fbnas search", argv)
+    return run_hydra_with_device(_app, "fbnas search", argv, schema=SearchConfig, config_name="search", doc=__doc__)

@@ -42,18 +42,20 @@ def _finite(x: float) -> Optional[float]:
     return x if math.isfinite(x) else None  # JSON has no inf: a trace of exactly 0 with noise has no rel SE
 
 
-def write_hessian(out_dir: str | Path, record: dict, plot: bool = True) -> list[Path]:
-    """Write hessian.json (and hessian.png) into out_dir, each atomically; returns the paths written."""
+def write_hessian(out_dir: str | Path, record: dict, plot: bool = True,
+                  labels: Optional[Mapping[str, str]] = None) -> list[Path]:
+    """Write hessian.json (and hessian.png, its bars named by `labels`: group -> text) into out_dir, each
+    atomically; returns the paths written."""
     out_dir = Path(out_dir)
     paths = [out_dir / "hessian.json"]
     atomic_write_json(paths[0], record)
     if plot:
         paths.append(out_dir / "hessian.png")
-        plot_traces(record, paths[1])
+        plot_traces(record, paths[1], labels)
     return paths
 
 
-def plot_traces(record: dict, path: str | Path) -> None:
+def plot_traces(record: dict, path: str | Path, labels: Optional[Mapping[str, str]] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,8 +67,11 @@ def plot_traces(record: dict, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.0))
     colors = ["tab:blue" if record["groups"][n]["converged"] else "tab:orange" for n in names]
     ax.bar(range(len(names)), tr, yerr=se, color=colors, capsize=2)
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_ylabel("Tr(H) / n  (± SE)")
+    labels = labels or {}
+    ax.set_xticks(range(len(names)), [labels.get(n, n) for n in names], rotation=90, fontsize=7)
+    ax.set_xlabel("layer: op" + (" and bits" if any(n.startswith("layers.") for n in names) else "")
+                  if labels else "parameter group")
+    ax.set_ylabel("Tr(H) / n: mean Hessian diagonal\nof the CE loss per weight (± SE)")
     if tr and min(tr) > 0:
         ax.set_yscale("log")
     src = record.get("source", {})

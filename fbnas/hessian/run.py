@@ -3,7 +3,6 @@ op of a search checkpoint, written to hessian.json and hessian.png. No Hydra her
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -12,36 +11,16 @@ import torch.nn as nn
 
 from ..accelerator import resolve_device
 from ..checkpoint import load_checkpoint
+from ..config import HessianRunConfig  # noqa: F401  (defined with the other configs; part of this module's API)
 from ..errors import CheckpointError, ConfigError
 from ..search import CHECKPOINT_FORMAT
-from .estimator import DEFAULT_MAX_PROBES, DEFAULT_MIN_PROBES, TraceResult, hutchinson_traces
+from .estimator import TraceResult, hutchinson_traces
 from .groups import child_groups, supernet_groups
 from .penalty import supernet_traces
 from .report import hessian_record, write_hessian
 
 log = logging.getLogger("fbnas")
 SPACE_DATASETS = {"fmnist": "fashion_mnist", "fbnet_cifar100": "cifar100"}
-
-
-@dataclass
-class HessianRunConfig:
-    checkpoint: Optional[str] = None  # a search checkpoint (runs/.../checkpoints/last.pt): traces of every op
-    arch: Optional[str] = None  # or an arch.json ...
-    weights: Optional[str] = None  # ... and its model.safetensors
-    out_dir: Optional[str] = None  # default: the folder of the weights (the run folder for a checkpoint)
-    dataset: Optional[str] = None  # fashion_mnist | cifar10 | cifar100 | imagefolder | synthetic (default: by space)
-    data_root: Optional[str] = None
-    batches: int = 4
-    batch_size: int = 128
-    target_rel_se: float = 0.05
-    max_probes: int = DEFAULT_MAX_PROBES
-    min_probes: int = DEFAULT_MIN_PROBES
-    seed: int = 0
-    method: str = "auto"  # auto | loop | batched[:K] | func[:K]
-    accelerator: str = "auto"  # auto | cpu | cuda[:i]
-    bits: Optional[list] = None  # bit-widths for omega; default: the space's weight bits
-    plot: bool = True
-    threads: int = 0  # >0: torch.set_num_threads
 
 
 def _load_child(cfg: HessianRunConfig) -> tuple[nn.Module, str]:
@@ -77,7 +56,7 @@ def _load_supernet(cfg: HessianRunConfig) -> tuple[nn.Module, str, dict]:
 
 
 def _dataset_name(cfg: HessianRunConfig, space_name: str, search_conf: dict) -> Optional[str]:
-    return cfg.dataset or (search_conf.get("data") or {}).get("name") or SPACE_DATASETS.get(space_name)
+    return cfg.data.name or (search_conf.get("data") or {}).get("name") or SPACE_DATASETS.get(space_name)
 
 
 def _batches(cfg: HessianRunConfig, space_name: str, search_conf: dict, device: torch.device) -> list:
@@ -87,10 +66,10 @@ def _batches(cfg: HessianRunConfig, space_name: str, search_conf: dict, device: 
     data_conf = search_conf.get("data") or {}
     name = _dataset_name(cfg, space_name, search_conf)
     if not name:
-        raise ConfigError(f"field 'dataset' is missing: space {space_name!r} has no default dataset; "
-                          "give dataset=fashion_mnist|cifar10|cifar100|imagefolder|synthetic")
+        raise ConfigError(f"field 'data.name' is missing: space {space_name!r} has no default dataset; "
+                          "give data.name=fashion_mnist|cifar10|cifar100|imagefolder|synthetic")
     space = load_space(space_name)
-    bundle = load_dataset(name, cfg.data_root or data_conf.get("root"), seed=cfg.seed,
+    bundle = load_dataset(name, cfg.data.root or data_conf.get("root"), seed=cfg.seed,
                           input_size=space.input_size, num_classes=space.num_classes, in_channels=space.in_channels)
     loader = make_loader(bundle.train, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
     out = []
@@ -102,6 +81,18 @@ def _batches(cfg: HessianRunConfig, space_name: str, search_conf: dict, device: 
         raise ConfigError(f"fields 'batches' x 'batch_size' ({cfg.batches} x {cfg.batch_size}) ask for more "
                           f"images than {name} has ({len(bundle.train)})")
     return out
+
+
+def _labels(cfg: HessianRunConfig, model: nn.Module) -> dict[str, str]:
+    """Plot labels of the groups: layer and op (a child: and its bits)."""
+    if cfg.checkpoint:
+        ops = model.space.candidates
+        return {f"mixed_layers.{l}.ops.{i}": f"{l}: {op}" for l in range(len(model.mixed_layers))
+                for i, op in enumerate(ops)}
+    from ..arch import load_arch
+
+    return {f"layers.{i}": f"{i}: {layer.op} W{layer.w_bits}A{layer.a_bits}"
+            for i, layer in enumerate(load_arch(cfg.arch).layers)}
 
 
 def run_hessian(cfg: HessianRunConfig) -> tuple[dict, list[Path], TraceResult]:
@@ -142,5 +133,5 @@ def run_hessian(cfg: HessianRunConfig) -> tuple[dict, list[Path], TraceResult]:
                 "bits": [int(b) for b in bits]}
     source = {"arch": cfg.arch, "weights": cfg.weights, "checkpoint": cfg.checkpoint}
     record = hessian_record(result, groups, bits, source, settings)
-    paths = write_hessian(cfg.out_dir or default_out, record, plot=cfg.plot)
+    paths = write_hessian(cfg.out_dir or default_out, record, plot=cfg.plot, labels=_labels(cfg, model))
     return record, paths, result

@@ -2,12 +2,18 @@
 (listing them and how to build a covering table), never silently as zero."""
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import torch
 
 from ..arch import Arch
+from ..errors import ConfigError
 from ..space import SearchSpace
 from .keys import arch_keys, space_fixed_signatures
 from .table import LatencyTable
+
+log = logging.getLogger("fbnas")
 
 
 def latency_matrix(table: LatencyTable, space: SearchSpace) -> torch.Tensor:
@@ -47,3 +53,25 @@ def arch_breakdown(table: LatencyTable, arch: Arch) -> list[tuple[str, str, floa
     sigs = arch_signatures(arch)
     table.require([s.key for _, s in sigs], arch.space or None)
     return [(part, sig.key, table.entries[sig.key].p50) for part, sig in sigs]
+
+
+def latency_range(matrix: torch.Tensor, fixed_ms: float) -> tuple[float, float]:
+    """(fastest, slowest) whole-network latency a space offers: per layer the cheapest (dearest) op and bits of a
+    latency matrix [L, ops, w bits, a bits], plus the fixed parts."""
+    per_layer = matrix.reshape(matrix.shape[0], -1).double()
+    return float(per_layer.min(1).values.sum()) + fixed_ms, float(per_layer.max(1).values.sum()) + fixed_ms
+
+
+def check_target_limit(kind: str, limit_ms: Optional[float], matrix: torch.Tensor, fixed_ms: float,
+                       where: str) -> None:
+    """objective.kind=target: a limit under the space's fastest network on the device can never be met (one-line
+    error naming the feasible range); one at or over its slowest network never binds (a warning)."""
+    if kind != "target" or limit_ms is None:
+        return
+    lo, hi = latency_range(matrix, fixed_ms)
+    if limit_ms < lo:
+        raise ConfigError(f"field 'objective.limit_ms' is {limit_ms:g} ms, under the fastest network of {where} "
+                          f"({lo:.4g} ms); the networks of this space there take {lo:.4g} to {hi:.4g} ms")
+    if limit_ms >= hi:
+        log.warning("objective.limit_ms=%g ms is at or over the slowest network of %s (%.4g ms; the range is "
+                    "%.4g to %.4g ms): the limit never binds", limit_ms, where, hi, lo, hi)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..arch import arch_from_dict
-from ..config import TrainData
+from ..config import TrainData, current_names
 from ..errors import ConfigError, FbnasError
 from ..io import atomic_write_json, read_json
 from ..train import TrainSettings
@@ -50,6 +50,8 @@ def load_result(path: Path, want_recipe: dict) -> Optional[dict]:
     if not path.is_file():
         return None
     res = read_json(path, "result file not found")
+    if isinstance(res.get("recipe"), dict) and isinstance(res["recipe"].get("train"), dict):
+        res["recipe"]["train"] = current_names(res["recipe"]["train"])
     if res.get("recipe") != want_recipe:
         diff = _first_difference(res.get("recipe") or {}, want_recipe)
         raise ConfigError(f"{path}: trained with another recipe ({diff}); use another output directory "

@@ -114,7 +114,7 @@ def run_pareto(cfg: ParetoConfig, out_dir: str | Path, command: str = "") -> Par
               "device": f"{device.name} (latency table: {table.path or 'built in memory'})",
               "MobileNetV2-like W8A8 latency": f"{mbv2_ms:.4g} ms" if mbv2_ms else "n/a",
               "recipe": f"fbnas train: QAT {s.epochs} epochs + {s.fold_epochs} BN-folded, batch {s.batch_size}, "
-                        f"lr {s.lr}, steps/epoch {s.steps_per_epoch or 'all'}, act_clip {s.act_clip}, "
+                        f"lr {s.lr}, steps/epoch {s.max_steps_per_epoch or 'all'}, act_clip {s.act_clip}, "
                         f"integer-only evaluation",
               "data": ", ".join(f"{k}={v}" for k, v in asdict(cfg.data).items()),
               "seeds": list(cfg.seeds),

@@ -7,14 +7,16 @@
                   has data-dependent range checks that torch.export cannot trace) -- or model_fp32.pt2 for an FP32 run
     onnx_fp32     model_fp32.onnx: the float network (BN folded) of the run's weights
     onnx_qdq      model_qdq.onnx: QuantizeLinear/DequantizeLinear form, int8 (int4/uint4 for <= 4-bit layers, opset 21)
-    onnx_qlinear  model_qlinear.onnx: QLinearConv/QLinearAdd integer graph (not in the default set)
+    onnx_qlinear  model_qlinear.onnx: QLinearConv/QLinearAdd integer graph
                   Both quantized ONNX forms carry zero channels where onnxruntime's int8 kernels need them
                   (fbnas.quant.align; same logits bit for bit) unless align=False.
     card          model_card.md: architecture, bits, predicted latency/size/BOPs, accuracies, files and how to load
-Every file is written atomically; the quantized formats need a quantized run.
+Every file is written atomically; the quantized formats need a quantized run; `all` (the default) is every format
+the run has.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Sequence
@@ -23,10 +25,9 @@ import torch
 
 from ..arch import Arch, load_arch
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
+from ..io import atomic_write_bytes, atomic_write_text, sha256_file
 
 FORMATS = ("arch", "safetensors", "pt2", "onnx_fp32", "onnx_qdq", "onnx_qlinear", "card")
-DEFAULT_FORMATS = ("arch", "safetensors", "pt2", "onnx_fp32", "onnx_qdq", "card")
 QUANTIZED_FORMATS = ("onnx_qdq", "onnx_qlinear")
 
 
@@ -77,7 +78,7 @@ class TrainRun:
 
 
 def _check_formats(formats: Sequence[str], run: TrainRun) -> list[str]:
-    fmts = list(DEFAULT_FORMATS) if not formats or list(formats) == ["all"] else [str(f) for f in formats]
+    fmts = list(FORMATS) if not formats or list(formats) == ["all"] else [str(f) for f in formats]
     bad = [f for f in fmts if f not in FORMATS]
     if bad:
         raise ConfigError(f"field 'formats' has {bad[0]!r}; choose from {', '.join(FORMATS)} (or all)")
@@ -95,8 +96,9 @@ def _save_pt2(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Non
 
     program = torch.export.export(module.eval(), (example,),
                                   dynamic_shapes=({0: Dim("batch", min=1, max=65536)},))
-    with atomic_path(path) as tmp:
-        torch.export.save(program, str(tmp))
+    buffer = io.BytesIO()  # a buffer, then one atomic write (torch warns about a temporary name not ending in .pt2)
+    torch.export.save(program, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = (),
