@@ -72,6 +72,8 @@ class DataConfig:
     input_size: Optional[int] = None  # imagefolder / synthetic: image size (default: the space's input size)
     synthetic_size: int = 2048
     synthetic_classes: Optional[int] = None  # default: the space's num_classes
+    workers: int = -1  # DataLoader workers per rank (ImageFolder); -1: 0 on a CPU, up to 8 per process on CUDA
+    pin_memory: bool = True  # pinned host batches on CUDA (asynchronous copies)
 
 
 @dataclass
@@ -154,6 +156,7 @@ class SearchConfig:
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = False  # on CUDA (bench/supernet_step.py compares; depthwise bf16 NHWC is slow there)
     threads: int = 0  # CPU threads (0: torch default)
+    dist_timeout_s: float = 300.0  # under torchrun: rendezvous and collective timeout (a lost rank ends the job)
     resume: bool = False
     logger: str = "none"  # none | wandb
     progress: bool = True

@@ -18,6 +18,7 @@ log = logging.getLogger("fbnas")
 class TrainConfig(TrainSettings):
     arch: str = MISSING
     resume: bool = False
+    dist_timeout_s: float = 300.0  # under torchrun: rendezvous and collective timeout (docs/distributed.md)
     data: TrainData = field(default_factory=TrainData)
 
 
@@ -40,6 +41,10 @@ def _app(cfg: DictConfig) -> None:
     arch = replace(arch, preprocessing=data.preprocessing())  # what the trained model expects, kept in arch.json
     out = output_dir()
     metrics = train(arch, data, settings, out, resume=cfg.resume)
+    from ..distributed import current
+
+    if not current().is_main:
+        return
     keys = [k for k in ("acc_float", "acc_float_of_qat_weights", "acc_fake_quant_bn", "acc_fake_quant",
                         "acc_integer", "integer_vs_fake_top1_disagreements") if k in metrics]
     print(f"{out}: " + ", ".join(f"{k}={metrics[k]}" for k in keys))
