@@ -11,6 +11,8 @@
 #   sweep       the latency-weight sweep as a Hydra multirun ($BETAS, comma-separated)
 #   platform    default searches for sd835 and bitfusion side by side
 #   train       QAT W8A8 and FP32 training of arch.json files ($ARCHS), side by side
+#   ddp         distributed overhead at world size 1 (target < 3%), then the search step on $GPUS GPUs (default: 1
+#               and every GPU of the machine) at 256 images per GPU: img/s, scaling efficiency, memory, host syncs
 #
 # Results go to $OUT (default /tmp/out), with gpu.txt recording the GPU; copy what you keep to
 # bench/results/<study>/<hardware>.{md,json}. Fashion-MNIST is read from .data/fashion-mnist and Python wheels
@@ -34,6 +36,17 @@ part_step() {
   timeout 100 python3 bench/supernet_step.py --device cuda --batch 256 --steps 10 --warmup 5 --profile \
     --configs fbnas_hard_bits 2>&1 | grep -v Warn > "$OUT/supernet_step_profile.txt"
   head -n 45 "$OUT/supernet_step_profile.txt" | cut -c1-60,100-200
+}
+
+part_ddp() {
+  timeout 500 torchrun --nproc_per_node 1 bench/ddp_scaling.py --overhead --out "$OUT/ddp_overhead.json" 2>&1 \
+    | grep -v Warn | tee "$OUT/ddp_overhead.txt"
+  local n_gpu; n_gpu=$(nvidia-smi -L | wc -l)
+  for n in ${GPUS:-1 $n_gpu}; do
+    timeout 500 torchrun --nproc_per_node "$n" bench/ddp_scaling.py --out "$OUT/ddp_scaling_$n.json" 2>&1 \
+      | grep -v Warn | tee "$OUT/ddp_scaling_$n.txt"
+  done
+  python3 bench/ddp_scaling.py --summarize "$OUT"/ddp_scaling_*.json | tee "$OUT/ddp_scaling.md"
 }
 
 part_additivity() {

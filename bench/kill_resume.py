@@ -118,12 +118,13 @@ def metrics_lines(run_dir: Path, drop: tuple[str, ...]) -> list[dict]:
 
 def search_result(run_dir: Path) -> dict:
     arch = json.loads((run_dir / "arch.json").read_text())
-    return {"layers": arch["layers"], "predicted": arch["predicted"], "metrics": metrics_lines(run_dir, ("seconds",))}
+    return {"layers": arch["layers"], "predicted": arch["predicted"],
+            "metrics": metrics_lines(run_dir, ("seconds", "data_seconds"))}
 
 
 def train_result(run_dir: Path) -> dict:
     return {"metrics": json.loads((run_dir / "metrics.json").read_text()),
-            "lines": metrics_lines(run_dir, ("seconds",)),
+            "lines": metrics_lines(run_dir, ("seconds", "data_seconds")),
             "model": tensors_sha(run_dir / "model.safetensors"),
             "integer": tensors_sha(run_dir / "integer.safetensors")}
 

@@ -18,6 +18,8 @@ COMMANDS = {
     "report": "fbnas.apps.report",
 }
 
+DISTRIBUTED = ("search", "train")  # commands that run as several ranks under torchrun (docs/distributed.md)
+
 USAGE = """usage: fbnas <command> [args] [key=value ...]
 
 commands:
@@ -55,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fbnas: error: command {cmd!r} is not available in this version", file=sys.stderr)
             return 2
         raise
+    if cmd in DISTRIBUTED and "RANK" in os.environ:  # one rank of many (torchrun): join them before Hydra starts
+        # c10d's C++ retry warnings (with stack traces) would bury the one-line error of an unreachable master
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+        from .distributed import launch_overrides
+        from .errors import FbnasError
+
+        try:
+            rest = launch_overrides(rest)
+        except FbnasError as exc:
+            print(f"fbnas: error: {exc}", file=sys.stderr)
+            return 2
     return module.main(rest)
 
 

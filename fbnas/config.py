@@ -98,6 +98,8 @@ class DataConfig:
     input_size: Optional[int] = None  # imagefolder / synthetic: image size (default: the space's input size)
     synthetic_size: int = 2048  # data.name=synthetic: number of random training images
     synthetic_classes: Optional[int] = None  # data.name=synthetic: number of classes (default: the space's)
+    workers: int = -1  # DataLoader workers per rank (ImageFolder); -1: 0 on a CPU, up to 8 per process on CUDA
+    pin_memory: bool = True  # pinned host batches on CUDA (asynchronous copies)
 
 
 @dataclass
@@ -192,6 +194,7 @@ class SearchConfig:
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = False  # on CUDA (bench/supernet_step.py compares; depthwise bf16 NHWC is slow there)
     threads: int = 0  # CPU threads (0: torch default)
+    dist_timeout_s: float = 300.0  # under torchrun: rendezvous and collective timeout (a lost rank ends the job)
     resume: bool = False  # continue the run in hydra.run.dir from its checkpoint
     logger: str = "none"  # none | wandb
     progress: bool = True  # a progress bar per epoch
@@ -222,6 +225,7 @@ class TrainConfig(TrainSettings):
     threads: int = 0  # CPU threads (0: torch default)
     progress: bool = True  # a progress bar per epoch
     logger: str = "none"  # none | wandb
+    dist_timeout_s: float = 300.0  # under torchrun: rendezvous and collective timeout (docs/distributed.md)
     data: TrainData = field(default_factory=TrainData)  # the dataset
     wandb: WandbConfig = field(default_factory=WandbConfig)  # logger=wandb settings
 

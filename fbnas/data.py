@@ -9,7 +9,9 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -81,13 +83,40 @@ class DataBundle:
 
 # ---------------------------------------------------------------------------------------- batches
 
-class TensorBatches:
-    """Iterate (x, y) batches of a TensorData: seeded shuffling, optional pad-4 random crop + h-flip."""
+class _Timed:
+    """Seconds the consumer waited for batches (`data_seconds`: the data loading cost, per epoch in metrics.jsonl)."""
+
+    wait_seconds: float = 0.0
+
+    def take_wait(self) -> float:
+        out, self.wait_seconds = self.wait_seconds, 0.0
+        return out
+
+    def _timed(self, it: Iterator):
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.wait_seconds += time.perf_counter() - t0
+            yield item
+
+
+class TensorBatches(_Timed):
+    """Iterate (x, y) batches of a TensorData: seeded shuffling, optional pad-4 random crop + h-flip.
+
+    `shard=(rank, world)`: `batch_size` is the global batch; every rank draws the same order (and augmentation)
+    and takes its stride of each global batch, rank r the images r, r + world, ... (as DistributedSampler splits
+    its indices), so the ranks' batches together are one process's batch, whatever the world size."""
 
     def __init__(self, data: TensorData, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 augment: bool = False, drop_last: bool = False, device: torch.device | str = "cpu"):
+                 augment: bool = False, drop_last: bool = False, device: torch.device | str = "cpu",
+                 shard: tuple[int, int] = (0, 1), pin_memory: bool = False):
         self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
         self.augment, self.drop_last, self.device = augment, drop_last, torch.device(device)
+        self.rank, self.world = shard
+        self.pin_memory = pin_memory and self.device.type == "cuda"
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -95,13 +124,21 @@ class TensorBatches:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._timed(self._batches())
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.data)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            n_global = len(idx)
+            part = slice(self.rank, None, self.world)
+            idx = idx[part]
             x, y = self.data.x[idx], self.data.y[idx]
             if self.augment:
-                x = random_crop_flip(x, self.generator)
+                x = random_crop_flip(x, self.generator, n_draws=n_global, part=part)
+            if self.pin_memory:
+                x, y = x.pin_memory(), y.pin_memory()
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
@@ -111,46 +148,83 @@ class TensorBatches:
         self.generator.set_state(state["generator"])
 
 
-def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4, n_draws: Optional[int] = None,
+                     part: slice = slice(None)) -> torch.Tensor:
+    """Pad-`pad` random crop and horizontal flip. The offsets and flips are drawn for `n_draws` images (default
+    len(x)) and x gets those at `part` (a rank's share of a global batch draws the global batch's)."""
     n, _, h, w = x.shape
+    n_draws = n if n_draws is None else n_draws
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (n_draws,), generator=generator)[part]
+    dx = torch.randint(0, 2 * pad + 1, (n_draws,), generator=generator)[part]
     rows = (dy[:, None] + torch.arange(h)[None, :])  # [n, h]
     cols = (dx[:, None] + torch.arange(w)[None, :])  # [n, w]
     out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
                  rows[:, None, :, None], cols[:, None, None, :]]
-    flip = torch.rand(n, generator=generator) < 0.5
+    flip = (torch.rand(n_draws, generator=generator) < 0.5)[part]
     out[flip] = out[flip].flip(-1)
     return out
 
 
-class SeededLoader(DataLoader):
+class SeededLoader(_Timed, DataLoader):
     """A DataLoader (ImageFolder data) with TensorBatches' contract: batches on `device`, and a state_dict of its
-    shuffling generator, so that a checkpoint restores the data order."""
+    data order, so that a checkpoint restores it. With `shard=(rank, world)` and world > 1 the order comes from
+    torch's DistributedSampler (seeded, set_epoch every pass) and `batch_size` is the global batch; workers,
+    pinned memory (on CUDA) and persistent workers are DataLoader's."""
 
     def __init__(self, data: Dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
-                 device: str | torch.device, workers: int):
-        super().__init__(data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
-                         generator=torch.Generator().manual_seed(seed))
+                 device: str | torch.device, workers: int, shard: tuple[int, int] = (0, 1), pin_memory: bool = False):
+        rank, world = shard
         self.device = torch.device(device)
+        self.epoch = 0
+        kw = dict(num_workers=workers, pin_memory=pin_memory and self.device.type == "cuda",
+                  persistent_workers=workers > 0)
+        if world > 1:
+            from torch.utils.data import DistributedSampler
+
+            per_rank = max(1, batch_size // world)
+            self.sampler_ = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                               drop_last=drop_last)
+            super().__init__(data, batch_size=per_rank, sampler=self.sampler_, drop_last=drop_last, **kw)
+        else:
+            self.sampler_ = None
+            super().__init__(data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                             generator=torch.Generator().manual_seed(seed), **kw)
 
     def __iter__(self):
-        for x, y in super().__iter__():
+        if self.sampler_ is not None:
+            self.sampler_.set_epoch(self.epoch)
+            self.epoch += 1
+        return self._timed(self._moved())
+
+    def _moved(self):
+        for x, y in DataLoader.__iter__(self):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
+        if self.sampler_ is not None:
+            return {"epoch": torch.tensor(self.epoch)}
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        if self.sampler_ is not None and "epoch" in state:
+            self.epoch = int(state["epoch"])
+        elif self.sampler_ is None and "generator" in state:
+            self.generator.set_state(state["generator"])
 
 
 def make_loader(data: TensorData | Dataset, batch_size: int, shuffle: bool, seed: int = 0, augment: bool = False,
-                drop_last: bool = False, device: str | torch.device = "cpu", workers: int = 0):
+                drop_last: bool = False, device: str | torch.device = "cpu", workers: int = 0,
+                shard: tuple[int, int] = (0, 1), pin_memory: bool = True):
+    """Batches of `data` on `device`. `shard=(rank, world)`: `batch_size` is the global batch, this rank gets its
+    1/world of every batch. `workers` < 0: automatic (0 on a CPU, up to 8 per process on CUDA); pinned memory on
+    CUDA only."""
+    if workers < 0:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = 0 if torch.device(device).type != "cuda" else min(8, max(cpus // max(shard[1], 1) - 1, 0))
     if isinstance(data, TensorData):
-        return TensorBatches(data, batch_size, shuffle, seed, augment, drop_last, device)
-    return SeededLoader(data, batch_size, shuffle, seed, drop_last, device, workers)
+        return TensorBatches(data, batch_size, shuffle, seed, augment, drop_last, device, shard, pin_memory)
+    return SeededLoader(data, batch_size, shuffle, seed, drop_last, device, workers, shard, pin_memory)
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -25,3 +25,7 @@ class CheckpointError(FbnasError):
 
 class NonFiniteLossError(FbnasError):
     """The loss became inf or nan."""
+
+
+class DistributedError(FbnasError):
+    """A multi-process run that cannot start or lost a rank (rendezvous, timeout, a rank without a GPU)."""

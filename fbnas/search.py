@@ -20,6 +20,7 @@ from .accelerator import resolve_device
 from .arch import Arch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import SearchConfig
+from . import distributed
 from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
 from .errors import CheckpointError, ConfigError, LatencyTableError, NonFiniteLossError
 from .io import append_jsonl, sha256_file, truncate_jsonl
@@ -40,7 +41,9 @@ SPACE_FIX = ("adapt the space to the data with space_override.from_data=true (or
 
 # fields a resume may change (the rest must equal the checkpoint's); device and table are compared by name and numbers
 RESUME_FREE = ("epochs", "resume", "progress", "logger", "wandb", "threads", "accelerator", "derive", "lut",
-               "device", "device_file")
+               "device", "device_file", "dist_timeout_s", "data.workers", "data.pin_memory",
+               "data.batch_size")  # per rank: the global batch is checked instead (distributed.per_rank_batch)
+TRAIN_STATS = ("ce", "loss", "lat", "arch_ce", "arch_loss", "arch_lat")  # averaged over ranks in metrics.jsonl
 CHECKPOINT_FORMAT = "fbnas-search-checkpoint/2"  # /1 stored numpy and Python RNG states as objects
 
 
@@ -106,7 +109,8 @@ class Searcher:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self._validate()
-        self.device = resolve_device(cfg.accelerator)
+        self.dist = distributed.init_from_env(cfg.dist_timeout_s)  # a plain run without a launcher's environment
+        self.device = self.dist.device(resolve_device(cfg.accelerator))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # shapes repeat over thousands of steps
         if cfg.threads > 0:
@@ -123,6 +127,7 @@ class Searcher:
         self.supernet = Supernet(self.space, mode=cfg.mode, quantized=cfg.quantized, tau=cfg.tau,
                                  bit_sampling=cfg.bit_sampling).to(self.device)
         self.supernet.seed(cfg.seed)
+        self.dist.broadcast_module(self.supernet)
         if self.device.type == "cuda" and cfg.channels_last:
             self.supernet = self.supernet.to(memory_format=torch.channels_last)
         self.lat_matrix = self.latency.matrix.to(self.device)
@@ -136,10 +141,13 @@ class Searcher:
         check_target_limit(o.kind, o.limit_ms, self.latency.matrix, self.latency.fixed_ms,
                            f"space {self.space.name} on {self.latency.device_name}")
         self.hessian = self._make_hessian_penalty()
-        self.w_loader = make_loader(self.data.train, cfg.data.batch_size, True, cfg.seed, self.data.augment,
-                                    drop_last=True, device=self.device)
-        self.a_loader = make_loader(self.data.arch, cfg.data.batch_size, True, cfg.seed + 7, False,
-                                    drop_last=True, device=self.device)
+        self.batch_size = self.dist.per_rank_batch(cfg.data.batch_size, "data.batch_size", self._checkpoint_batch())
+        loader = dict(drop_last=True, device=self.device, workers=cfg.data.workers, pin_memory=cfg.data.pin_memory,
+                      shard=(self.dist.rank, self.dist.world))
+        self.w_loader = make_loader(self.data.train, self.batch_size * self.dist.world, True, cfg.seed,
+                                    self.data.augment, **loader)
+        self.a_loader = make_loader(self.data.arch, self.batch_size * self.dist.world, True, cfg.seed + 7, False,
+                                    **loader)
         self.steps_per_epoch = len(self.w_loader)
         if cfg.max_steps_per_epoch > 0:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
@@ -154,12 +162,13 @@ class Searcher:
                                                                   T_max=max(cfg.epochs * self.steps_per_epoch, 1))
         self.a_opt = torch.optim.Adam(self.supernet.arch_parameters(), lr=cfg.optim.arch_lr,
                                       weight_decay=cfg.optim.arch_weight_decay, fused=fused)
+        self._w_params, self._a_params = self.supernet.weight_parameters(), self.supernet.arch_parameters()
         self.epoch = 0
         self.step = 0
         self.tau_anchor: Optional[list] = None
         self.metrics: list[dict] = []
         self.wandb_run = None
-        if self.space.name != load_space(cfg.space).name:  # a derived space: keep it with the run
+        if self.space.name != load_space(cfg.space).name and self.dist.is_main:  # a derived space: keep it
             save_space(self.space, self.out_dir / "space.yaml")
 
     # ------------------------------------------------------------------ set-up
@@ -181,6 +190,17 @@ class Searcher:
             raise ConfigError(f"field 'logger' is {c.logger!r}; use none or wandb")
         if c.data.batch_size < 1:
             raise ConfigError("field 'data.batch_size' must be >= 1")
+        if not c.dist_timeout_s > 0:
+            raise ConfigError(f"field 'dist_timeout_s' must be > 0, got {c.dist_timeout_s}")
+
+    def _checkpoint_batch(self) -> Optional[dict]:
+        """The checkpoint's per-rank batch and world size, when resuming (the data loaders depend on them)."""
+        path = self.out_dir / CHECKPOINT
+        if not (self.cfg.resume and path.is_file()):
+            return None
+        state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint")
+        return {"world_size": state.get("world_size", 1),
+                "batch_size": state.get("batch_size", state["config"]["data"]["batch_size"])}
 
     def _load_data(self) -> DataBundle:
         d, space = self.cfg.data, self.space
@@ -253,6 +273,7 @@ class Searcher:
         if not warmup and self.hessian is not None:
             loss = loss + self.hessian(self.supernet)  # gradient to the weights through ||Q_b(W) - W||^2
         loss.backward()
+        self.dist.sync(self._w_params, self.supernet)  # gradients and buffers averaged over ranks
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.supernet.weight_parameters(), self.cfg.optim.grad_clip)
         self.w_opt.step()
@@ -273,6 +294,7 @@ class Searcher:
             if self.hessian is not None:
                 loss = loss + self.hessian(self.supernet)
             loss.backward()
+            self.dist.sync(self._a_params, self.supernet)
             self.a_opt.step()
             self.penalty.update(argmax_cost(self.supernet, self.lat_matrix) + self.latency.fixed_ms)
         finally:
@@ -320,9 +342,9 @@ class Searcher:
         """(mean CE, accuracy) of one architecture, run inside a BN-recalibrated copy of the supernet, on
         `batches` arch-split batches."""
         net = self.recalibrated_child(choice, self.cfg.derive.calibration_batches)
-        loader = TensorBatches(self.data.arch, self.cfg.data.eval_batch_size, shuffle=False,
-                               device=self.device) if not isinstance(self.a_loader, torch.utils.data.DataLoader) \
-            else self.a_loader
+        loader = TensorBatches(self.data.arch, self.cfg.data.eval_batch_size, shuffle=False, device=self.device,
+                               shard=(self.dist.rank, self.dist.world)) \
+            if not isinstance(self.a_loader, torch.utils.data.DataLoader) else self.a_loader
         total, correct, loss_sum = 0, 0, 0.0
         for i, (x, y) in enumerate(loader):
             if i >= batches:
@@ -332,6 +354,7 @@ class Searcher:
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             total += len(y)
+        loss_sum, correct, total = self.dist.sum(loss_sum, correct, total)  # the same images on any world size
         return loss_sum / max(total, 1), correct / max(total, 1)
 
     def derive(self) -> tuple[Arch, dict]:
@@ -367,11 +390,12 @@ class Searcher:
             "space": self.space.name, "space_bits": [list(self.space.w_bits), list(self.space.a_bits)],
             "device": self.latency.device_name, "config": dataclasses.asdict(self.cfg),
             "lut_fingerprint": self.latency.fingerprint(), "space_definition": self._space_definition(),
-            "fbnas_version": __version__,
+            "fbnas_version": __version__, "world_size": self.dist.world, "batch_size": self.batch_size,
         }
 
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.out_dir / CHECKPOINT, self.checkpoint_state())
+        if self.dist.is_main:
+            save_checkpoint(self.out_dir / CHECKPOINT, self.checkpoint_state())
 
     def load_checkpoint(self) -> None:
         path = self.out_dir / CHECKPOINT
@@ -401,7 +425,8 @@ class Searcher:
                 loader.load_state_dict({"generator": rng[key]["generator"].cpu()})
         if state["config"]["epochs"] != self.cfg.epochs:
             self._extend_schedules(state["config"])
-        self.metrics = truncate_jsonl(self.out_dir / "metrics.jsonl", lambda m: m.get("epoch", 0) <= self.epoch)
+        if self.dist.is_main:
+            self.metrics = truncate_jsonl(self.out_dir / "metrics.jsonl", lambda m: m.get("epoch", 0) <= self.epoch)
         log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
 
     def _check_same_run(self, path: Path, state: dict) -> None:
@@ -438,6 +463,12 @@ class Searcher:
 
     # ------------------------------------------------------------------ the loop
     def _log(self, record: dict) -> None:
+        record = self.dist.mean_of(record, TRAIN_STATS)  # the ranks' statistics, averaged
+        waits = self.dist.sum(self.w_loader.take_wait() + self.a_loader.take_wait())
+        record.update(data_seconds=round(waits[0] / self.dist.world, 3), world_size=self.dist.world)
+        self.dist.check_same(torch.cat([p.detach().flatten() for p in self._a_params]), "architecture logits")
+        if not self.dist.is_main:
+            return
         self.metrics.append(record)
         append_jsonl(self.out_dir / "metrics.jsonl", record)
         if self.wandb_run is not None:
@@ -459,13 +490,16 @@ class Searcher:
                 "bit_choices": {"w": list(self.space.w_bits), "a": list(self.space.a_bits)}}  # the device's
 
     def _start_wandb(self) -> None:
-        if self.cfg.logger == "wandb":
+        if self.cfg.logger == "wandb" and self.dist.is_main:
             from .wandb_run import start_wandb
 
             self.wandb_run = start_wandb(self.cfg.wandb, self.out_dir, dataclasses.asdict(self.cfg), "search")
 
     def run(self) -> SearchResult:
-        with hold(self.out_dir):  # one run per directory (the CLI has taken it already)
+        from contextlib import nullcontext
+
+        # one run per directory (the CLI has taken it already); rank 0 holds it for the job
+        with hold(self.out_dir) if self.dist.is_main else nullcontext():
             return self._run()
 
     def _run(self) -> SearchResult:
@@ -476,7 +510,7 @@ class Searcher:
         elif (self.out_dir / CHECKPOINT).exists():
             raise CheckpointError(f"{self.out_dir / CHECKPOINT} exists: pass resume=true to continue that run, or "
                                   "choose another hydra.run.dir (nothing was overwritten)")
-        else:  # lines of an earlier start in this directory that never reached a checkpoint
+        elif self.dist.is_main:  # lines of an earlier start in this directory that never reached a checkpoint
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
         self._start_wandb()
         cfg = self.cfg
@@ -495,7 +529,8 @@ class Searcher:
             counts: dict[str, int] = {}
             t0 = time.time()
             bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}"
-                       + (" (warm-up)" if warmup else ""), disable=not cfg.progress, leave=False)
+                       + (" (warm-up)" if warmup else ""), disable=not cfg.progress or not self.dist.is_main,
+                       leave=False)
             stats_reader = StepStats(self.device)
 
             def account(read) -> None:
@@ -546,7 +581,8 @@ class Searcher:
                      record["argmax_latency_ms"], val_acc, record["seconds"])
         arch, score = self.derive()
         arch = self.annotate(arch, score)
-        arch.save(self.out_dir / "arch.json")
+        if self.dist.is_main:
+            arch.save(self.out_dir / "arch.json")
         if self.wandb_run is not None:
             self.wandb_run.summary.update({"latency_ms": score["latency_ms"], "val_acc": score["val_acc"]})
             self.wandb_run.finish()

@@ -25,6 +25,7 @@ from .arch import Arch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainSettings, current_names  # TrainSettings: defined with the other configs; in this API
 
+from . import distributed
 from .data import DataBundle, TensorData, make_loader
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .io import append_jsonl, atomic_write_json, truncate_jsonl
@@ -41,7 +42,8 @@ log = logging.getLogger("fbnas")
 CHECKPOINT_FORMAT = "fbnas-train-checkpoint/1"
 # settings a resume may change; the rest, epochs and fold_epochs included (the LR schedule is laid out over the
 # whole run at its start), must equal the checkpoint's
-RESUME_FREE = ("settings.accelerator", "settings.eval_batch_size")
+RESUME_FREE = ("settings.accelerator", "settings.eval_batch_size",
+               "settings.batch_size")  # per rank: the global batch is checked instead (distributed.per_rank_batch)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -57,6 +59,7 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> float:
         correct += int((model(x).argmax(1) == y).sum())
         total += len(y)
     model.train(was)
+    correct, total = distributed.current().sum(correct, total)  # each rank evaluated its share
     return 100.0 * correct / max(total, 1)
 
 
@@ -92,7 +95,7 @@ class _PhaseRun:
     """Optimizer, scheduler, EMA and data order of one training phase."""
 
     def __init__(self, model: nn.Module, s: TrainSettings, n_epochs: int, lr: float, steps: int, data, seed: int,
-                 device: torch.device):
+                 device: torch.device, batch_size: int):
         self.model = model
         self.optimizer = create_optimizer_v2(model, opt=s.opt, lr=lr, weight_decay=s.weight_decay,
                                              momentum=s.momentum)
@@ -101,9 +104,11 @@ class _PhaseRun:
                                                 min_lr=s.min_lr, warmup_lr=lr * 0.1, step_on_epochs=False,
                                                 updates_per_epoch=steps)
         self.ema = ModelEmaV3(model, decay=s.ema_decay, use_warmup=True) if s.ema else None
-        self.loader = make_loader(data, s.batch_size, shuffle=True, seed=seed, augment=False, drop_last=True,
-                                  device=device)
+        dist = distributed.current()
+        self.loader = make_loader(data, batch_size * dist.world, shuffle=True, seed=seed, augment=False,
+                                  drop_last=True, device=device, workers=-1, shard=(dist.rank, dist.world))
         self.steps = steps
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
     @property
     def eval_model(self) -> nn.Module:
@@ -140,6 +145,7 @@ def _train_epoch(run: _PhaseRun, epoch: int, s: TrainSettings, device: torch.dev
             raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch} step {i}; lower field 'lr'")
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.current().sync(run.params, model)  # gradients and buffers averaged over ranks
         run.optimizer.step()
         step = epoch * run.steps + i + 1
         run.scheduler.step_update(step)
@@ -151,7 +157,9 @@ def _train_epoch(run: _PhaseRun, epoch: int, s: TrainSettings, device: torch.dev
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    return {"loss": total_loss / max(n, 1), "train_acc": 100.0 * correct / max(n, 1), "seconds": time.time() - t0}
+    total_loss, correct, n = distributed.current().sum(total_loss, correct, n)
+    return {"loss": total_loss / max(n, 1), "train_acc": 100.0 * correct / max(n, 1), "seconds": time.time() - t0,
+            "data_seconds": round(run.loader.take_wait(), 3)}
 
 
 def _run_identity(arch: Arch, data: DataBundle, s: TrainSettings) -> dict:
@@ -166,9 +174,14 @@ def _run_identity(arch: Arch, data: DataBundle, s: TrainSettings) -> dict:
             "data": {"name": data.name, "train": fingerprint}}
 
 
-def _save_checkpoint(path: Path, phase: str, next_epoch: int, run: _PhaseRun, extra: dict, identity: dict) -> None:
+def _save_checkpoint(path: Path, phase: str, next_epoch: int, run: _PhaseRun, extra: dict, identity: dict,
+                     batch_size: int) -> None:
+    dist = distributed.current()
+    if not dist.is_main:  # rank 0 writes for the job
+        return
     state = {"format": CHECKPOINT_FORMAT, "phase": phase, "epoch": next_epoch, "run": run.state_dict(),
-             "extra": extra, "rng": torch.get_rng_state(), "identity": identity}
+             "extra": extra, "rng": torch.get_rng_state(), "identity": identity, "world_size": dist.world,
+             "batch_size": batch_size}
     save_checkpoint(path, state)
 
 
@@ -183,13 +196,19 @@ def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, r
     """Train `arch` on `data` and write model.safetensors, integer.safetensors, quant_params.json, metrics.json,
     metrics.jsonl and checkpoints/last.pt into out_dir. Returns the final metrics. `progress`: a bar per epoch."""
     s.check()
-    with hold(out_dir):  # one run per directory (the CLI has taken it already)
+    from contextlib import nullcontext
+
+    # one run per directory (the CLI has taken it already); under torchrun rank 0 holds it and alone writes
+    with hold(out_dir) if distributed.init_from_env().is_main else nullcontext():
         return _train(arch, data, s, Path(out_dir), resume, on_epoch, progress)
 
 
 def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume: bool,
            on_epoch: Optional[Callable[[dict], None]], progress: bool = False) -> dict:
-    device = resolve_device(s.accelerator)
+    dist = distributed.current()
+    main = dist.is_main
+    progress = progress and main
+    device = dist.device(resolve_device(s.accelerator))
     if device.type == "cuda":  # TF32 would make float convs on integer-valued tensors inexact
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -207,9 +226,11 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
         refuse_mismatch(ckpt_path, "train checkpoint", mismatched_fields(ckpt["identity"], identity, RESUME_FREE),
                         RESUME_FREE)
 
-    eval_loader = make_loader(data.test, s.eval_batch_size, shuffle=False, device=device)
+    batch = dist.per_rank_batch(s.batch_size, "batch_size", ckpt)
+    eval_loader = make_loader(data.test, s.eval_batch_size, shuffle=False, device=device, shard=(dist.rank, dist.world))
     n_train = len(data.train)
-    steps = n_train // s.batch_size
+    per_step = batch * dist.world  # the global batch
+    steps = n_train // per_step
     if s.max_steps_per_epoch > 0:
         steps = min(s.max_steps_per_epoch, steps)
     if steps == 0:
@@ -218,12 +239,13 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
     phases = _phases(s)
     names = [p for p, _ in phases]
     start_phase = names.index(ckpt["phase"]) if ckpt else 0
-    arch.save(out_dir / "arch.json")
-    if ckpt:  # the lines up to the checkpoint; a torn line or epochs after it are dropped
+    if main:
+        arch.save(out_dir / "arch.json")
+    if ckpt and main:  # the lines up to the checkpoint; a torn line or epochs after it are dropped
         done = (start_phase, ckpt["epoch"])
         truncate_jsonl(out_dir / "metrics.jsonl", lambda r: r.get("phase") in names
                        and (names.index(r["phase"]), r.get("epoch", 1 << 30)) < done)
-    else:  # lines of an earlier start in this directory that never reached a checkpoint
+    elif main:  # lines of an earlier start in this directory that never reached a checkpoint
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     if ckpt:
         torch.set_rng_state(ckpt["rng"])
@@ -233,13 +255,15 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
         load_supernet_into(net, arch, s.supernet)
     elif s.init == "weights" and not ckpt:
         load_unfolded_into(net, arch, s.weights)
+    dist.broadcast_module(net)
     set_act_clipping(net, s.act_clip)
     for p_idx in range(start_phase, len(phases)):
         phase, n_epochs = phases[p_idx]
         if phase == "folded":
-            net = _folded_from(net, ckpt if (ckpt and ckpt["phase"] == "folded") else None, data, s, device)
+            net = _folded_from(net, ckpt if (ckpt and ckpt["phase"] == "folded") else None, data, s, device,
+                               batch * dist.world)
         lr = s.lr * (s.fold_lr_scale if phase == "folded" else 1.0)
-        run = _PhaseRun(net, s, n_epochs, lr, steps, data.train, s.seed + p_idx, device)
+        run = _PhaseRun(net, s, n_epochs, lr, steps, data.train, s.seed + p_idx, device, batch)
         first_epoch = 0
         if ckpt and ckpt["phase"] == phase:
             run.load_state_dict(ckpt["run"])
@@ -252,15 +276,18 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
             rec = _train_epoch(run, epoch, s, device, f"{phase} epoch {epoch + 1}/{n_epochs}", progress)
             rec.update(phase=phase, epoch=epoch, lr=run.optimizer.param_groups[0]["lr"],
                        test_acc=evaluate(run.eval_model, eval_loader, device))
-            append_jsonl(out_dir / "metrics.jsonl", rec)
+            rec["world_size"] = dist.world
+            if main:
+                append_jsonl(out_dir / "metrics.jsonl", rec)
             log.info("%s epoch %d/%d loss %.4f train %.2f test %.2f (%.0fs)", phase, epoch + 1, n_epochs,
                      rec["loss"], rec["train_acc"], rec["test_acc"], rec["seconds"])
             if on_epoch:
                 on_epoch(rec)
-            _save_checkpoint(ckpt_path, phase, epoch + 1, run, metrics, identity)
+            _save_checkpoint(ckpt_path, phase, epoch + 1, run, metrics, identity, batch)
         net = run.eval_model
         if phase == "bn":
-            save_state(out_dir / "model_bn.safetensors", net, arch, "bn")  # before folding: for `quantize compare`
+            if main:  # before folding: for `quantize compare`
+                save_state(out_dir / "model_bn.safetensors", net, arch, "bn")
             metrics["acc_fake_quant_bn"] = evaluate(net, eval_loader, device)
             set_quantization(net, False)
             metrics["acc_float_of_qat_weights"] = evaluate(net, eval_loader, device)
@@ -268,15 +295,16 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
         elif phase == "float":
             metrics["acc_float"] = evaluate(net, eval_loader, device)
     if s.quantized and not isinstance(net, FoldedNet):  # fold_epochs == 0: fold and calibrate only
-        net = _folded_from(net, None, data, s, device)
+        net = _folded_from(net, None, data, s, device, batch * dist.world)
     metrics.update(_finish(net, arch, eval_loader, out_dir, s, device))
     metrics["settings"] = asdict(s)
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    if main:
+        atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
 def _folded_from(net: nn.Module, ckpt: Optional[dict], data: DataBundle, s: TrainSettings,
-                 device: torch.device) -> FoldedNet:
+                 device: torch.device, batch_size: int) -> FoldedNet:
     """Fold the BN of the phase-1 model (or rebuild the folded model a checkpoint holds) and calibrate."""
     if ckpt is not None:
         folded = fold_model(build_model(net.arch).to(device), s.rounding).to(device)
@@ -285,7 +313,8 @@ def _folded_from(net: nn.Module, ckpt: Optional[dict], data: DataBundle, s: Trai
     net.eval()
     folded = fold_model(net, s.rounding).to(device)
     set_act_clipping(folded, s.act_clip)
-    loader = make_loader(data.train, s.batch_size, shuffle=True, seed=s.seed + 100, device=device)
+    # every rank calibrates on the same (global) batches: the same ranges on every rank
+    loader = make_loader(data.train, batch_size, shuffle=True, seed=s.seed + 100, device=device)
     folded.calibrate(x for i, (x, _) in zip(range(s.calib_batches), loader))
     return folded
 
@@ -299,10 +328,11 @@ def _finish(model: nn.Module, arch: Arch, eval_loader, out_dir: Path, s: TrainSe
         out["acc_fake_quant"] = evaluate(model, eval_loader, device)
         p_fake, p_int = predictions(model, eval_loader, device), predictions(integer, eval_loader, device)
         out["acc_integer"] = evaluate(integer, eval_loader, device)
-        out["integer_vs_fake_top1_disagreements"] = int((p_fake != p_int).sum())
-        save_state(out_dir / "model.safetensors", model, arch, "folded", {"rounding": s.rounding})
-        save_integer(out_dir, integer)
-    else:
+        out["integer_vs_fake_top1_disagreements"] = int(distributed.current().sum(int((p_fake != p_int).sum()))[0])
+        if distributed.current().is_main:
+            save_state(out_dir / "model.safetensors", model, arch, "folded", {"rounding": s.rounding})
+            save_integer(out_dir, integer)
+    elif distributed.current().is_main:
         save_state(out_dir / "model.safetensors", model, arch, "float")
     out.update(size_kb=arch.size_kb(), bops=arch.bops(), macs=arch.macs())
     return out

@@ -49,9 +49,17 @@ def one_line(msg: str) -> str:
     return "; ".join(part.strip() for part in msg.splitlines() if part.strip())
 
 
-def fail(msg: str) -> None:
-    print(f"fbnas: error: {one_line(msg)}", file=sys.stderr)
+def fail(msg: str, quiet: bool = False) -> None:
+    """One line on stderr, exit 2; `quiet`: exit 2 only (another rank prints the line)."""
+    if not quiet:
+        print(f"fbnas: error: {one_line(msg)}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _rank() -> int:
+    from ..distributed import current
+
+    return current().rank
 
 
 def _required(key: str) -> str:
@@ -83,7 +91,7 @@ def _remove_if_only_hydra_files() -> None:
         out = Path(HydraConfig.get().runtime.output_dir)
     except Exception:
         return
-    if not out.is_dir() or out.resolve() == Path.cwd().resolve():
+    if not out.is_dir() or out.resolve() == Path.cwd().resolve() or _rank() != 0:
         return
     if all(p.name in (".hydra", LOCK_NAME) or (p.is_file() and p.suffix == ".log") for p in out.iterdir()):
         _drop_file_handlers(out)
@@ -122,7 +130,7 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except FbnasError as exc:
             _remove_if_only_hydra_files()
-            fail(str(exc))
+            fail(str(exc), quiet=getattr(exc, "printed_by_rank0", False) and _rank() != 0)
         except KeyboardInterrupt:
             _remove_if_only_hydra_files()
             print("fbnas: interrupted", file=sys.stderr)
@@ -260,9 +268,20 @@ class RunDirGuard(Callback):
         if missing:
             fail(_required(missing[0]))
         existed = run_dir.exists()
-        lock = RunDirGuard._lock(run_dir)
+        from ..distributed import current
+
+        dist = current()
+        lock, msg = None, None
+        if dist.is_main:  # rank 0 holds the run directory for the job
+            try:
+                lock = acquire(run_dir)
+            except FbnasError as exc:
+                msg = str(exc)
+        try:
+            dist.agree(msg)
+        except FbnasError as exc:
+            fail(str(exc), quiet=not dist.is_main)
         ckpt = run_dir / "checkpoints" / "last.pt"
-        msg = None
         if "resume" in config and config.resume and not ckpt.is_file():
             msg = (f"resume=true but {ckpt} does not exist: nothing to resume; point hydra.run.dir at the run to "
                    "continue, or drop resume=true")
@@ -270,12 +289,13 @@ class RunDirGuard(Callback):
             msg = (f"{ckpt} exists: pass resume=true to continue that run, or choose another hydra.run.dir "
                    "(nothing was overwritten)")
         if msg:
-            release(lock)
-            if created_here and not existed:
+            if lock is not None:
+                release(lock)
+            if created_here and not existed and dist.is_main:
                 import shutil
 
                 shutil.rmtree(run_dir, ignore_errors=True)
-            fail(msg)
+            fail(msg, quiet=not dist.is_main)
 
     @staticmethod
     def _lock(run_dir: Path) -> Path:

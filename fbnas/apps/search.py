@@ -23,6 +23,10 @@ def _app(cfg: DictConfig) -> None:
     config: SearchConfig = OmegaConf.to_object(cfg)
     out = output_dir()
     result = run_search(config, out)
+    from ..distributed import current
+
+    if not current().is_main:  # rank 0 prints and writes the report
+        return
     arch = result.arch
     print(arch.summary())
     pred = arch.predicted

@@ -12,6 +12,8 @@ from ..config import RENAMED, TrainConfig, TrainSettings
 from .common import CONF_DIR, output_dir, renamed, run_hydra, user_errors
 
 log = logging.getLogger("fbnas")
+
+
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
@@ -39,13 +41,18 @@ def _app(cfg: DictConfig) -> None:
         import torch
 
         torch.set_num_threads(config.threads)
-    run = start_wandb(config.wandb, out, asdict(config), "train") if config.logger == "wandb" else None
+    from ..distributed import current
+
+    main_rank = current().is_main
+    run = start_wandb(config.wandb, out, asdict(config), "train") if config.logger == "wandb" and main_rank else None
 
     def on_epoch(rec: dict) -> None:
         run.log({f"{rec['phase']}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))})
 
     metrics = train(arch, data, settings, out, resume=config.resume, on_epoch=on_epoch if run else None,
                     progress=config.progress)
+    if not main_rank:
+        return
     keys = [k for k in ("acc_float", "acc_float_of_qat_weights", "acc_fake_quant_bn", "acc_fake_quant",
                         "acc_integer", "integer_vs_fake_top1_disagreements") if k in metrics]
     if run is not None:
