@@ -11,6 +11,7 @@
 #   sweep       the latency-weight sweep as a Hydra multirun ($BETAS, comma-separated)
 #   platform    default searches for sd835 and bitfusion side by side
 #   train       QAT W8A8 and FP32 training of arch.json files ($ARCHS), side by side
+#   pareto      the Pareto study (bench/pareto_study.py --searches-first) of $DEVICES with seeds $SEEDS
 #   ddp         distributed overhead at world size 1 (target < 3%), then the search step on $GPUS GPUs (default: 1
 #               and every GPU of the machine) at 256 images per GPU: img/s, scaling efficiency, memory, host syncs
 #
@@ -47,6 +48,17 @@ part_ddp() {
       | grep -v Warn | tee "$OUT/ddp_scaling_$n.txt"
   done
   python3 bench/ddp_scaling.py --summarize "$OUT"/ddp_scaling_*.json | tee "$OUT/ddp_scaling.md"
+}
+
+part_pareto() {
+  # the Pareto study of $DEVICES (default sd835): searches first, then every training (found nets first), seeds
+  # $SEEDS; resumable with the same --work; results in $OUT/pareto/<device>/ and $OUT/pareto.tgz
+  FBNAS_EXTRA_PYTHONPATH=/tmp/site timeout "${PARETO_TIMEOUT:-540}" python3 bench/pareto_study.py --searches-first \
+    --devices "${DEVICES:-sd835}" --seeds "${SEEDS:-0,1}" --work /tmp/ps --out "$OUT/pareto" --workers-after 14 \
+    > "$OUT/pareto_study.log" 2>&1; echo "pareto_study rc=$?"
+  tar czf "$OUT/pareto.tgz" -C "$OUT" pareto 2>/dev/null; tar czf "$OUT/pareto_work.tgz" -C /tmp ps --exclude=checkpoints \
+    --exclude='*.safetensors' 2>/dev/null
+  grep -v Warn "$OUT/pareto_study.log" | tail -n 40
 }
 
 part_additivity() {
@@ -133,7 +145,7 @@ part_train() {
   done | tee "$OUT/train_summary.txt"
 }
 
-parts="step additivity hessian deploy ilp heff sweep platform train"
+parts="step ddp pareto additivity hessian deploy ilp heff sweep platform train"
 part=${1:-}
 if [ -z "$part" ] || ! [[ " $parts " == *" $part "* ]]; then
   echo "usage: bash bench/gpu.sh <part>; parts: $parts" >&2

@@ -65,6 +65,9 @@ def parse_args() -> argparse.Namespace:
                    help="estimate: training steps per second of all workers together (an assumption; the run "
                         "prints the measured value)")
     p.add_argument("--time-budget-s", type=float, default=540, help="warn when the estimate exceeds it")
+    p.add_argument("--searches-first", action="store_true",
+                   help="run the searches alone first, then every training with the found nets first (when a time "
+                        "limit may cut the run short, the found nets are trained before the baselines)")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (minutes on a CPU)")
     p.add_argument("--estimate-only", action="store_true")
     a = p.parse_args()
@@ -224,7 +227,7 @@ def main() -> int:
           + ", ".join(f"{d} limit {ms:.4g} ms ({f}x)" for d in devices for f, ms in budgets[d]), flush=True)
     ended: dict[str, tuple[int, float]] = {}
     procs: dict[str, subprocess.Popen] = dict(searches)
-    for d in devices:  # phase A: the baselines train while the searches run
+    for d in devices if not a.searches_first else ():  # phase A: the baselines train while the searches run
         procs[f"{d} baselines"] = run_logged(fbnas_cmd(*pareto_args(a, d, [], f"random:{a.random},handcrafted",
                                                                      a.workers, work / d / "pareto")),
                                              work / d / "pareto_baselines.log")

@@ -192,7 +192,7 @@ class SearchConfig:
     seed: int = 0  # seed of the weights, the Gumbel noise and the data order
     accelerator: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = False  # on CUDA (bench/supernet_step.py compares; depthwise bf16 NHWC is slow there)
+    channels_last: bool = False  # NHWC tensors (no faster on a 2-core CPU; cuDNN's bf16 depthwise is slower in NHWC)
     threads: int = 0  # CPU threads (0: torch default)
     dist_timeout_s: float = 300.0  # under torchrun: rendezvous and collective timeout (a lost rank ends the job)
     resume: bool = False  # continue the run in hydra.run.dir from its checkpoint

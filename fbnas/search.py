@@ -128,7 +128,8 @@ class Searcher:
                                  bit_sampling=cfg.bit_sampling).to(self.device)
         self.supernet.seed(cfg.seed)
         self.dist.broadcast_module(self.supernet)
-        if self.device.type == "cuda" and cfg.channels_last:
+        self.channels_last = cfg.channels_last
+        if self.channels_last:
             self.supernet = self.supernet.to(memory_format=torch.channels_last)
         self.lat_matrix = self.latency.matrix.to(self.device)
         self.ref_ms = cfg.objective.ref_ms or self.latency.uniform_ms(self.supernet.op_has_bits())
@@ -241,7 +242,7 @@ class Searcher:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda" and self.cfg.channels_last:
+        if self.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -310,7 +311,19 @@ class Searcher:
             if i >= self.cfg.objective.hessian.batches:
                 break
             batches.append((self._prep(x), y))
-        self.hessian.refresh(self.supernet, None, batches, step=self.step)
+        from tqdm import tqdm
+
+        h = self.cfg.objective.hessian
+        log.info("Hessian traces of every op (up to %d probes x %d batches per op)...", h.max_probes, len(batches))
+        t0 = time.time()
+        with tqdm(desc="Hessian traces (paths)", disable=not self.cfg.progress or not self.dist.is_main,
+                  leave=False) as bar:
+            def on_path(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            self.hessian.refresh(self.supernet, None, batches, step=self.step, on_path=on_path)
+        log.info("Hessian traces refreshed in %.1f s", time.time() - t0)
 
     # ------------------------------------------------------------------ evaluation and derivation
     @torch.no_grad()

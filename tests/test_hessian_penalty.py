@@ -55,9 +55,11 @@ def test_quant_error_bank_matches_quant_error_sq_and_its_gradient():
 def test_supernet_traces_cover_every_op_with_weights_and_restore_the_supernet():
     net = tiny_supernet()
     net.train()
+    paths = []
     with pytest.warns(HessianConvergenceWarning):
         res = supernet_traces(net, None, tiny_batches(), target_rel_se=0.01, max_probes=16, min_probes=8,
-                              method="loop")
+                              method="loop", on_path=lambda done, total: paths.append((done, total)))
+    assert paths == [(1, 3), (2, 3), (3, 3)]  # one call per path (a progress bar), here 3 ops per layer
     # layer 0 is 4->4 stride 1 (skip is an identity, no weights); layer 1 is 4->8 stride 2 (skip is a conv)
     assert list(res.groups) == ["mixed_layers.0.ops.0", "mixed_layers.0.ops.1", "mixed_layers.1.ops.0",
                                 "mixed_layers.1.ops.1", "mixed_layers.1.ops.2"]

@@ -57,8 +57,10 @@ def test_train_logs_to_wandb_with_a_progress_bar_and_resumes_the_same_run(fmnist
     assert first["id"] == (run_dir / ID_FILE).read_text().strip() and first["resume"] == "allow"
     assert first["config"]["max_steps_per_epoch"] == 2 and first["job_type"] == "train"
     assert [sorted(r) for r in fake.rows] == [
-        ["bn/epoch", "bn/loss", "bn/lr", "bn/seconds", "bn/test_acc", "bn/train_acc"],
-        ["folded/epoch", "folded/loss", "folded/lr", "folded/seconds", "folded/test_acc", "folded/train_acc"]]
+        ["bn/data_seconds", "bn/epoch", "bn/loss", "bn/lr", "bn/seconds", "bn/test_acc", "bn/train_acc",
+         "bn/world_size"],
+        ["folded/data_seconds", "folded/epoch", "folded/loss", "folded/lr", "folded/seconds", "folded/test_acc",
+         "folded/train_acc", "folded/world_size"]]
     assert "acc_integer" in fake.summaries[0]
     assert main([*args, "max_steps_per_epoch=2", "resume=true", "progress=false"]) == 0
     assert fake.inits[1]["id"] == first["id"]  # the same wandb run continues

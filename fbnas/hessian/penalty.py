@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -44,8 +44,10 @@ def op_group_name(layer: int, op: int) -> str:
 def supernet_traces(supernet: nn.Module, loss_fn: Optional[LossFn], batches: Sequence[Any],
                     target_rel_se: float = 0.1, max_probes: int = 64, min_probes: int = 16, seed: int = 0,
                     method: str = "auto", device: Optional[torch.device | str] = None,
-                    probes_per_round: int = DEFAULT_PROBES_PER_ROUND) -> TraceResult:
-    """Trace per parameter of every candidate op with weights, each measured on a path that chooses it."""
+                    probes_per_round: int = DEFAULT_PROBES_PER_ROUND,
+                    on_path: Optional[Callable[[int, int], None]] = None) -> TraceResult:
+    """Trace per parameter of every candidate op with weights, each measured on a path that chooses it.
+    `on_path(done, total)` is called after each of the n_ops paths (a progress bar)."""
     layers = supernet.mixed_layers
     n_ops = max(len(layer.ops) for layer in layers)
     gen = torch.Generator().manual_seed(int(seed))
@@ -59,6 +61,8 @@ def supernet_traces(supernet: nn.Module, loss_fn: Optional[LossFn], batches: Seq
             groups = {op_group_name(l, i): quantized_weights(layers[l].ops[i]) for l, i in enumerate(path)}
             groups = {k: v for k, v in groups.items() if v}
             if not groups:
+                if on_path is not None:
+                    on_path(j + 1, n_ops)
                 continue
             supernet.fix([(i, 0, 0) for i in path])
             with warnings.catch_warnings(record=True) as caught:
@@ -73,6 +77,8 @@ def supernet_traces(supernet: nn.Module, loss_fn: Optional[LossFn], batches: Seq
             merged.update(res.groups)
             n_hvp += res.n_hvp
             seconds += res.seconds
+            if on_path is not None:
+                on_path(j + 1, n_ops)
     finally:
         supernet.fix(None)
     order = [op_group_name(l, i) for l, layer in enumerate(layers) for i in range(len(layer.ops))]
@@ -179,9 +185,10 @@ class HessianPenalty:
 
     # -------------------------------------------------------------------------------------- refresh
     def refresh(self, supernet: nn.Module, loss_fn: Optional[LossFn], batches: Sequence[Any],
-                step: Optional[int] = None) -> Optional[TraceResult]:
+                step: Optional[int] = None, on_path: Optional[Callable[[int, int], None]] = None,
+                ) -> Optional[TraceResult]:
         """Re-estimate the per-(layer, op) traces on the first `self.batches` batches; held constant until
-        the next refresh. Returns the TraceResult (None when gamma == 0)."""
+        the next refresh. Returns the TraceResult (None when gamma == 0). `on_path`: as supernet_traces'."""
         if not self.active:
             return None
         batches = list(batches)[: self.batches]
@@ -191,7 +198,7 @@ class HessianPenalty:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", HessianConvergenceWarning)
             res = supernet_traces(supernet, loss_fn, batches, self.target_rel_se, self.max_probes, self.min_probes,
-                                  seed=self.seed + self.n_refreshes, method=self.method)
+                                  seed=self.seed + self.n_refreshes, method=self.method, on_path=on_path)
         for w in caught:  # expected with a small probe budget: log instead of warning at every refresh
             log.info("hessian penalty refresh: %s", w.message)
         if self.method == "auto":

@@ -204,7 +204,7 @@ def _row_lengths(rows: int, per_row: int, pad: int, device: torch.device) -> tor
     if key not in _CONSTANTS:
         t = torch.full((rows,), per_row, dtype=torch.long)
         t[-1] += pad
-        _CONSTANTS[key] = t.to(device)
+        _CONSTANTS[key] = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
     return _CONSTANTS[key]
 
 
