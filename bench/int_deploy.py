@@ -23,7 +23,7 @@ from fbnas.io import atomic_write_text
 from fbnas.latency import arch_latency, get_table
 from fbnas.quant.artifacts import load_folded, load_unfolded
 from fbnas.quant.integer import to_integer
-from fbnas.quant.onnx_export import check_graph, check_with_onnxruntime, format_graph_check
+from fbnas.quant.onnx_check import check_graph, check_with_onnxruntime, format_graph_check
 from fbnas.train import TrainSettings, train
 
 OPS = "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3"

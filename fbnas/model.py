@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from .arch import Arch
 from .blocks import build_op
-from .quant.fake import BitState, ConvBNAct, QLinear
+from .quant.bits import BitState
+from .quant.fake import ConvBNAct, QLinear
 
 
 def make_stem(in_channels: int, channels: int, kernel: int, stride: int, bit_state: BitState) -> ConvBNAct:

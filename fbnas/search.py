@@ -9,29 +9,30 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, distributed, search_resume
 from .accelerator import resolve_device
 from .arch import Arch
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SearchConfig
-from . import distributed
 from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
 from .errors import CheckpointError, ConfigError, LatencyTableError, NonFiniteLossError
-from .io import append_jsonl, sha256_file, truncate_jsonl
+from .io import append_jsonl, sha256_file
 from .latency.lookup import check_target_limit
 from .objective import LatencyPenalty, make_penalty
-from .quant.fake import ActQuantizer
-from .resume import mismatched_fields, refuse_mismatch, tensor_fingerprint
+from .quant.act import ActQuantizer
 from .rundir import hold
-from .space import SearchSpace, load_space, override_io, save_space
+from .space import load_space, override_io, save_space
 from .step_stats import StepStats
-from .supernet import BIT_MODES, MODES, Supernet, argmax_cost, expected_cost, sample_cost
+from .latency_model import LatencyModel
+from .schedules import temperature
+from .search_resume import CHECKPOINT_FORMAT
+from .supernet import BIT_MODES, MODES, Supernet, argmax_cost, sample_cost
 
 log = logging.getLogger("fbnas")
 CHECKPOINT = "checkpoints/last.pt"
@@ -39,12 +40,7 @@ SPACE_FIX = ("adapt the space to the data with space_override.from_data=true (or
              ".in_channels, .input_size), or pick a matching space=")
 
 
-# fields a resume may change (the rest must equal the checkpoint's); device and table are compared by name and numbers
-RESUME_FREE = ("epochs", "resume", "progress", "logger", "wandb", "threads", "accelerator", "derive", "lut",
-               "device", "device_file", "dist_timeout_s", "data.workers", "data.pin_memory",
-               "data.batch_size")  # per rank: the global batch is checked instead (distributed.per_rank_batch)
 TRAIN_STATS = ("ce", "loss", "lat", "arch_ce", "arch_loss", "arch_lat")  # averaged over ranks in metrics.jsonl
-CHECKPOINT_FORMAT = "fbnas-search-checkpoint/2"  # /1 stored numpy and Python RNG states as objects
 
 
 @dataclass
@@ -60,48 +56,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class LatencyModel:
-    """The latency table of one (space, device) as tensors: per-layer [L, n_ops, n_wb, n_ab] plus fixed parts."""
-
-    def __init__(self, space: SearchSpace, device: Any, lut_path: Optional[str]):
-        from .latency import fixed_latency, get_table, latency_matrix, load_device
-
-        self.device = load_device(device)
-        self.table = get_table(space, self.device, lut_path)
-        self.matrix = latency_matrix(self.table, space)
-        self.fixed_ms = float(fixed_latency(self.table, space))
-        self.device_name = self.device.name
-        self.path = getattr(self.table, "path", None)
-
-    def fingerprint(self) -> str:
-        """Of the numbers the search uses (per-layer matrix and fixed part), whatever file they came from."""
-        return tensor_fingerprint(self.matrix, torch.tensor(self.fixed_ms, dtype=torch.float64))
-
-    def of_arch(self, arch: Arch) -> float:
-        from .latency import arch_latency
-
-        return float(arch_latency(self.table, arch))
-
-    def uniform_ms(self, has_bits: torch.Tensor) -> float:
-        """E[LAT] when every op and every bit choice is equally likely (the default reference)."""
-        L, n_ops, n_wb, n_ab = self.matrix.shape
-        ops = torch.full((L, n_ops), 1.0 / n_ops, dtype=torch.float64)
-        ws = torch.full((L, n_ops, n_wb), 1.0 / n_wb, dtype=torch.float64)
-        as_ = torch.full((L, n_ops, n_ab), 1.0 / n_ab, dtype=torch.float64)
-        return float(expected_cost(self.matrix.double(), ops, ws, as_)) + self.fixed_ms
-
-
-def _temperature(c: SearchConfig, epoch: int, anchor: Optional[list] = None) -> float:
-    """Gumbel-softmax temperature of an epoch: tau * decay^epoch, with decay = tau_decay, or chosen so that the
-    last epoch runs at tau_final. After a resume with more or fewer epochs, `anchor` = [epoch e0, tau at e0]: the
-    schedule runs from there geometrically to tau_final at the new last epoch."""
-    if c.tau_final is None:
-        return c.tau * c.tau_decay ** epoch
-    e0, tau0 = anchor if anchor is not None else (0, c.tau)
-    decay = (c.tau_final / tau0) ** (1.0 / max(c.epochs - 1 - e0, 1))
-    return tau0 * decay ** (epoch - e0)
 
 
 class Searcher:
@@ -234,7 +188,7 @@ class Searcher:
                               max_probes=h.max_probes, batches=h.batches)
 
     def temperature(self, epoch: int) -> float:
-        return _temperature(self.cfg, epoch, self.tau_anchor)
+        return temperature(self.cfg, epoch, self.tau_anchor)
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -388,91 +342,18 @@ class Searcher:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "supernet": self.supernet.state_dict(),
-            "w_opt": self.w_opt.state_dict(), "w_sched": self.w_sched.state_dict(), "a_opt": self.a_opt.state_dict(),
-            "penalty": self.penalty.state_dict(),
-            "hessian": self.hessian.state_dict() if self.hessian is not None else None,
-            "epoch": self.epoch, "step": self.step,
-            "rng": {**rng_state(),
-                    "supernet": self.supernet.generator.get_state(), "sampler": self.supernet.sampler_state(),
-                    "w_loader": getattr(self.w_loader, "state_dict", lambda: None)(),
-                    "a_loader": getattr(self.a_loader, "state_dict", lambda: None)()},
-            "tau_anchor": self.tau_anchor,
-            "space": self.space.name, "space_bits": [list(self.space.w_bits), list(self.space.a_bits)],
-            "device": self.latency.device_name, "config": dataclasses.asdict(self.cfg),
-            "lut_fingerprint": self.latency.fingerprint(), "space_definition": self._space_definition(),
-            "fbnas_version": __version__, "world_size": self.dist.world, "batch_size": self.batch_size,
-        }
+        return search_resume.checkpoint_state(self)
 
     def save_checkpoint(self) -> None:
         if self.dist.is_main:
             save_checkpoint(self.out_dir / CHECKPOINT, self.checkpoint_state())
 
     def load_checkpoint(self) -> None:
-        path = self.out_dir / CHECKPOINT
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no checkpoint to resume; run without resume=true, or point "
-                                  "hydra.run.dir at the run to continue")
-        state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint", map_location=self.device)
-        self._check_same_run(path, state)
-        try:
-            self.supernet.load_state_dict(state["supernet"])
-        except RuntimeError:
-            raise CheckpointError(f"{path}: the checkpoint's supernet does not match space {self.space.name}") from None
-        self.w_opt.load_state_dict(state["w_opt"])
-        self.w_sched.load_state_dict(state["w_sched"])
-        self.tau_anchor = state.get("tau_anchor")
-        self.a_opt.load_state_dict(state["a_opt"])
-        self.penalty.load_state_dict(state["penalty"])
-        if self.hessian is not None and state.get("hessian"):
-            self.hessian.load_state_dict(state["hessian"])
-        self.epoch, self.step = state["epoch"], state["step"]
-        rng = state["rng"]
-        set_rng_state(rng)
-        self.supernet.generator.set_state(rng["supernet"].cpu())
-        self.supernet.load_sampler_state(rng.get("sampler"))
-        for loader, key in ((self.w_loader, "w_loader"), (self.a_loader, "a_loader")):
-            if rng.get(key) is not None and hasattr(loader, "load_state_dict"):
-                loader.load_state_dict({"generator": rng[key]["generator"].cpu()})
-        if state["config"]["epochs"] != self.cfg.epochs:
-            self._extend_schedules(state["config"])
-        if self.dist.is_main:
-            self.metrics = truncate_jsonl(self.out_dir / "metrics.jsonl", lambda m: m.get("epoch", 0) <= self.epoch)
-        log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
+        search_resume.restore(self, self.out_dir / CHECKPOINT)
 
-    def _check_same_run(self, path: Path, state: dict) -> None:
-        """Refuse a checkpoint made with other result-determining settings (fields of SearchConfig except
-        RESUME_FREE; the target device by name and the latency numbers by fingerprint, not by file path)."""
-        saved = {"space": state.get("space"), "space_definition": state.get("space_definition"),
-                 "device": state.get("device"), "latency table": state.get("lut_fingerprint")}
-        mine = {"space": self.space.name, "space_definition": self._space_definition(),
-                "device": self.latency.device_name, "latency table": self.latency.fingerprint()}
-        diffs = mismatched_fields(saved, mine, ()) + mismatched_fields(state["config"], dataclasses.asdict(self.cfg),
-                                                                     RESUME_FREE)
-        refuse_mismatch(path, "search checkpoint", diffs, RESUME_FREE)
-        if self.cfg.epochs < state["epoch"]:
-            raise CheckpointError(f"{path}: the checkpoint is at epoch {state['epoch']}; field 'epochs' "
-                                  f"({self.cfg.epochs}) cannot be fewer")
-
-    def _space_definition(self) -> dict:
+    def space_definition(self) -> dict:
         """The space's shape, ops and bits (an edited space file under the same name is another space)."""
         return {k: v for k, v in self.space.to_dict().items() if k != "description"}
-
-    def _extend_schedules(self, old_cfg: dict) -> None:
-        """Resume with another `epochs`: the weights' cosine continues from its current learning rate down to 0 at
-        the new last step, and the temperature from the last epoch's value geometrically to tau_final at the new
-        last epoch (no restart, no re-heating). A finished run being extended therefore keeps its final learning
-        rate (0) and temperature."""
-        remaining = self.cfg.epochs * self.steps_per_epoch - self.step
-        self.w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, T_max=max(remaining, 1))
-        if self.cfg.tau_final is not None and self.epoch > 0:
-            old = dataclasses.replace(self.cfg, epochs=old_cfg["epochs"])
-            last = self.epoch - 1
-            self.tau_anchor = [last, _temperature(old, last, self.tau_anchor)]
-        log.info("epochs %d -> %d: schedules continue from lr %.4g, tau %.4g", old_cfg["epochs"], self.cfg.epochs,
-                 self.w_opt.param_groups[0]["lr"], self.temperature(self.epoch))
 
     # ------------------------------------------------------------------ the loop
     def _log(self, record: dict) -> None:
@@ -516,8 +397,6 @@ class Searcher:
             return self._run()
 
     def _run(self) -> SearchResult:
-        from tqdm import tqdm
-
         if self.cfg.resume:
             self.load_checkpoint()
         elif (self.out_dir / CHECKPOINT).exists():
@@ -535,63 +414,15 @@ class Searcher:
             self.supernet.tau = self.temperature(self.epoch)
             if not warmup and self.epoch == cfg.warmup_epochs and self.hessian is not None:
                 self._refresh_hessian()
-            n_arch = len(self.a_loader)
-            arch_every = max(1, self.steps_per_epoch // max(n_arch, 1))
-            a_iter = iter(self.a_loader)
-            sums: dict[str, float] = {}
-            counts: dict[str, int] = {}
             t0 = time.time()
-            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}"
-                       + (" (warm-up)" if warmup else ""), disable=not cfg.progress or not self.dist.is_main,
-                       leave=False)
-            stats_reader = StepStats(self.device)
-
-            def account(read) -> None:
-                if read is None:
-                    return
-                values, (epoch, step) = read
-                self._check_finite(values, epoch, step)
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
-                bar.update(1)
-                bar.set_postfix(ce=f"{values['ce']:.3f}", lat=f"{values['lat']:.3f}")
-
-            for i, (x, y) in enumerate(self.w_loader):
-                if i >= self.steps_per_epoch:
-                    break
-                stats = self.weight_step(x, y, warmup)
-                if not warmup and i % arch_every == 0:
-                    try:
-                        xa, ya = next(a_iter)
-                    except StopIteration:
-                        a_iter = iter(self.a_loader)
-                        xa, ya = next(a_iter)
-                    stats.update(self.arch_step(xa, ya))
-                    if self.hessian is not None and self.hessian.should_refresh(self.step):
-                        self._refresh_hessian()
-                account(stats_reader.push(stats, (self.epoch, self.step)))
-                self.step += 1
-            account(stats_reader.flush())
-            bar.close()
+            means = self._train_epoch(warmup)
             self.epoch += 1
-            choice = self.supernet.argmax_choice()
-            arch = self.supernet.choice_to_arch(choice)
-            val_ce, val_acc = self.evaluate_choice(choice, cfg.derive.eval_batches)
-            record = {"epoch": self.epoch, "step": self.step, "tau": self.supernet.tau, "warmup": warmup,
-                      "lr": self.w_sched.get_last_lr()[0], "seconds": round(time.time() - t0, 2),
-                      **{k: sums[k] / counts[k] for k in sums},
-                      "argmax_latency_ms": self.latency.of_arch(arch), "argmax_val_ce": val_ce,
-                      "argmax_val_acc": val_acc, "argmax_ops": [l.op for l in arch.layers],
-                      "argmax_w_bits": [l.w_bits for l in arch.layers],
-                      "argmax_a_bits": [l.a_bits for l in arch.layers], **self._probabilities()}
-            if hasattr(self.penalty, "mu"):
-                record["mu"] = float(self.penalty.mu)
+            record = self._epoch_record(warmup, means, t0)
             self._log(record)
             self.save_checkpoint()
             log.info("epoch %d/%d: ce %.3f, E[lat] %.3f ms, argmax %.3f ms, val acc %.3f (%.0fs)", self.epoch,
                      cfg.epochs, record.get("ce", float("nan")), record.get("lat", float("nan")),
-                     record["argmax_latency_ms"], val_acc, record["seconds"])
+                     record["argmax_latency_ms"], record["argmax_val_acc"], record["seconds"])
         arch, score = self.derive()
         arch = self.annotate(arch, score)
         if self.dist.is_main:
@@ -600,6 +431,63 @@ class Searcher:
             self.wandb_run.summary.update({"latency_ms": score["latency_ms"], "val_acc": score["val_acc"]})
             self.wandb_run.finish()
         return SearchResult(arch, self.out_dir, score["latency_ms"], self.metrics, self.latency.device_name)
+
+    def _train_epoch(self, warmup: bool) -> dict[str, float]:
+        """One epoch of weight steps with an architecture step every len(w_loader)/len(a_loader) of them (none
+        in warm-up); returns the epoch's mean of every step statistic."""
+        from tqdm import tqdm
+
+        arch_every = max(1, self.steps_per_epoch // max(len(self.a_loader), 1))
+        a_iter = iter(self.a_loader)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}"
+                   + (" (warm-up)" if warmup else ""), disable=not self.cfg.progress or not self.dist.is_main,
+                   leave=False)
+        stats_reader = StepStats(self.device)
+
+        def account(read) -> None:
+            if read is None:
+                return
+            values, (epoch, step) = read
+            self._check_finite(values, epoch, step)
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+            bar.update(1)
+            bar.set_postfix(ce=f"{values['ce']:.3f}", lat=f"{values['lat']:.3f}")
+
+        for i, (x, y) in enumerate(self.w_loader):
+            if i >= self.steps_per_epoch:
+                break
+            stats = self.weight_step(x, y, warmup)
+            if not warmup and i % arch_every == 0:
+                try:
+                    xa, ya = next(a_iter)
+                except StopIteration:
+                    a_iter = iter(self.a_loader)
+                    xa, ya = next(a_iter)
+                stats.update(self.arch_step(xa, ya))
+                if self.hessian is not None and self.hessian.should_refresh(self.step):
+                    self._refresh_hessian()
+            account(stats_reader.push(stats, (self.epoch, self.step)))
+            self.step += 1
+        account(stats_reader.flush())
+        bar.close()
+        return {k: sums[k] / counts[k] for k in sums}
+
+    def _epoch_record(self, warmup: bool, means: dict[str, float], t0: float) -> dict:
+        """The metrics.jsonl line of the epoch just finished: its means, the argmax architecture evaluated inside
+        the supernet, the probabilities, and the penalty's state (e.g. the target multiplier mu)."""
+        choice = self.supernet.argmax_choice()
+        arch = self.supernet.choice_to_arch(choice)
+        val_ce, val_acc = self.evaluate_choice(choice, self.cfg.derive.eval_batches)
+        return {"epoch": self.epoch, "step": self.step, "tau": self.supernet.tau, "warmup": warmup,
+                "lr": self.w_sched.get_last_lr()[0], "seconds": round(time.time() - t0, 2), **means,
+                "argmax_latency_ms": self.latency.of_arch(arch), "argmax_val_ce": val_ce, "argmax_val_acc": val_acc,
+                "argmax_ops": [l.op for l in arch.layers], "argmax_w_bits": [l.w_bits for l in arch.layers],
+                "argmax_a_bits": [l.a_bits for l in arch.layers], **self._probabilities(),
+                **self.penalty.state_dict()}
 
     def annotate(self, arch: Arch, score: dict) -> Arch:
         lut_path = self.latency.path

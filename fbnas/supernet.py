@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from .arch import Arch
 from .blocks import build_op
 from .model import Head, make_stem
-from .quant.fake import (BitState, QConv2d, QLinear, deferred_range_updates, prequantize_weights,
-                         prescale_activations)
+from .quant.act import deferred_range_updates, prescale_activations
+from .quant.bits import BitState, to_device_async
+from .quant.fake import QConv2d, QLinear, prequantize_weights
 from .space import LayerShape, SearchSpace
 
 MODES = ("soft", "hard")
@@ -198,7 +199,7 @@ class Supernet(nn.Module):
         # the noise and the sampled one-hots go to the device in one asynchronous copy (no host wait)
         host = [noise_cpu] + [F.one_hot(idx, t.shape[-1]).float().reshape(-1)
                               for idx, t, h in zip((op_idx, w_idx, a_idx), logits, hards) if h]
-        moved = self._to_device(torch.cat(host), logits[0].device)
+        moved = to_device_async(torch.cat(host), logits[0].device)
         parts = moved.split([sum(sizes)] + [n for n, h in zip(sizes, hards) if h])
         noise, one_hots = parts[0].split(sizes), iter(parts[1:])
         (op_w, op_soft), (w_w, w_soft), (a_w, a_soft) = (
@@ -237,13 +238,6 @@ class Supernet(nn.Module):
         if self.quantized:
             self._prescaled = running_convs + self._fixed_convs
             prescale_activations(self._prescaled)
-
-    @staticmethod
-    def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A host tensor on `device`; to a GPU through pinned memory, without blocking the host."""
-        if device.type == "cpu":
-            return host
-        return host.pin_memory().to(device, non_blocking=True)
 
     def _lagged_logits(self, flat: torch.Tensor) -> torch.Tensor:
         """The host copy of the arch logits that picks this forward's discrete choices: the logits as they were

@@ -214,18 +214,7 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
         torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(s.seed)
     ckpt_path = out_dir / "checkpoints" / "last.pt"
-    if resume and not ckpt_path.is_file():
-        raise CheckpointError(f"resume=true but {ckpt_path} does not exist: nothing to resume; point hydra.run.dir at "
-                              "the run to continue, or drop resume=true")
-    ckpt = _load_checkpoint(ckpt_path) if resume else None
-    if not resume and ckpt_path.exists():
-        raise CheckpointError(f"{ckpt_path} exists: pass resume=true to continue that run or use a new run directory")
-    identity = _run_identity(arch, data, s)
-    if ckpt:
-        ckpt["identity"]["settings"] = current_names(ckpt["identity"]["settings"])
-        refuse_mismatch(ckpt_path, "train checkpoint", mismatched_fields(ckpt["identity"], identity, RESUME_FREE),
-                        RESUME_FREE)
-
+    ckpt, identity = _open_checkpoint(ckpt_path, resume, _run_identity(arch, data, s))
     batch = dist.per_rank_batch(s.batch_size, "batch_size", ckpt)
     eval_loader = make_loader(data.test, s.eval_batch_size, shuffle=False, device=device, shard=(dist.rank, dist.world))
     n_train = len(data.train)
@@ -285,15 +274,7 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
                 on_epoch(rec)
             _save_checkpoint(ckpt_path, phase, epoch + 1, run, metrics, identity, batch)
         net = run.eval_model
-        if phase == "bn":
-            if main:  # before folding: for `quantize compare`
-                save_state(out_dir / "model_bn.safetensors", net, arch, "bn")
-            metrics["acc_fake_quant_bn"] = evaluate(net, eval_loader, device)
-            set_quantization(net, False)
-            metrics["acc_float_of_qat_weights"] = evaluate(net, eval_loader, device)
-            set_quantization(net, True)
-        elif phase == "float":
-            metrics["acc_float"] = evaluate(net, eval_loader, device)
+        metrics.update(_phase_end(phase, net, arch, out_dir, eval_loader, device, main))
     if s.quantized and not isinstance(net, FoldedNet):  # fold_epochs == 0: fold and calibrate only
         net = _folded_from(net, None, data, s, device, batch * dist.world)
     metrics.update(_finish(net, arch, eval_loader, out_dir, s, device))
@@ -301,6 +282,38 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
     if main:
         atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _open_checkpoint(path: Path, resume: bool, identity: dict) -> tuple[Optional[dict], dict]:
+    """(the checkpoint to resume, or None; the run's identity), after refusing a resume without a checkpoint, a
+    new run over one, and a checkpoint of other result-determining settings."""
+    if resume and not path.is_file():
+        raise CheckpointError(f"resume=true but {path} does not exist: nothing to resume; point hydra.run.dir at "
+                              "the run to continue, or drop resume=true")
+    if not resume and path.exists():
+        raise CheckpointError(f"{path} exists: pass resume=true to continue that run or use a new run directory")
+    ckpt = _load_checkpoint(path) if resume else None
+    if ckpt:
+        ckpt["identity"]["settings"] = current_names(ckpt["identity"]["settings"])
+        refuse_mismatch(path, "train checkpoint", mismatched_fields(ckpt["identity"], identity, RESUME_FREE),
+                        RESUME_FREE)
+    return ckpt, identity
+
+
+def _phase_end(phase: str, net: nn.Module, arch: Arch, out_dir: Path, eval_loader, device: torch.device,
+               main: bool) -> dict:
+    """Accuracies measured when a phase ends (and, after the BN phase, its model for `quantize compare`)."""
+    if phase == "float":
+        return {"acc_float": evaluate(net, eval_loader, device)}
+    if phase != "bn":
+        return {}
+    if main:  # before folding
+        save_state(out_dir / "model_bn.safetensors", net, arch, "bn")
+    out = {"acc_fake_quant_bn": evaluate(net, eval_loader, device)}
+    set_quantization(net, False)
+    out["acc_float_of_qat_weights"] = evaluate(net, eval_loader, device)
+    set_quantization(net, True)
+    return out
 
 
 def _folded_from(net: nn.Module, ckpt: Optional[dict], data: DataBundle, s: TrainSettings,

@@ -11,7 +11,7 @@ from fbnas import build_model
 from fbnas.errors import ConfigError
 from fbnas.io import atomic_write_json
 from fbnas.quant.artifacts import save_state
-from fbnas.quant.bundle import export_run
+from fbnas.quant.export import export_run
 from fbnas.quant.integer import to_integer
 from fbnas.quant.onnx_graph import ort_session
 from fbnas.train import set_quantization

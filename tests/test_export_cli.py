@@ -52,14 +52,14 @@ def test_quantize_onnx_qlinear_on_fashion_mnist(run, capsys):
 
 
 def test_quantize_onnx_failed_check_exits_3_not_2(run, capsys, monkeypatch):
-    import fbnas.quant.onnx_export as onnx_export
+    import fbnas.quant.onnx_check as onnx_check
 
-    real = onnx_export.isolated_conv_check
+    real = onnx_check.isolated_conv_check
 
     def two_lsb(*args, **kwargs):  # a kernel 2 LSB off: the per-kernel bound fails whatever the sample
         return {**real(*args, **kwargs), "max_abs_diff": 2}
 
-    monkeypatch.setattr(onnx_export, "isolated_conv_check", two_lsb)
+    monkeypatch.setattr(onnx_check, "isolated_conv_check", two_lsb)
     assert main(["quantize", "onnx", f"run={run}", "mode=qlinear", "samples=16"]) == 3
     assert "FAIL" in capsys.readouterr().out
 

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from fbnas.quant.integer import to_integer  # noqa: E402
-from fbnas.quant.onnx_export import allowed_disagreements, check_graph, check_with_onnxruntime  # noqa: E402
+from fbnas.quant.onnx_check import allowed_disagreements, check_graph, check_with_onnxruntime  # noqa: E402
 from fbnas.quant.onnx_graph import fp32_graph, ort_session, qdq_graph, qlinear_graph  # noqa: E402
 from fbnas.train import set_quantization  # noqa: E402
 

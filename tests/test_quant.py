@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fbnas.quant.fake import (ActQuantizer, BitState, QConv2d, act_levels, deferred_range_updates,
-                              prescale_activations, fake_quant_weight, mse_clip_range,
-                              quant_error_sq, quantize_weight_int, weight_scale)
+from fbnas.quant.act import ActQuantizer, deferred_range_updates, mse_clip_range, prescale_activations
+from fbnas.quant.bits import BitState, act_levels
+from fbnas.quant.fake import QConv2d, fake_quant_weight, quant_error_sq, quantize_weight_int, weight_scale
 
 
 def test_weight_quant_per_channel_symmetric():

@@ -11,7 +11,7 @@ from timm.data import resolve_data_config
 from fbnas import Arch, load_space
 from fbnas.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_dataset
 from fbnas.quant.artifacts import load_unfolded
-from fbnas.quant.bundle import export_run
+from fbnas.quant.export import export_run
 from fbnas.train import TrainSettings, train
 
 OPS = ["ir_k3_e3", "skip", "sqnxt_k3", "shuffle_k3", "ir_k3_e1_g2", "ir_k5_e3"]

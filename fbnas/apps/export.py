@@ -1,5 +1,5 @@
 """`fbnas export run=<train run dir> [formats=[...]] [out=<dir>]`: deployable files of a trained model; see
-fbnas.quant.bundle."""
+fbnas.quant.export."""
 from __future__ import annotations
 
 import hydra
@@ -17,7 +17,7 @@ ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 def _app(cfg: DictConfig) -> None:
     from pathlib import Path
 
-    from ..quant.bundle import export_run
+    from ..quant.export import export_run
 
     out = cfg.out or str(Path(cfg.run) / "export")
     written = export_run(cfg.run, out, list(cfg.formats), align=cfg.align)

@@ -128,7 +128,7 @@ def _app(cfg: DictConfig) -> None:
     elif cfg.action == "ilp":
         _ilp(cfg)
     elif cfg.action == "onnx":
-        from ..quant.onnx_export import onnx_command
+        from ..quant.onnx_check import onnx_command
 
         onnx_command(cfg, _weights(cfg), _arch(cfg), _test_images)
     else:

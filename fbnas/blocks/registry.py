@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..quant.fake import BitState
+from ..quant.bits import BitState
 from .kernels import KernelSpec
 
 Builder = Callable[[int, int, int, BitState], nn.Module]  # (c_in, c_out, stride, bit_state) -> module

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
-from ..quant.fake import BitState, ConvBNAct
+from ..quant.bits import BitState
+from ..quant.fake import ConvBNAct
 from .kernels import KernelSpec, conv, conv_out_size
 from .registry import OpDef, register_op
 

@@ -63,7 +63,8 @@ def signature_module(sig: OpSignature) -> tuple[nn.Module, tuple[int, ...]]:
     """The float module of one signature, exactly as the child network builds that part, and its input
     shape without the batch dimension."""
     from ..blocks import build_op, is_known_op
-    from ..quant.fake import BitState, ConvBNAct, QLinear
+    from ..quant.bits import BitState
+    from ..quant.fake import ConvBNAct, QLinear
 
     fp = BitState.float()
     if is_known_op(sig.op):

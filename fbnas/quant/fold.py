@@ -34,7 +34,9 @@ from ..arch import Arch
 from ..blocks import get_op
 from ..errors import ConfigError
 from .dyadic import INT32_MAX, check_rounding, dyadic, dyadic_value, round_float
-from .fake import ActQuantizer, ConvBNAct, QLinear, act_levels, qmax_signed, weight_scale
+from .act import ActQuantizer
+from .bits import act_levels, qmax_signed
+from .fake import ConvBNAct, QLinear, weight_scale
 
 
 # ------------------------------------------------------------------------------------------ program

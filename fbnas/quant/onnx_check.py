@@ -24,7 +24,8 @@ import torch.nn as nn
 from ..errors import CHECK_FAILED_EXIT, ConfigError
 from .fold import node_key
 from .integer import IntConv, IntegerNet, IntLinear
-from .onnx_graph import ONNX_IR_VERSION, conv_attrs, debug_codes, ort_session, qdq_graph, qlinear_graph
+from .onnx_build import ONNX_IR_VERSION, conv_attrs
+from .onnx_graph import debug_codes, ort_session, qdq_graph, qlinear_graph
 
 CHECK_MODES = ("qlinear", "qdq", "accumulators")
 MAX_MISMATCH_FRACTION = 1e-4

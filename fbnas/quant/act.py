@@ -1,0 +1,224 @@
+"""Activation fake quantization: EMA ranges, batched scales and range updates, MSE-optimal clipping, and the
+EdMIPS mixture of bit options.
+
+Static ranges from an EMA of the batch max (max |x| when signed); unsigned [0, 2^b - 1] while the observed minimum
+is >= 0 (after ReLU), symmetric signed otherwise. A quantizer with known bits (`clip_bits`, a trained child) can
+instead track an EMA of each batch's MSE-optimal clipping range at those bits (`mse_clip_range`): at 4 bits and
+below the min/max range wastes most levels on a few outliers.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .bits import EPS, BitState, act_levels, constant, constant_vector, qmax_signed
+
+EMA_MOMENTUM = 0.1
+
+
+MSE_CLIP_GRID = 40          # candidate clipping ranges: span * k / grid, k = 1..grid
+MSE_CLIP_SAMPLES = 1 << 16  # elements of the batch (an even stride through it) that score the candidates
+
+
+@torch.no_grad()
+def mse_clip_range(x: torch.Tensor, span: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """The clipping range c in (0, span] that minimises the mean squared error of quantizing x at `bits` with
+    scale c / hi (hi = the top level), over a grid of candidates; a device scalar (no host read)."""
+    flat = x.reshape(-1)
+    xs = flat[:: max(1, flat.numel() // MSE_CLIP_SAMPLES)].float()
+    lo, hi = act_levels(bits, signed)
+    ratios = torch.arange(1, MSE_CLIP_GRID + 1, device=x.device, dtype=torch.float32) / MSE_CLIP_GRID
+    clips = (span.float() * ratios).clamp_min(EPS)
+    scales = (clips / hi).unsqueeze(1)
+    err = (torch.clamp(torch.round(xs / scales), lo, hi) * scales - xs).pow(2).mean(1)
+    return clips[err.argmin()]
+
+
+_DEFERRED: Optional[dict[int, tuple["ActQuantizer", torch.Tensor]]] = None
+
+
+@contextmanager
+def deferred_range_updates(enabled: bool = True):
+    """Within the block, initialised ActQuantizers without MSE clipping quantize with their range as of the
+    block's start and queue what they observe; at its end every queued range moves in a few multi-tensor
+    kernels (instead of ~4 kernels per quantizer: a supernet step on a GPU is bound by kernel launches). The
+    EMA is the same, one forward later."""
+    global _DEFERRED
+    if not enabled or _DEFERRED is not None:
+        yield
+        return
+    _DEFERRED = {}
+    try:
+        yield
+        pending = list(_DEFERRED.values())
+    finally:
+        _DEFERRED = None
+    _update_ranges(pending)
+
+
+@torch.no_grad()
+def _update_ranges(pending: list[tuple["ActQuantizer", torch.Tensor]]) -> None:
+    by_momentum: dict[float, list[tuple[ActQuantizer, torch.Tensor]]] = {}
+    for q, x in pending:
+        by_momentum.setdefault(q.momentum, []).append((q, x))
+    for momentum, items in by_momentum.items():
+        quantizers = [q for q, _ in items]
+        spans = torch._foreach_norm([x for _, x in items], math.inf, dtype=torch.float32)  # max |x| per tensor
+        torch._foreach_lerp_([q.running_max for q in quantizers], spans, momentum)
+        signed = [q for q in quantizers if q.signed]
+        if signed:
+            torch._foreach_copy_([q.running_min for q in signed], torch._foreach_neg([q.running_max for q in signed]))
+        for q in quantizers:
+            q.prescale = None
+
+
+def prescale_activations(convs: Sequence[nn.Module]) -> None:
+    """Compute, in one batch, the input scale of each conv/linear in `convs` at its one activation bit-width
+    (sampled or fixed) and hand it to the conv's quantizer for its next forward (cleared when its range
+    moves). Quantizers with mixed (soft) bits, MSE clipping or no range yet compute their own."""
+    batch, tops = [], []
+    for c in convs:
+        st, q = c.bit_state, c.act_quant
+        bits = st.single_a_bits()
+        if not st.enabled or bits is None or q.clip_bits is not None or not q._host_state()[0]:
+            continue
+        batch.append((q, bits))
+        tops.append(float(q.top_level(bits)))
+    if not batch:
+        return
+    maxes = torch.stack([q.running_max for q, _ in batch])
+    top = torch.tensor(tops, dtype=maxes.dtype, pin_memory=maxes.is_cuda).to(maxes.device, non_blocking=True)
+    scales = (maxes / top).clamp_min_(EPS)
+    for i, (q, bits) in enumerate(batch):
+        q.prescale = (bits, scales[i])
+
+
+class _MixedAct(torch.autograd.Function):
+    """sum_b p_b Q_b(x), saving only x and p; the per-option Q_b(x) are recomputed in backward.
+    scales, los, his: [n_options] tensors."""
+
+    @staticmethod
+    def forward(ctx, x, probs, scales, los, his):
+        out = torch.zeros_like(x)
+        for i in range(len(probs)):
+            out += probs[i] * torch.clamp(torch.round(x / scales[i]), los[i], his[i]) * scales[i]
+        ctx.save_for_backward(x, probs, scales, los, his)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, probs, scales, los, his = ctx.saved_tensors
+        gx = torch.zeros_like(x)
+        gp = torch.zeros_like(probs)
+        for i in range(len(probs)):
+            xs = x / scales[i]
+            q = torch.clamp(torch.round(xs), los[i], his[i]) * scales[i]
+            gp[i] = (grad * q).sum()
+            gx += probs[i] * ((xs >= los[i]) & (xs <= his[i]))
+        return grad * gx, gp, None, None, None
+
+
+class ActQuantizer(nn.Module):
+    """Activation fake-quantizer with an EMA range: [0, running_max] (unsigned) or [-running_max, running_max]
+    (signed; running_min = -running_max).
+
+    Signed (symmetric) or unsigned is decided once, at the first observation: a tensor after a ReLU is never
+    negative, a linear output always is. After that the forward path never reads a value back to the host
+    (no GPU sync): EMA updates are in-place lerps, and quantization is one fused kernel with a clipped
+    straight-through gradient (ATen's fake_quantize_per_tensor_affine)."""
+
+    def __init__(self, momentum: float = EMA_MOMENTUM):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_min", torch.zeros(()))
+        self.register_buffer("running_max", torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("signed_flag", torch.zeros((), dtype=torch.bool))
+        self.frozen = False
+        self.clip_bits: Optional[int] = None  # set: track the MSE-optimal range at these bits, not min/max
+        self._state: Optional[tuple[bool, bool]] = None  # host copy of (initialized, signed)
+        self.prescale: Optional[tuple[int, torch.Tensor]] = None  # (bits, scale) from prescale_activations
+
+    def _host_state(self) -> tuple[bool, bool]:
+        if self._state is None:
+            self._state = (bool(self.initialized), bool(self.signed_flag))
+        return self._state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key, lo_key, hi_key = prefix + "signed_flag", prefix + "running_min", prefix + "running_max"
+        if key not in state_dict and lo_key in state_dict:  # files from before the flag
+            state_dict[key] = state_dict[lo_key] < 0
+        if lo_key in state_dict and hi_key in state_dict and bool(state_dict.get(key, False)):
+            # files from before signed ranges were kept symmetric: the same scale, max(|min|, |max|)
+            span = torch.maximum(state_dict[lo_key].abs(), state_dict[hi_key].abs())
+            state_dict[lo_key], state_dict[hi_key] = -span, span
+        self._state = None
+        self.prescale = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def signed(self) -> bool:
+        return self._host_state()[1]
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Move the EMA range towards x's: max(x) (unsigned) or max|x| (signed, kept as [-span, span]), or the
+        MSE-optimal clip at clip_bits. Inside deferred_range_updates the move waits for the block's end."""
+        x = x.detach()
+        initialized = self._host_state()[0]
+        if initialized and self.clip_bits is None and _DEFERRED is not None:
+            _DEFERRED[id(self)] = (self, x)
+            return
+        self.prescale = None  # the range moves: a precomputed scale is stale
+        lo, hi = torch.aminmax(x)
+        if not initialized:
+            signed = bool(lo < 0)  # the one host read, at the first observation
+            self.signed_flag.fill_(signed)
+            self._state = (False, signed)
+        if self.signed:
+            span = torch.maximum(lo.abs(), hi.abs())
+            hi = span if self.clip_bits is None else mse_clip_range(x, span, self.clip_bits, True)
+            lo = -hi
+        elif self.clip_bits is not None:
+            hi = mse_clip_range(x, hi, self.clip_bits, False)
+        if initialized:  # one multi-tensor kernel for both ends
+            torch._foreach_lerp_((self.running_min, self.running_max), (lo.float(), hi.float()), self.momentum)
+            return
+        self.running_min.copy_(lo)
+        self.running_max.copy_(hi)
+        self.initialized.fill_(True)
+        self._state = (True, self._state[1])
+
+    def levels(self, bits: int) -> tuple[int, int]:
+        return act_levels(bits, self.signed)
+
+    def top_level(self, bits: int) -> int:
+        return qmax_signed(bits) if self.signed else 2 ** bits - 1
+
+    def scale(self, bits: int) -> torch.Tensor:
+        if self.prescale is not None and self.prescale[0] == bits:
+            return self.prescale[1]
+        return (self.running_max / self.top_level(bits)).clamp_min(EPS)
+
+    def quantize(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        lo, hi = self.levels(bits)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale(bits), constant((), 0, x.device, torch.int32),
+                                                     lo, hi)
+
+    def forward(self, x: torch.Tensor, state: BitState) -> torch.Tensor:
+        if not state.enabled:
+            return x
+        if self.training and not self.frozen:
+            self.observe(x)
+        bits = state.single_a_bits()
+        if bits is not None:
+            return self.quantize(x, bits)
+        levels = [self.levels(b) for b in state.a_choices]
+        scales = torch.stack([self.scale(b) for b in state.a_choices]).to(x.dtype)
+        los = constant_vector(tuple(lv[0] for lv in levels), x.device, x.dtype)
+        his = constant_vector(tuple(lv[1] for lv in levels), x.device, x.dtype)
+        return _MixedAct.apply(x, state.a_probs.to(x.dtype), scales, los, his)
