@@ -21,7 +21,7 @@ import datetime
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -58,6 +58,8 @@ class Dist:
     local_rank: int = 0
     active: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # sum over steps of |gradients counted over ranks - expected|, on the device; read by check_paths (per epoch)
+    path_mismatch: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -143,6 +145,14 @@ class Dist:
                                    f"{float((reduced[:len(t)] + reduced[len(t):]).max()):.3g}); the ranks no longer run "
                                    "the same search")
 
+    def check_paths(self) -> None:
+        """Stop if, in a step since the last check, the ranks computed gradients for different parameters (their
+        sampled paths differed): one host read, where a per-step read would stall a GPU in every step."""
+        mismatch, self.path_mismatch = self.path_mismatch, None
+        if mismatch is not None and float(mismatch) != 0:
+            raise DistributedError(f"rank {self.rank}: the ranks computed gradients for different parameters in some "
+                                   "step; their sampled paths differ")
+
     # ------------------------------------------------------------------ the step
     def sync(self, params: Sequence[nn.Parameter], module: Optional[nn.Module] = None) -> None:
         """After backward: average the gradients of `params` that have one (the same set on every rank: all ranks
@@ -161,12 +171,12 @@ class Dist:
                     (ext if name.endswith(("running_max", "running_min")) else avg).append((name, b))
         tensors = grads + [b for _, b in avg]
         if tensors:
-            count = torch.tensor([float(len(grads))], device=tensors[0].device, dtype=tensors[0].dtype)
+            count = torch.full((1,), float(len(grads)), device=tensors[0].device, dtype=tensors[0].dtype)  # no copy
             flat = _flatten_dense_tensors([t.to(tensors[0].dtype) for t in tensors] + [count])
             self.all_reduce_(flat, what="the gradient all-reduce")
-            if float(flat[-1]) != len(grads) * self.world:  # cheap guard: ranks ran different paths
-                raise DistributedError(f"rank {self.rank}: the ranks computed gradients for different parameters "
-                                       f"({float(flat[-1]):g} in all, {len(grads)} here); their sampled paths differ")
+            # a guard against ranks that ran different paths, kept on the device: check_paths reads it per epoch
+            mismatch = (flat[-1] - len(grads) * self.world).abs()
+            self.path_mismatch = mismatch if self.path_mismatch is None else self.path_mismatch + mismatch
             flat.div_(self.world)
             for t, new in zip(tensors, _unflatten_dense_tensors(flat[:-1], tensors)):
                 t.copy_(new)

@@ -361,6 +361,7 @@ class Searcher:
         waits = self.dist.sum(self.w_loader.take_wait() + self.a_loader.take_wait())
         record.update(data_seconds=round(waits[0] / self.dist.world, 3), world_size=self.dist.world)
         self.dist.check_same(torch.cat([p.detach().flatten() for p in self._a_params]), "architecture logits")
+        self.dist.check_paths()
         if not self.dist.is_main:
             return
         self.metrics.append(record)

@@ -157,6 +157,7 @@ def _train_epoch(run: _PhaseRun, epoch: int, s: TrainSettings, device: torch.dev
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    distributed.current().check_paths()
     total_loss, correct, n = distributed.current().sum(total_loss, correct, n)
     return {"loss": total_loss / max(n, 1), "train_acc": 100.0 * correct / max(n, 1), "seconds": time.time() - t0,
             "data_seconds": round(run.loader.take_wait(), 3)}
