@@ -19,26 +19,22 @@ A new penalty: subclass LatencyPenalty, give it `from_config(objective, ref_ms)`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import torch
 
 from .errors import ConfigError
+from .registry import Stateless, registrar
 
 PENALTIES: dict[str, type["LatencyPenalty"]] = {}
 
 Number = Union[float, torch.Tensor]
 
 
-def register_penalty(name: str) -> Callable[[type], type]:
-    def deco(cls):
-        PENALTIES[name] = cls
-        cls.name = name
-        return cls
-    return deco
+register_penalty = registrar(PENALTIES)
 
 
-class LatencyPenalty:
+class LatencyPenalty(Stateless):
     """Combine CE and latency into one loss. `update` is called after each architecture step with the latency
     of the currently derived network (a device tensor: no host read)."""
 
@@ -52,12 +48,6 @@ class LatencyPenalty:
         raise NotImplementedError
 
     def update(self, lat: Number) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
         pass
 
 

@@ -30,6 +30,7 @@ from .rundir import hold
 from .space import load_space, override_io, save_space
 from .step_stats import StepStats
 from .latency_model import LatencyModel
+from .loss_terms import build_terms
 from .schedules import temperature
 from .search_resume import CHECKPOINT_FORMAT
 from .supernet import BIT_MODES, MODES, Supernet, argmax_cost, sample_cost
@@ -95,7 +96,7 @@ class Searcher:
         self.penalty: LatencyPenalty = make_penalty(o.kind, self.ref_ms, o)
         check_target_limit(o.kind, o.limit_ms, self.latency.matrix, self.latency.fixed_ms,
                            f"space {self.space.name} on {self.latency.device_name}")
-        self.hessian = self._make_hessian_penalty()
+        self.terms = build_terms(cfg.objective)  # extra loss terms (fbnas.loss_terms), e.g. the Hessian penalty
         self.batch_size = self.dist.per_rank_batch(cfg.data.batch_size, "data.batch_size", self._checkpoint_batch())
         loader = dict(drop_last=True, device=self.device, workers=cfg.data.workers, pin_memory=cfg.data.pin_memory,
                       shard=(self.dist.rank, self.dist.world))
@@ -176,17 +177,6 @@ class Searcher:
                             self.space.name, fix=SPACE_FIX)
         return bundle
 
-    def _make_hessian_penalty(self):
-        h = self.cfg.objective.hessian
-        if h.gamma <= 0:
-            return None
-        try:
-            from .hessian import HessianPenalty
-        except ImportError:
-            raise ConfigError("field 'objective.hessian.gamma' > 0 needs fbnas.hessian, which this install lacks") from None
-        return HessianPenalty(gamma=h.gamma, refresh_every=h.refresh_every, target_rel_se=h.target_rel_se,
-                              max_probes=h.max_probes, batches=h.batches)
-
     def temperature(self, epoch: int) -> float:
         return temperature(self.cfg, epoch, self.tau_anchor)
 
@@ -225,8 +215,8 @@ class Searcher:
         self.w_opt.zero_grad(set_to_none=True)
         _, ce, lat = self._forward(x, y)
         loss = ce if warmup else self.penalty(ce, lat)
-        if not warmup and self.hessian is not None:
-            loss = loss + self.hessian(self.supernet)  # gradient to the weights through ||Q_b(W) - W||^2
+        if not warmup:
+            loss = self._add_terms(loss)
         loss.backward()
         self.dist.sync(self._w_params, self.supernet)  # gradients and buffers averaged over ranks
         if self.cfg.optim.grad_clip > 0:
@@ -245,9 +235,7 @@ class Searcher:
         try:
             self.a_opt.zero_grad(set_to_none=True)
             _, ce, lat = self._forward(x, y)
-            loss = self.penalty(ce, lat)
-            if self.hessian is not None:
-                loss = loss + self.hessian(self.supernet)
+            loss = self._add_terms(self.penalty(ce, lat))
             loss.backward()
             self.dist.sync(self._a_params, self.supernet)
             self.a_opt.step()
@@ -257,27 +245,23 @@ class Searcher:
                 p.requires_grad_(True)
         return {"arch_ce": ce.detach(), "arch_loss": loss.detach(), "arch_lat": lat.detach()}
 
-    def _refresh_hessian(self) -> None:
-        if self.hessian is None:
-            return
+    def _add_terms(self, loss: torch.Tensor) -> torch.Tensor:
+        for term in self.terms:
+            loss = loss + term(self.supernet)
+        return loss
+
+    @property
+    def show_progress(self) -> bool:
+        return self.cfg.progress and self.dist.is_main
+
+    def arch_batches(self, n: int) -> list:
+        """The first `n` batches of the architecture split, ready for the supernet (e.g. for Hessian traces)."""
         batches = []
         for i, (x, y) in enumerate(self.a_loader):
-            if i >= self.cfg.objective.hessian.batches:
+            if i >= n:
                 break
             batches.append((self._prep(x), y))
-        from tqdm import tqdm
-
-        h = self.cfg.objective.hessian
-        log.info("Hessian traces of every op (up to %d probes x %d batches per op)...", h.max_probes, len(batches))
-        t0 = time.time()
-        with tqdm(desc="Hessian traces (paths)", disable=not self.cfg.progress or not self.dist.is_main,
-                  leave=False) as bar:
-            def on_path(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
-            self.hessian.refresh(self.supernet, None, batches, step=self.step, on_path=on_path)
-        log.info("Hessian traces refreshed in %.1f s", time.time() - t0)
+        return batches
 
     # ------------------------------------------------------------------ evaluation and derivation
     @torch.no_grad()
@@ -413,8 +397,9 @@ class Searcher:
         while self.epoch < cfg.epochs:
             warmup = self.epoch < cfg.warmup_epochs
             self.supernet.tau = self.temperature(self.epoch)
-            if not warmup and self.epoch == cfg.warmup_epochs and self.hessian is not None:
-                self._refresh_hessian()
+            if not warmup and self.epoch == cfg.warmup_epochs:
+                for term in self.terms:
+                    term.start_arch_phase(self)
             t0 = time.time()
             means = self._train_epoch(warmup)
             self.epoch += 1
@@ -443,8 +428,7 @@ class Searcher:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}"
-                   + (" (warm-up)" if warmup else ""), disable=not self.cfg.progress or not self.dist.is_main,
-                   leave=False)
+                   + (" (warm-up)" if warmup else ""), disable=not self.show_progress, leave=False)
         stats_reader = StepStats(self.device)
 
         def account(read) -> None:
@@ -469,8 +453,8 @@ class Searcher:
                     a_iter = iter(self.a_loader)
                     xa, ya = next(a_iter)
                 stats.update(self.arch_step(xa, ya))
-                if self.hessian is not None and self.hessian.should_refresh(self.step):
-                    self._refresh_hessian()
+                for term in self.terms:
+                    term.after_arch_step(self)
             account(stats_reader.push(stats, (self.epoch, self.step)))
             self.step += 1
         account(stats_reader.flush())

@@ -33,7 +33,7 @@ def checkpoint_state(s: "Searcher") -> dict:
         "supernet": s.supernet.state_dict(),
         "w_opt": s.w_opt.state_dict(), "w_sched": s.w_sched.state_dict(), "a_opt": s.a_opt.state_dict(),
         "penalty": s.penalty.state_dict(),
-        "hessian": s.hessian.state_dict() if s.hessian is not None else None,
+        "terms": {t.name: t.state_dict() for t in s.terms},
         "epoch": s.epoch, "step": s.step,
         "rng": {**rng_state(),
                 "supernet": s.supernet.generator.get_state(), "sampler": s.supernet.sampler_state(),
@@ -63,8 +63,10 @@ def restore(s: "Searcher", path: Path) -> None:
     s.tau_anchor = state.get("tau_anchor")
     s.a_opt.load_state_dict(state["a_opt"])
     s.penalty.load_state_dict(state["penalty"])
-    if s.hessian is not None and state.get("hessian"):
-        s.hessian.load_state_dict(state["hessian"])
+    saved_terms = state.get("terms", {"hessian": state.get("hessian")})  # a checkpoint with a "hessian" key loads too
+    for term in s.terms:
+        if saved_terms.get(term.name):
+            term.load_state_dict(saved_terms[term.name])
     s.epoch, s.step = state["epoch"], state["step"]
     rng = state["rng"]
     set_rng_state(rng)

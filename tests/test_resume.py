@@ -177,3 +177,20 @@ def test_a_non_finite_loss_stops_the_search_naming_the_step_and_writes_no_result
     with pytest.raises(NonFiniteLossError, match=r"loss became (nan|inf) at epoch 0 step \d.*no checkpoint was written"):
         run_search(cfg, tmp_path)
     assert not (tmp_path / "arch.json").exists() and not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_the_hessian_term_runs_in_a_search_and_its_state_resumes(tmp_path):
+    from fbnas.config import HessianConfig, ObjectiveConfig
+    from fbnas.loss_terms import TERMS, HessianTerm, build_terms
+
+    assert all(cls.from_config(ObjectiveConfig()) is None for cls in TERMS.values())  # every term is off by default
+    objective = ObjectiveConfig(hessian=HessianConfig(gamma=0.5, max_probes=4, batches=1, refresh_every=2))
+    assert [type(t) for t in build_terms(objective)] == [HessianTerm]
+    run_search(tiny(epochs=1, objective=objective), tmp_path)
+    import torch
+
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["terms"]["hessian"]
+    assert state["n_refreshes"] >= 1 and state["traces"] is not None  # refreshed when the architecture phase starts
+    searcher = Searcher(tiny(epochs=2, objective=objective, resume=True), tmp_path)
+    searcher.load_checkpoint()
+    assert searcher.terms[0].penalty.n_refreshes == state["n_refreshes"]
