@@ -337,7 +337,7 @@ class Searcher:
 
     def space_definition(self) -> dict:
         """The space's shape, ops and bits (an edited space file under the same name is another space)."""
-        return {k: v for k, v in self.space.to_dict().items() if k != "description"}
+        return {k: v for k, v in self.space.to_dict().items() if k not in ("description", "dataset")}
 
     # ------------------------------------------------------------------ the loop
     def _log(self, record: dict) -> None:

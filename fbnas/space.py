@@ -67,6 +67,7 @@ class SearchSpace:
     fixed_w_bits: int = 8
     fixed_a_bits: int = 8
     description: str = ""
+    dataset: str = field(default="", compare=False)  # the dataset it is made for (fbnas.data.DATASETS), "" if none
     source: str = field(default="", compare=False)
 
     def layers(self) -> list[LayerShape]:
@@ -103,6 +104,7 @@ class SearchSpace:
             "format": SPACE_FORMAT,
             "name": self.name,
             "description": self.description,
+            **({"dataset": self.dataset} if self.dataset else {}),
             "input": {"channels": self.in_channels, "size": self.input_size},
             "num_classes": self.num_classes,
             "stem": {"op": "conv", "kernel": self.stem_kernel, "channels": self.stem_channels,
@@ -129,7 +131,7 @@ def override_io(space: SearchSpace, in_channels: int | None = None, input_size: 
     new = replace(space, **changes)
     new = replace(new, name=f"{space.name}_{new.in_channels}x{new.input_size}_{new.num_classes}cls",
                   description=f"{space.name} with input {new.in_channels}x{new.input_size}x{new.input_size} and "
-                              f"{new.num_classes} classes. {space.description}".strip(), source="")
+                              f"{new.num_classes} classes. {space.description}".strip(), dataset="", source="")
     return space_from_dict(new.to_dict(), f"space {space.name} with {changes}")  # validated like a file
 
 
@@ -178,8 +180,8 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
     v = _Validator(source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a search space must be a YAML mapping, got {type(raw).__name__}")
-    v.only_keys(raw, "", {"format", "name", "description", "input", "num_classes", "stem", "stages", "head",
-                          "candidates", "bits", "fixed_bits"})
+    v.only_keys(raw, "", {"format", "name", "description", "dataset", "input", "num_classes", "stem", "stages",
+                          "head", "candidates", "bits", "fixed_bits"})
     fmt = raw.get("format", SPACE_FORMAT)
     if fmt != SPACE_FORMAT:
         raise ConfigError(f"{source}: field 'format' is {fmt!r}; this fbnas reads {SPACE_FORMAT!r}")
@@ -226,6 +228,7 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
     space = SearchSpace(
         name=name,
         description=str(raw.get("description", "")),
+        dataset=_dataset_field(raw, source),
         in_channels=v.pos_int(inp, "channels", "input", MAX_IN_CHANNELS),
         input_size=v.pos_int(inp, "size", "input", MAX_INPUT_SIZE),
         num_classes=v.pos_int(raw, "num_classes", "", MAX_CLASSES),
@@ -243,6 +246,15 @@ def space_from_dict(raw: Any, source: str = "<dict>") -> SearchSpace:
     )
     _check_candidate_shapes(space)
     return space
+
+
+def _dataset_field(raw: dict, source: str) -> str:
+    from .data import DATASETS  # late import: fbnas.data imports torch, which `fbnas list` need not load
+
+    name = raw.get("dataset", "")
+    if name != "" and name not in DATASETS:
+        raise ConfigError(f"{source}: field 'dataset' is {name!r}; use one of {', '.join(DATASETS)} (or leave it out)")
+    return name
 
 
 def _check_candidate_shapes(space: SearchSpace) -> None:

@@ -77,3 +77,20 @@ def test_candidate_shape_constraint_checked():
     raw["candidates"] = ["shuffle_k3"]
     with pytest.raises(ConfigError, match="shuffle_k3.*even"):
         space_from_dict(raw, "x.yaml")
+
+
+def test_every_shipped_space_names_the_dataset_it_is_made_for(tmp_path):
+    import yaml
+
+    from fbnas.data import DATASETS
+    from fbnas.io import data_dir
+
+    for path in sorted(data_dir("search_spaces").glob("*.yaml")):
+        space = load_space(path)
+        assert space.dataset in DATASETS, path
+        assert load_space(space.to_dict()["name"]).dataset == space.dataset
+    raw = yaml.safe_load((data_dir("search_spaces") / "fmnist.yaml").read_text())
+    raw["dataset"] = "mnist"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="field 'dataset' is 'mnist'; use one of fashion_mnist"):
+        load_space(tmp_path / "bad.yaml")

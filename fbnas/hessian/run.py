@@ -20,7 +20,6 @@ from .penalty import supernet_traces
 from .report import hessian_record, write_hessian
 
 log = logging.getLogger("fbnas")
-SPACE_DATASETS = {"fmnist": "fashion_mnist", "fbnet_cifar100": "cifar100"}
 
 
 def _load_child(cfg: HessianRunConfig) -> tuple[nn.Module, str]:
@@ -56,7 +55,9 @@ def _load_supernet(cfg: HessianRunConfig) -> tuple[nn.Module, str, dict]:
 
 
 def _dataset_name(cfg: HessianRunConfig, space_name: str, search_conf: dict) -> Optional[str]:
-    return cfg.data.name or (search_conf.get("data") or {}).get("name") or SPACE_DATASETS.get(space_name)
+    from ..space import load_space
+
+    return cfg.data.name or (search_conf.get("data") or {}).get("name") or load_space(space_name).dataset or None
 
 
 def _batches(cfg: HessianRunConfig, space_name: str, search_conf: dict, device: torch.device) -> list:
