@@ -132,7 +132,7 @@ class ObjectiveConfig:
     alpha: float = 0.2  # multiplicative: CE * alpha * (log LAT / log ref)^beta
     beta: float = 0.6  # multiplicative: the exponent (larger: faster nets)
     lam: float = 0.2  # additive: CE + lam * (LAT / ref - 1)
-    limit_ms: Optional[float] = None  # kind=target: keep E[LAT] under this
+    limit_ms: Optional[float] = None  # kind=target: keep the derived net's latency under this (ms)
     eta: float = 0.05  # dual-ascent step of the target multiplier
     ref_ms: Optional[float] = None  # latency reference; default: E[LAT] of the uniform supernet
     hessian: HessianConfig = field(default_factory=HessianConfig)  # the Hessian-trace penalty

@@ -28,7 +28,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, ConfigError, DistributedError
+from .errors import ConfigError, DistributedError
 
 log = logging.getLogger("fbnas")
 DEFAULT_TIMEOUT_S = 300.0
@@ -158,11 +158,11 @@ class Dist:
         """After backward: average the gradients of `params` that have one (the same set on every rank: all ranks
         ran the same path) and `module`'s float buffers over ranks, in one flat all-reduce; activation ranges
         (running_min / running_max buffers) take min / max in a second one."""
+        if not self.active:
+            return
         import torch.distributed as td
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        if not self.active:
-            return
         grads = [p.grad for p in params if p.grad is not None]
         avg, ext = [], []
         if module is not None:

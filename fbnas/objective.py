@@ -19,10 +19,11 @@ A new penalty: subclass LatencyPenalty, give it `from_config(objective, ref_ms)`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
+from .config import ObjectiveConfig
 from .errors import ConfigError
 from .registry import Stateless, registrar
 
@@ -123,18 +124,9 @@ class TargetPenalty(LatencyPenalty):
         self.mu = float(state.get("mu", 0.0))
 
 
-@dataclass
-class _ObjectiveFields:
-    """The fields of ObjectiveConfig the penalties read, for callers without a config object."""
-    alpha: float = 0.2
-    beta: float = 0.6
-    lam: float = 0.2
-    limit_ms: Any = None
-    eta: float = 0.05
-
-
-def make_penalty(kind: str, ref_ms: float, objective: Any = None, **fields) -> LatencyPenalty:
-    """The penalty `kind` from the registry, built from `objective` (an ObjectiveConfig) or from keyword fields."""
+def make_penalty(kind: str, ref_ms: float, objective: Optional[ObjectiveConfig] = None, **fields) -> LatencyPenalty:
+    """The penalty `kind` from the registry, built from `objective`, or from an ObjectiveConfig of the keyword
+    fields."""
     if kind not in PENALTIES:
         raise ConfigError(f"field 'objective.kind' is {kind!r}; known: {', '.join(PENALTIES)}")
-    return PENALTIES[kind].from_config(objective if objective is not None else _ObjectiveFields(**fields), ref_ms)
+    return PENALTIES[kind].from_config(objective if objective is not None else ObjectiveConfig(**fields), ref_ms)

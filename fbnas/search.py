@@ -24,15 +24,15 @@ from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, 
 from .errors import CheckpointError, ConfigError, LatencyTableError, NonFiniteLossError
 from .io import append_jsonl, sha256_file
 from .latency.lookup import check_target_limit
+from .latency_model import LatencyModel
+from .loss_terms import build_terms
 from .objective import LatencyPenalty, make_penalty
 from .quant.act import ActQuantizer
 from .rundir import hold
-from .space import load_space, override_io, save_space
-from .step_stats import StepStats
-from .latency_model import LatencyModel
-from .loss_terms import build_terms
 from .schedules import temperature
 from .search_resume import CHECKPOINT_FORMAT
+from .space import load_space, override_io, save_space
+from .step_stats import StepStats
 from .supernet import BIT_MODES, MODES, Supernet, argmax_cost, sample_cost
 
 log = logging.getLogger("fbnas")
@@ -65,6 +65,7 @@ class Searcher:
         self.out_dir = Path(out_dir)
         self._validate()
         self.dist = distributed.init_from_env(cfg.dist_timeout_s)  # a plain run without a launcher's environment
+        self._resume_state: Optional[dict] = None  # the checkpoint, read once when resuming
         self.device = self.dist.device(resolve_device(cfg.accelerator))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # shapes repeat over thousands of steps
@@ -150,11 +151,13 @@ class Searcher:
             raise ConfigError(f"field 'dist_timeout_s' must be > 0, got {c.dist_timeout_s}")
 
     def _checkpoint_batch(self) -> Optional[dict]:
-        """The checkpoint's per-rank batch and world size, when resuming (the data loaders depend on them)."""
+        """The checkpoint's per-rank batch and world size, when resuming (the data loaders depend on them). The
+        checkpoint is read here once and kept for load_checkpoint."""
         path = self.out_dir / CHECKPOINT
         if not (self.cfg.resume and path.is_file()):
             return None
-        state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint")
+        state = self._resume_state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint",
+                                                     map_location=self.device)
         return {"world_size": state.get("world_size", 1),
                 "batch_size": state.get("batch_size", state["config"]["data"]["batch_size"])}
 
@@ -220,7 +223,7 @@ class Searcher:
         loss.backward()
         self.dist.sync(self._w_params, self.supernet)  # gradients and buffers averaged over ranks
         if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.supernet.weight_parameters(), self.cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self._w_params, self.cfg.optim.grad_clip)
         self.w_opt.step()
         self.w_sched.step()
         return {"ce": ce.detach(), "loss": loss.detach(), "lat": lat.detach()}
@@ -229,7 +232,7 @@ class Searcher:
         """One Adam step of the architecture logits, then the penalty's update (e.g. the target multiplier) with
         the latency of the network derived now; no host read."""
         self.supernet.train()
-        weights = self.supernet.weight_parameters()
+        weights = self._w_params
         for p in weights:
             p.requires_grad_(False)
         try:
@@ -333,7 +336,8 @@ class Searcher:
             save_checkpoint(self.out_dir / CHECKPOINT, self.checkpoint_state())
 
     def load_checkpoint(self) -> None:
-        search_resume.restore(self, self.out_dir / CHECKPOINT)
+        state, self._resume_state = self._resume_state, None
+        search_resume.restore(self, self.out_dir / CHECKPOINT, state)
 
     def space_definition(self) -> dict:
         """The space's shape, ops and bits (an edited space file under the same name is another space)."""

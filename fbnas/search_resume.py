@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -47,12 +47,14 @@ def checkpoint_state(s: "Searcher") -> dict:
     }
 
 
-def restore(s: "Searcher", path: Path) -> None:
-    """Load the checkpoint at `path` into `s`: weights, optimizers, schedules, penalty, RNG and sampler states."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint to resume; run without resume=true, or point "
-                              "hydra.run.dir at the run to continue")
-    state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint", map_location=s.device)
+def restore(s: "Searcher", path: Path, state: Optional[dict] = None) -> None:
+    """Load the checkpoint at `path` (or its `state`, already read) into `s`: weights, optimizers, schedules,
+    penalty, RNG and sampler states."""
+    if state is None:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no checkpoint to resume; run without resume=true, or point "
+                                  "hydra.run.dir at the run to continue")
+        state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint", map_location=s.device)
     check_same_run(s, path, state)
     try:
         s.supernet.load_state_dict(state["supernet"])

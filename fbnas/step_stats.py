@@ -15,6 +15,18 @@ import torch
 Read = tuple[dict[str, float], Any]
 
 
+def copy_to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+    """Start copying `t` to pinned host memory without the host waiting: (the host tensor, the event to wait on
+    before reading it). A CPU tensor is cloned; no event."""
+    if t.device.type != "cuda":
+        return t.clone(), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 class StepStats:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
@@ -27,10 +39,7 @@ class StepStats:
         values = torch.stack([v.detach().float().reshape(()) for v in stats.values()]) if keys else torch.zeros(0)
         if self.device.type != "cuda":
             return dict(zip(keys, values.tolist())), tag
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-        host.copy_(values, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        host, event = copy_to_host_async(values)
         previous, self._pending = self._pending, (keys, host, event, tag)
         return self._read(previous)
 

@@ -35,6 +35,7 @@ from .quant.act import deferred_range_updates, prescale_activations
 from .quant.bits import BitState, to_device_async
 from .quant.fake import QConv2d, QLinear, prequantize_weights
 from .space import LayerShape, SearchSpace
+from .step_stats import copy_to_host_async
 
 MODES = ("soft", "hard")
 BIT_MODES = ("soft", "hard")
@@ -246,13 +247,7 @@ class Supernet(nn.Module):
         of the current logits would stall every step until the device drains its queue). The first forward,
         and the first after load_sampler_state(None), uses the current logits. The relaxation that carries
         the gradients always uses the current logits."""
-        if flat.device.type == "cpu":
-            snapshot, event = flat.clone(), None
-        else:
-            snapshot = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            snapshot.copy_(flat, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+        snapshot, event = copy_to_host_async(flat)
         previous, self._sampler_snapshot = self._sampler_snapshot, (snapshot, event)
         if previous is None:
             if event is not None:
