@@ -19,7 +19,7 @@ RENAMED = {"train": {"steps_per_epoch": "max_steps_per_epoch"},
 
 
 def current_names(settings: dict) -> dict:
-    """A TrainSettings dict saved under old field names (a train checkpoint, a pareto result) in today's names."""
+    """A TrainSettings dict saved under old field names (a train checkpoint, a pareto result) in the current names."""
     return {RENAMED["train"].get(k, k): v for k, v in settings.items()}
 
 
