@@ -46,7 +46,7 @@ def test_continuation_comments_join_and_inherited_fields_keep_theirs():
 
 
 @pytest.mark.parametrize("argv, line", [
-    (["search", "--help"], ("objective.limit_ms=null", "float|null", "kind=target: keep E[LAT] under this")),
+    (["search", "--help"], ("objective.limit_ms=null", "float|null", "kind=target: keep the derived net's latency under this (ms)")),
     (["search", "device=bitfusion", "epochs=3", "--help"], ("epochs=3", "int", "epochs of the search")),
     (["search", "-h"], ("device=sd835", "group", "choices: a11, bitfusion")),
     (["train", "--help"], ("max_steps_per_epoch=0", "int", ">0: cap the steps per epoch")),
