@@ -21,6 +21,7 @@ results, the archs, the search runs' arch.json and metrics) are copied to --out/
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -47,6 +48,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--random", type=int, default=12, help="random nets per budget")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--search-epochs", type=int, default=6)
+    p.add_argument("--modes", default="soft,hard",
+                   help="search modes at every budget: soft (all paths, the default) and hard (single path)")
+    p.add_argument("--hard-epochs", type=int, default=8,
+                   help="epochs of a single-path search (its steps are ~5x cheaper than an all-paths step)")
     p.add_argument("--search-steps", type=int, default=0, help="max weight steps per search epoch (0: all)")
     p.add_argument("--search-subset", type=int, default=16000, help="training images of a search (its default)")
     p.add_argument("--epochs", type=int, default=3, help="QAT epochs (BN) of every training")
@@ -99,9 +104,10 @@ def mbv2_ms(device: str) -> float:
     return mbv2_reference_ms(space, get_table(space, device))
 
 
-def search_args(a, device: str, limit_ms: float, run_dir: Path) -> list[str]:
+def search_args(a, device: str, limit_ms: float, mode: str, run_dir: Path) -> list[str]:
+    epochs = a.hard_epochs if mode == "hard" else a.search_epochs
     args = ["search", f"device={device}", "objective.kind=target", f"objective.limit_ms={limit_ms!r}",
-            f"accelerator={a.accelerator}", "threads=1", "progress=false", f"epochs={a.search_epochs}",
+            f"mode={mode}", f"accelerator={a.accelerator}", "threads=1", "progress=false", f"epochs={epochs}",
             f"data.train_subset={a.search_subset}", f"hydra.run.dir={run_dir}"]
     if a.search_steps:
         args.append(f"max_steps_per_epoch={a.search_steps}")
@@ -129,12 +135,13 @@ def pareto_args(a, device: str, runs: list[Path], baselines: str, workers: int, 
 
 
 def estimate(a, devices: list[str], fractions: list[float]) -> dict:
-    n_search = len(devices) * len(fractions)
+    modes = a.modes.split(",")
+    n_search = len(devices) * len(fractions) * len(modes)
     steps_per_epoch = a.search_steps or a.search_subset * 4 // 5 // 128
     search_s = a.search_epochs * steps_per_epoch * a.search_step_s + 30  # + start-up and derivation
     seeds = len(a.seeds.split(","))
     per_device_base = (a.random * len(fractions) + 6) * seeds  # random + 3 hand-designed x 2 bit-widths
-    per_device_found = len(fractions) * 3 * seeds  # found nets + W8A8 + W4A8 versions
+    per_device_found = len(fractions) * len(modes) * 3 * seeds  # found nets + W8A8 + W4A8 versions
     # evaluations: test set after every epoch and ~6 more at the end (BN, float, fake-quant, integer, predictions),
     # in batches of 500, counted as half a training step each
     eval_batches = (a.epochs + a.fold_epochs + 6) * -(-(a.test_subset or 10000) // 500)
@@ -217,12 +224,13 @@ def main() -> int:
     searches: dict[str, subprocess.Popen] = {}
     runs: dict[str, list[Path]] = {d: [] for d in devices}
     for d in devices:
-        for f, ms in budgets[d]:
-            run_dir = work / d / "search" / f"{f:.2f}x"
+        for (f, ms), mode in itertools.product(budgets[d], a.modes.split(",")):
+            name = f"{f:.2f}x" if mode == "soft" else f"{f:.2f}x_{mode}"
+            run_dir = work / d / "search" / name
             runs[d].append(run_dir)
             if not (run_dir / "arch.json").is_file():
-                searches[f"{d}@{f:.2f}x"] = run_logged(fbnas_cmd(*search_args(a, d, ms, run_dir)), run_dir.parent /
-                                                       f"{f:.2f}x.log")
+                searches[f"{d}@{name}"] = run_logged(fbnas_cmd(*search_args(a, d, ms, mode, run_dir)),
+                                                     run_dir.parent / f"{name}.log")
     print(f"[{time.time() - t0:5.0f}s] {len(searches)} searches started: "
           + ", ".join(f"{d} limit {ms:.4g} ms ({f}x)" for d in devices for f, ms in budgets[d]), flush=True)
     ended: dict[str, tuple[int, float]] = {}
@@ -247,7 +255,7 @@ def main() -> int:
         results = [json.loads(p.read_text()) for p in (work / d / "pareto" / "results").glob("*.json")]
         per_job = sum(r["seconds"] for r in results) / max(len(results), 1)
         lines = [f"command: {cmd_line}", f"gpu: {gpu_name(a.accelerator)}", f"cpu cores: {os.cpu_count()}",
-                 f"budgets: " + ", ".join(f"{f}x = {ms:.6g} ms" for f, ms in budgets[d]),
+                 "budgets: " + ", ".join(f"{f}x = {ms:.6g} ms" for f, ms in budgets[d]),
                  f"wall: total {total:.0f} s (all devices; estimate {est['total_s']:.0f} s); ended at: {times}",
                  f"trainings of {d}: {len(results)}, {per_job:.1f} s each on average with up to {a.workers} "
                  f"workers sharing the accelerator"]

@@ -51,6 +51,10 @@ class LatencyPenalty(Stateless):
     def update(self, lat: Number) -> None:
         pass
 
+    def derive_limit_ms(self) -> Optional[float]:
+        """A latency the derived architecture must stay within (ms), or None."""
+        return None
+
 
 @register_penalty("multiplicative")
 @dataclass
@@ -112,6 +116,9 @@ class TargetPenalty(LatencyPenalty):
 
     def __call__(self, ce, lat):
         return ce + self.mu * (lat / self.limit_ms - 1.0)
+
+    def derive_limit_ms(self) -> Optional[float]:
+        return self.limit_ms
 
     def update(self, lat: Number) -> None:
         step = self.mu + self.eta * (lat / self.limit_ms - 1.0)

@@ -33,6 +33,7 @@ from .schedules import temperature
 from .search_resume import CHECKPOINT_FORMAT
 from .space import load_space, override_io, save_space
 from .step_stats import StepStats
+from .derive import argmax_within_limit
 from .supernet import BIT_MODES, MODES, Supernet, argmax_cost, sample_cost
 
 log = logging.getLogger("fbnas")
@@ -315,10 +316,16 @@ class Searcher:
         d = self.cfg.derive
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
         choices = self.supernet.sample_choices(d.k if d.method == "sample" else 1, gen)
+        limit = self.penalty.derive_limit_ms()
+        if limit is not None:  # the most probable architecture within the limit replaces an argmax over it
+            choices[0] = argmax_within_limit(choices[0], self.supernet.probabilities(), self.supernet.op_has_bits(),
+                                             self.latency.matrix, self.latency.fixed_ms, limit)
         best, best_key, scored = None, math.inf, []
         for choice in choices:
             arch = self.supernet.choice_to_arch(choice)
             lat = self.latency.of_arch(arch)
+            if limit is not None and lat > limit * (1 + 1e-6) and choice is not choices[0]:
+                continue  # a sampled architecture over the limit
             ce, acc = self.evaluate_choice(choice, d.eval_batches)
             obj = float(self.penalty(torch.tensor(ce), torch.tensor(lat)))
             scored.append({"latency_ms": lat, "val_ce": ce, "val_acc": acc, "objective": obj})

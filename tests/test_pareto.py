@@ -24,10 +24,11 @@ TINY = ["data.name=synthetic", "data.train_subset=128", "data.test_subset=64", "
         "train.eval_batch_size=64", "train.act_clip=max", "workers=0", "progress=false", "seeds=[0,1]"]
 
 
-def write_run(run_dir, ops, w_bits, a_bits, limit_ms):
+def write_run(run_dir, ops, w_bits, a_bits, limit_ms, mode="soft"):
     arch = Arch.from_space(SPACE, ops, w_bits, a_bits)
     d = arch.to_dict()
-    d["provenance"] = {"device": "sd835", "config": {"objective": {"kind": "target", "limit_ms": limit_ms}}}
+    d["provenance"] = {"device": "sd835", "config": {"mode": mode,
+                                                     "objective": {"kind": "target", "limit_ms": limit_ms}}}
     run_dir.mkdir(parents=True)
     (run_dir / "arch.json").write_text(json.dumps(d))
     (run_dir / "metrics.jsonl").write_text("")
@@ -136,6 +137,15 @@ def test_found_nets_at_uniform_bits(tmp_path):
     assert [n.name for n in uni] == ["search_0.4ms_W8A8", "search_0.4ms_W4A8", "search_0.3ms_W4A8"]
     assert all(n.arch.layers[i].op == CHEAP[0][i] for n in uni for i in range(6))
     assert {(l.w_bits, l.a_bits) for l in uni[1].arch.layers} == {(4, 8)}
+
+
+def test_single_path_searches_are_named_by_mode_with_their_search_time(tmp_path):
+    write_run(tmp_path / "soft", *CHEAP, limit_ms=0.4)
+    write_run(tmp_path / "hard", *CHEAP, limit_ms=0.4, mode="hard")
+    (tmp_path / "hard" / "metrics.jsonl").write_text('{"seconds": 1.5}\n{"seconds": 2.25}\n{"seconds": 9')
+    found = search_networks([str(tmp_path / "soft"), str(tmp_path / "hard")], SPACE, {0.4: "0.4x"})
+    assert [(n.name, n.extra["search_mode"], n.extra["search_seconds"]) for n in found] == [
+        ("search_0.4x", "soft", None), ("search_hard_0.4x", "hard", 3.8)]
 
 
 @pytest.mark.parametrize("case", ["empty_dir", "run_without_arch", "unreachable_budget", "bad_baseline"])

@@ -1,11 +1,15 @@
 """objective.kind=target: a limit under the space's fastest network on the device is a one-line error naming the
 field and the feasible range; over its slowest, a warning; a search that ends over its limit says so."""
+import itertools
+import json
 import logging
+import math
 
 import pytest
 import torch
 
 from fbnas.cli import main
+from fbnas.derive import argmax_within_limit, choice_latency, layer_options, most_probable_within
 from fbnas.errors import ConfigError
 from fbnas.latency import build_table, load_device
 from fbnas.latency.lookup import check_target_limit, fixed_latency, latency_matrix, latency_range
@@ -45,6 +49,52 @@ def test_search_refuses_an_unreachable_limit_and_warns_when_it_ends_over_it(fmni
     err = capsys.readouterr().err.strip()
     assert err.startswith("fbnas: error: field 'objective.limit_ms'") and f"{lo:.4g} to {hi:.4g} ms" in err
     assert "\n" not in err and not bad.exists()
-    assert main(["search", *TINY, f"objective.limit_ms={lo * 1.0001}", f"hydra.run.dir={tmp_path / 'run'}"]) == 0
-    err = capsys.readouterr().err
-    assert "fbnas: warning: the found architecture takes" in err and "over objective.limit_ms=" in err
+    limit = lo * 1.0001  # only the fastest networks fit: a 2-step search's argmax is far over it
+    assert main(["search", *TINY, f"objective.limit_ms={limit}", f"hydra.run.dir={tmp_path / 'run'}"]) == 0
+    assert "over objective.limit_ms=" not in capsys.readouterr().err
+    arch = json.loads((tmp_path / "run" / "arch.json").read_text())
+    assert lo <= arch["predicted"]["sd835"]["latency_ms"] <= limit
+
+
+def _brute_force(options, budget):
+    best, best_logp = None, -math.inf
+    for combo in itertools.product(*(range(len(c)) for c, _, _ in options)):
+        cost = sum(opt[2][k] for opt, k in zip(options, combo))
+        logp = sum(opt[1][k] for opt, k in zip(options, combo))
+        if cost <= budget and logp > best_logp:
+            best, best_logp = [opt[0][k] for opt, k in zip(options, combo)], logp
+    return best
+
+
+def test_the_most_probable_architecture_within_a_limit_matches_enumeration():
+    gen = torch.Generator().manual_seed(0)
+    L, n_ops, n_w, n_a = 3, 3, 2, 2
+    ops = torch.softmax(torch.randn(L, n_ops, generator=gen) * 2, -1)
+    ws = torch.softmax(torch.randn(L, n_ops, n_w, generator=gen), -1)
+    as_ = torch.softmax(torch.randn(L, n_ops, n_a, generator=gen), -1)
+    has_bits = torch.tensor([[True, True, False]] * L)  # the third op is a skip: one option
+    lat = torch.rand(L, n_ops, n_w, n_a, generator=gen) + 0.1
+    lat[:, 2] = 0.05
+    lat[0, 1, 1, 1] = float("inf")  # a bit pair the device does not run
+    options = layer_options(ops, ws, as_, has_bits, lat)
+    assert [len(c) for c, _, _ in options] == [8, 9, 9]
+    lo = sum(min(c) for _, _, c in options)
+    for budget in (lo, lo + 0.3, lo + 0.8, lo + 5.0):
+        got = most_probable_within(options, budget)
+        assert got == _brute_force(options, budget + 1e-9)
+        assert choice_latency(got, lat) <= budget + 1e-9
+    assert most_probable_within(options, lo * 0.99) is None
+
+
+def test_an_argmax_within_the_limit_is_derived_unchanged_and_one_over_it_is_repaired():
+    ops = torch.tensor([[0.9, 0.1], [0.9, 0.1]])
+    ws = torch.tensor([[[0.9, 0.1], [0.5, 0.5]], [[0.8, 0.2], [0.5, 0.5]]])
+    as_ = torch.ones(2, 2, 1)
+    has_bits = torch.tensor([[True, False], [True, False]])
+    lat = torch.tensor([[[[1.0], [0.6]], [[0.1], [0.1]]], [[[1.0], [0.6]], [[0.1], [0.1]]]])  # [L, ops, w, a]
+    argmax = [(0, 0, 0), (0, 0, 0)]
+    probs = (ops, ws, as_)
+    assert argmax_within_limit(argmax, probs, has_bits, lat, 0.5, limit_ms=2.5) == argmax
+    # 1.6 ms for the layers: one of them to 4 bits; layer 1's 8-bit option is the less certain (0.8 vs 0.9)
+    assert argmax_within_limit(argmax, probs, has_bits, lat, 0.5, limit_ms=2.1) == [(0, 0, 0), (0, 1, 0)]
+    assert argmax_within_limit(argmax, probs, has_bits, lat, 0.5, limit_ms=0.75) == [(1, 0, 0), (1, 0, 0)]

@@ -99,12 +99,29 @@ def search_networks(paths: Sequence[str], space: SearchSpace, budget_names: dict
         if arch.space != space.name:
             raise ConfigError(f"{f}: the architecture is of space {arch.space!r} but field 'space' is "
                               f"{space.name!r}; set space={arch.space} or leave the run out")
-        objective = (arch.provenance.get("config") or {}).get("objective") or {}
+        config = arch.provenance.get("config") or {}
+        objective = config.get("objective") or {}
         budget = objective.get("limit_ms") if objective.get("kind") == "target" else None
         label = budget_label(budget, budget_names) if budget is not None else (f.parent.name or f.stem)
-        nets.append(Network("search", f"search_{label}", arch, budget, str(f),
-                            {"searched_device": arch.provenance.get("device")}))
+        mode = config.get("mode", "soft")  # single-path (hard) searches are told apart from all-paths ones
+        name = f"search_{label}" if mode == "soft" else f"search_{mode}_{label}"
+        nets.append(Network("search", name, arch, budget, str(f),
+                            {"searched_device": arch.provenance.get("device"), "search_mode": mode,
+                             "search_seconds": search_seconds(f.parent / "metrics.jsonl")}))
     return _unique_names(nets)
+
+
+def search_seconds(metrics: Path) -> Optional[float]:
+    """The summed epoch times of a search run (its metrics.jsonl), or None without one."""
+    if not metrics.is_file():
+        return None
+    seconds = []
+    for line in metrics.read_text().splitlines():
+        try:
+            seconds.append(float(json.loads(line).get("seconds", 0.0)))
+        except (ValueError, AttributeError):
+            continue  # a line cut by a crash
+    return round(sum(seconds), 1) if seconds else None
 
 
 def budget_label(budget_ms: float, names: dict[float, str]) -> str:
