@@ -51,13 +51,17 @@ part_ddp() {
 }
 
 part_pareto() {
-  # the Pareto study of $DEVICES (default sd835): searches first, then every training (found nets first), seeds
-  # $SEEDS; resumable with the same --work; results in $OUT/pareto/<device>/ and $OUT/pareto.tgz
-  FBNAS_EXTRA_PYTHONPATH=/tmp/site timeout "${PARETO_TIMEOUT:-540}" python3 bench/pareto_study.py --searches-first \
-    --devices "${DEVICES:-sd835}" --seeds "${SEEDS:-0,1}" --work /tmp/ps --out "$OUT/pareto" --workers-after 14 \
-    > "$OUT/pareto_study.log" 2>&1; echo "pareto_study rc=$?"
-  tar czf "$OUT/pareto.tgz" -C "$OUT" pareto 2>/dev/null; tar czf "$OUT/pareto_work.tgz" -C /tmp ps --exclude=checkpoints \
-    --exclude='*.safetensors' 2>/dev/null
+  # the Pareto study of $DEVICES (default sd835) with seeds $SEEDS ($PARETO_ARGS, default --searches-first: the
+  # searches, then every training, found nets first); results in $OUT/pareto/<device>/ and $OUT/pareto.tgz.
+  # Resumable: $OUT/ps_resume.tgz holds the finished searches and trainings (no weights); placed as
+  # .pareto_work/ps_resume.tgz next to the checkout, it is unpacked into the work directory first
+  [ -f .pareto_work/ps_resume.tgz ] && mkdir -p /tmp/ps && tar xzf .pareto_work/ps_resume.tgz -C /tmp
+  FBNAS_EXTRA_PYTHONPATH=/tmp/site timeout "${PARETO_TIMEOUT:-540}" python3 bench/pareto_study.py \
+    ${PARETO_ARGS:---searches-first} --devices "${DEVICES:-sd835}" --seeds "${SEEDS:-0,1}" --work /tmp/ps \
+    --out "$OUT/pareto" --workers-after 14 > "$OUT/pareto_study.log" 2>&1; echo "pareto_study rc=$?"
+  tar czf "$OUT/pareto.tgz" -C "$OUT" pareto 2>/dev/null
+  (cd /tmp && find ps \( -path '*/search/*' \( -name arch.json -o -name metrics.jsonl \) -o -name '*.log' \
+    -o -path '*/pareto/results/*.json' -o -path '*/pareto/archs/*' \) -print0 | tar czf "$OUT/ps_resume.tgz" --null -T -)
   grep -v Warn "$OUT/pareto_study.log" | tail -n 40
 }
 
