@@ -57,7 +57,7 @@ part_pareto() {
   # .pareto_work/ps_resume.tgz next to the checkout, it is unpacked into the work directory first
   [ -f .pareto_work/ps_resume.tgz ] && mkdir -p /tmp/ps && tar xzf .pareto_work/ps_resume.tgz -C /tmp
   FBNAS_EXTRA_PYTHONPATH=/tmp/site timeout "${PARETO_TIMEOUT:-540}" python3 bench/pareto_study.py \
-    ${PARETO_ARGS:---searches-first} --devices "${DEVICES:-sd835}" --seeds "${SEEDS:-0,1}" --work /tmp/ps \
+    ${PARETO_ARGS---searches-first} --devices "${DEVICES:-sd835}" --seeds "${SEEDS:-0,1}" --work /tmp/ps \
     --out "$OUT/pareto" --workers-after 14 > "$OUT/pareto_study.log" 2>&1; echo "pareto_study rc=$?"
   tar czf "$OUT/pareto.tgz" -C "$OUT" pareto 2>/dev/null
   (cd /tmp && find ps \( -path '*/search/*' \( -name arch.json -o -name metrics.jsonl \) -o -name '*.log' \
