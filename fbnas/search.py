@@ -20,7 +20,7 @@ from .accelerator import resolve_device
 from .arch import Arch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SearchConfig
-from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
+from .data import DataBundle, TensorBatches, check_matches_space, load_data, make_loader
 from .errors import CheckpointError, ConfigError, LatencyTableError, NonFiniteLossError
 from .io import append_jsonl, sha256_file
 from .latency.lookup import check_target_limit
@@ -163,10 +163,7 @@ class Searcher:
 
     def _load_data(self) -> DataBundle:
         d, space = self.cfg.data, self.space
-        bundle = load_dataset(d.name, d.root, d.download, split_arch=d.arch_fraction, train_subset=d.train_subset,
-                              test_subset=d.test_subset, seed=self.cfg.seed, input_size=d.input_size or space.input_size,
-                              synthetic_size=d.synthetic_size, num_classes=d.synthetic_classes or space.num_classes,
-                              in_channels=space.in_channels)
+        bundle = load_data(d, self.cfg.seed, space.input_size, space.num_classes, space.in_channels)
         bundle.augment = bundle.augment or d.augment
         if self.cfg.space_override.from_data:
             self.space = override_io(space, bundle.in_channels, bundle.input_size, bundle.num_classes)
