@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..arch import arch_from_dict
+from ..checkpoint import LAST
 from ..config import DatasetConfig, current_names
 from ..errors import ConfigError, FbnasError
 from ..io import atomic_write_json, read_json
@@ -95,7 +96,7 @@ def run_job(job: Job, settings: TrainSettings, data: DatasetConfig, out_dir: Pat
     t0 = time.time()
     run_dir = out_dir / "train" / job.arch_id / f"seed{job.seed}"
     # an interrupted training continues from its checkpoint; a started one that never wrote one starts afresh
-    metrics = train(arch, _dataset(data, arch), s, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())
+    metrics = train(arch, _dataset(data, arch), s, run_dir, resume=(run_dir / LAST).is_file())
     res = {"format": RESULT_FORMAT, "arch_id": job.arch_id, "name": job.name, "seed": job.seed,
            "acc_integer": metrics.get("acc_integer"), "acc_fake_quant": metrics.get("acc_fake_quant"),
            "acc_float_of_qat_weights": metrics.get("acc_float_of_qat_weights"),
