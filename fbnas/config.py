@@ -83,15 +83,32 @@ class TrainSettings:
 
 
 @dataclass
-class DataConfig:
-    """The dataset of a search."""
+class DatasetConfig:
+    """The dataset a command reads and the part of it used: the `data` field of `fbnas train` and `fbnas pareto`,
+    and the base of the search's DataConfig."""
 
     name: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | imagefolder | synthetic
     root: Optional[str] = None  # the dataset's folder (default: the installed copy; imagefolder: required)
+    train_subset: int = 0  # >0: a fixed random subset of the training set (0: all)
+    test_subset: int = 0  # >0: a fixed random subset of the test set (0: all)
+
+    def load_args(self, input_size: int, num_classes: int) -> dict:
+        """fbnas.data.load_dataset's arguments for a model of `input_size` and `num_classes` (imagefolder and
+        synthetic data are made to fit it)."""
+        return {"name": self.name, "root": self.root, "train_subset": self.train_subset,
+                "test_subset": self.test_subset, "input_size": input_size, "num_classes": num_classes}
+
+
+TrainData = DatasetConfig  # the name `fbnas train`'s and `fbnas pareto`'s data config has in Python code
+
+
+@dataclass
+class DataConfig(DatasetConfig):
+    """The dataset of a search: a DatasetConfig and how the search splits and batches it."""
+
+    train_subset: int = 16000  # >0: a fixed random subset of train (the default keeps a CPU search in minutes; 0: all)
     download: bool = False  # torchvision datasets: download into root when missing
     arch_fraction: float = 0.2  # held-out share of train for the architecture steps (FBNet: 20%)
-    train_subset: int = 16000  # >0: a fixed random subset of train (the default keeps a CPU search in minutes; 0: all)
-    test_subset: int = 0  # >0: a fixed random subset of the test set (0: all)
     batch_size: int = 128  # batch size of the weight and architecture steps
     eval_batch_size: int = 512  # batch size of evaluations
     augment: bool = False  # random crop and flip of the training images
@@ -100,6 +117,10 @@ class DataConfig:
     synthetic_classes: Optional[int] = None  # data.name=synthetic: number of classes (default: the space's)
     workers: int = -1  # DataLoader workers per rank (ImageFolder); -1: 0 on a CPU, up to 8 per process on CUDA
     pin_memory: bool = True  # pinned host batches on CUDA (asynchronous copies)
+
+    def load_args(self, input_size: int, num_classes: int) -> dict:
+        return {**super().load_args(self.input_size or input_size, self.synthetic_classes or num_classes),
+                "download": self.download, "split_arch": self.arch_fraction, "synthetic_size": self.synthetic_size}
 
 
 @dataclass
@@ -207,16 +228,6 @@ class SearchConfig:
 
 
 @dataclass
-class TrainData:
-    """The dataset a found architecture trains on (`fbnas train`, `fbnas pareto`)."""
-
-    name: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | imagefolder | synthetic
-    root: Optional[str] = None  # the dataset's folder (default: the installed copy; imagefolder: required)
-    train_subset: int = 0  # >0: a fixed random subset of the training set (0: all)
-    test_subset: int = 0  # >0: a fixed random subset of the test set (0: all)
-
-
-@dataclass
 class TrainConfig(TrainSettings):
     """`fbnas train`: the recipe (TrainSettings) and what the command line adds."""
 
@@ -226,7 +237,7 @@ class TrainConfig(TrainSettings):
     progress: bool = True  # a progress bar per epoch
     logger: str = "none"  # none | wandb
     dist_timeout_s: float = 300.0  # under torchrun: rendezvous and collective timeout (docs/distributed.md)
-    data: TrainData = field(default_factory=TrainData)  # the dataset
+    data: DatasetConfig = field(default_factory=DatasetConfig)  # the dataset
     wandb: WandbConfig = field(default_factory=WandbConfig)  # logger=wandb settings
 
 
@@ -290,7 +301,7 @@ class ParetoConfig:
     threads: int = 0  # torch threads per worker (0: CPU cores / workers)
     progress: bool = True  # a progress bar over the trainings
     train: TrainSettings = field(default_factory=TrainSettings)  # the one recipe (train.seed: use 'seeds')
-    data: TrainData = field(default_factory=TrainData)  # the dataset of every training
+    data: DatasetConfig = field(default_factory=DatasetConfig)  # the dataset of every training
 
 
 @dataclass

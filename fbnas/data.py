@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .config import DatasetConfig
 from .errors import DataError
 
 log = logging.getLogger("fbnas")
@@ -260,6 +261,12 @@ def load_dataset(name: str = "fashion_mnist", root: Optional[str] = None, downlo
     if split_arch > 0:
         bundle.train, bundle.arch = split_tensor_data(bundle.train, split_arch, seed)
     return bundle
+
+
+def load_data(cfg: DatasetConfig, seed: int, input_size: int, num_classes: int, in_channels: int) -> DataBundle:
+    """The dataset of a command's `data` field (a search's DataConfig or train's DatasetConfig), for a model of
+    that input and classes."""
+    return load_dataset(**cfg.load_args(input_size, num_classes), seed=seed, in_channels=in_channels)
 
 
 def split_tensor_data(data: TensorData, arch_fraction: float, seed: int) -> tuple[TensorData, TensorData]:

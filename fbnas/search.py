@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from . import __version__, distributed, search_resume
 from .accelerator import resolve_device
 from .arch import Arch
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import RunCheckpoint
 from .config import SearchConfig
-from .data import DataBundle, TensorBatches, check_matches_space, load_dataset, make_loader
-from .errors import CheckpointError, ConfigError, LatencyTableError, NonFiniteLossError
+from .data import DataBundle, TensorBatches, check_matches_space, load_data, make_loader
+from .errors import ConfigError, LatencyTableError, NonFiniteLossError
 from .io import append_jsonl, sha256_file
 from .latency.lookup import check_target_limit
 from .latency_model import LatencyModel
@@ -37,7 +37,6 @@ from .derive import argmax_within_limit
 from .supernet import BIT_MODES, MODES, Supernet, argmax_cost, sample_cost
 
 log = logging.getLogger("fbnas")
-CHECKPOINT = "checkpoints/last.pt"
 SPACE_FIX = ("adapt the space to the data with space_override.from_data=true (or set space_override.num_classes, "
              ".in_channels, .input_size), or pick a matching space=")
 
@@ -66,7 +65,7 @@ class Searcher:
         self.out_dir = Path(out_dir)
         self._validate()
         self.dist = distributed.init_from_env(cfg.dist_timeout_s)  # a plain run without a launcher's environment
-        self._resume_state: Optional[dict] = None  # the checkpoint, read once when resuming
+        self.checkpoint = RunCheckpoint(self.out_dir, CHECKPOINT_FORMAT, "search checkpoint")
         self.device = self.dist.device(resolve_device(cfg.accelerator))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # shapes repeat over thousands of steps
@@ -99,7 +98,10 @@ class Searcher:
         check_target_limit(o.kind, o.limit_ms, self.latency.matrix, self.latency.fixed_ms,
                            f"space {self.space.name} on {self.latency.device_name}")
         self.terms = build_terms(cfg.objective)  # extra loss terms (fbnas.loss_terms), e.g. the Hessian penalty
-        self.batch_size = self.dist.per_rank_batch(cfg.data.batch_size, "data.batch_size", self._checkpoint_batch())
+        # the checkpoint to resume, read once (None: a fresh start); its per-rank batch and world size shape the loaders
+        self._resume_state: Optional[dict] = self.checkpoint.open(cfg.resume, map_location=self.device)
+        self.batch_size = self.dist.per_rank_batch(cfg.data.batch_size, "data.batch_size",
+                                                   search_resume.batch_of(self._resume_state))
         loader = dict(drop_last=True, device=self.device, workers=cfg.data.workers, pin_memory=cfg.data.pin_memory,
                       shard=(self.dist.rank, self.dist.world))
         self.w_loader = make_loader(self.data.train, self.batch_size * self.dist.world, True, cfg.seed,
@@ -151,23 +153,9 @@ class Searcher:
         if not c.dist_timeout_s > 0:
             raise ConfigError(f"field 'dist_timeout_s' must be > 0, got {c.dist_timeout_s}")
 
-    def _checkpoint_batch(self) -> Optional[dict]:
-        """The checkpoint's per-rank batch and world size, when resuming (the data loaders depend on them). The
-        checkpoint is read here once and kept for load_checkpoint."""
-        path = self.out_dir / CHECKPOINT
-        if not (self.cfg.resume and path.is_file()):
-            return None
-        state = self._resume_state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint",
-                                                     map_location=self.device)
-        return {"world_size": state.get("world_size", 1),
-                "batch_size": state.get("batch_size", state["config"]["data"]["batch_size"])}
-
     def _load_data(self) -> DataBundle:
         d, space = self.cfg.data, self.space
-        bundle = load_dataset(d.name, d.root, d.download, split_arch=d.arch_fraction, train_subset=d.train_subset,
-                              test_subset=d.test_subset, seed=self.cfg.seed, input_size=d.input_size or space.input_size,
-                              synthetic_size=d.synthetic_size, num_classes=d.synthetic_classes or space.num_classes,
-                              in_channels=space.in_channels)
+        bundle = load_data(d, self.cfg.seed, space.input_size, space.num_classes, space.in_channels)
         bundle.augment = bundle.augment or d.augment
         if self.cfg.space_override.from_data:
             self.space = override_io(space, bundle.in_channels, bundle.input_size, bundle.num_classes)
@@ -210,8 +198,8 @@ class Searcher:
             raise NonFiniteLossError(
                 f"the {where} loss became {loss} at epoch {epoch} step {step} (CE {values[ce_key]:.4g}, latency "
                 f"{values[lat_key]:.4g} ms); lower optim.w_lr / optim.arch_lr or check the data and the latency "
-                "table; " + (f"the last good checkpoint is {self.out_dir / CHECKPOINT}"
-                             if (self.out_dir / CHECKPOINT).is_file() else "no checkpoint was written yet"))
+                "table; " + (f"the last good checkpoint is {self.checkpoint.path}"
+                             if self.checkpoint.path.is_file() else "no checkpoint was written yet"))
 
     def weight_step(self, x, y, warmup: bool) -> dict[str, torch.Tensor]:
         """One SGD step of the weights; the losses stay on the device (StepStats reads them)."""
@@ -340,11 +328,11 @@ class Searcher:
 
     def save_checkpoint(self) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.out_dir / CHECKPOINT, self.checkpoint_state())
+            self.checkpoint.save(self.checkpoint_state())
 
     def load_checkpoint(self) -> None:
         state, self._resume_state = self._resume_state, None
-        search_resume.restore(self, self.out_dir / CHECKPOINT, state)
+        search_resume.restore(self, state)
 
     def space_definition(self) -> dict:
         """The space's shape, ops and bits (an edited space file under the same name is another space)."""
@@ -395,9 +383,6 @@ class Searcher:
     def _run(self) -> SearchResult:
         if self.cfg.resume:
             self.load_checkpoint()
-        elif (self.out_dir / CHECKPOINT).exists():
-            raise CheckpointError(f"{self.out_dir / CHECKPOINT} exists: pass resume=true to continue that run, or "
-                                  "choose another hydra.run.dir (nothing was overwritten)")
         elif self.dist.is_main:  # lines of an earlier start in this directory that never reached a checkpoint
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
         self._start_wandb()

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from . import __version__
-from .checkpoint import load_checkpoint, rng_state, set_rng_state
+from .checkpoint import rng_state, set_rng_state
 from .errors import CheckpointError
 from .io import truncate_jsonl
 from .resume import mismatched_fields, refuse_mismatch
@@ -28,8 +27,8 @@ RESUME_FREE = ("epochs", "resume", "progress", "logger", "wandb", "threads", "ac
 
 
 def checkpoint_state(s: "Searcher") -> dict:
+    """What a search's checkpoint holds (RunCheckpoint.save adds its format and the fbnas version)."""
     return {
-        "format": CHECKPOINT_FORMAT,
         "supernet": s.supernet.state_dict(),
         "w_opt": s.w_opt.state_dict(), "w_sched": s.w_sched.state_dict(), "a_opt": s.a_opt.state_dict(),
         "penalty": s.penalty.state_dict(),
@@ -43,18 +42,24 @@ def checkpoint_state(s: "Searcher") -> dict:
         "space": s.space.name, "space_bits": [list(s.space.w_bits), list(s.space.a_bits)],
         "device": s.latency.device_name, "config": dataclasses.asdict(s.cfg),
         "lut_fingerprint": s.latency.fingerprint(), "space_definition": s.space_definition(),
-        "fbnas_version": __version__, "world_size": s.dist.world, "batch_size": s.batch_size,
+        "world_size": s.dist.world, "batch_size": s.batch_size,
     }
 
 
-def restore(s: "Searcher", path: Path, state: Optional[dict] = None) -> None:
-    """Load the checkpoint at `path` (or its `state`, already read) into `s`: weights, optimizers, schedules,
-    penalty, RNG and sampler states."""
+def batch_of(state: Optional[dict]) -> Optional[dict]:
+    """The per-rank batch and world size of a checkpoint being resumed (the data loaders depend on them)."""
     if state is None:
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no checkpoint to resume; run without resume=true, or point "
-                                  "hydra.run.dir at the run to continue")
-        state = load_checkpoint(path, CHECKPOINT_FORMAT, "search checkpoint", map_location=s.device)
+        return None
+    return {"world_size": state.get("world_size", 1),
+            "batch_size": state.get("batch_size", state["config"]["data"]["batch_size"])}
+
+
+def restore(s: "Searcher", state: Optional[dict] = None) -> None:
+    """Load the search's checkpoint (or its `state`, already read) into `s`: weights, optimizers, schedules,
+    penalty, RNG and sampler states."""
+    path = s.checkpoint.path
+    if state is None:
+        state = s.checkpoint.open(resume=True, map_location=s.device)
     check_same_run(s, path, state)
     try:
         s.supernet.load_state_dict(state["supernet"])

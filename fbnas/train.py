@@ -22,28 +22,22 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from .arch import Arch
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainSettings, current_names  # TrainSettings: defined with the other configs; in this API
+from .config import TrainSettings  # defined with the other configs; in this API
 
 from . import distributed
-from .data import DataBundle, TensorData, make_loader
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
-from .io import append_jsonl, atomic_write_json, truncate_jsonl
+from .data import DataBundle, make_loader
+from .errors import ConfigError, NonFiniteLossError
+from .io import append_jsonl, atomic_write_json
 from .accelerator import resolve_device
 from .model import build_model
 from .quant.artifacts import load_supernet_into, load_unfolded_into, save_integer, save_state
 from .rundir import hold
-from .resume import mismatched_fields, refuse_mismatch, tensor_fingerprint
 from .quant.fake import QConv2d, QLinear
 from .quant.fold import FoldedNet, QuantPoint, fold_model
 from .quant.integer import to_integer
+from .train_resume import open_checkpoint, restart_metrics, run_identity, save_after_epoch, train_checkpoint
 
 log = logging.getLogger("fbnas")
-CHECKPOINT_FORMAT = "fbnas-train-checkpoint/1"
-# settings a resume may change; the rest, epochs and fold_epochs included (the LR schedule is laid out over the
-# whole run at its start), must equal the checkpoint's
-RESUME_FREE = ("settings.accelerator", "settings.eval_batch_size",
-               "settings.batch_size")  # per rank: the global batch is checked instead (distributed.per_rank_batch)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -163,33 +157,6 @@ def _train_epoch(run: _PhaseRun, epoch: int, s: TrainSettings, device: torch.dev
             "data_seconds": round(run.loader.take_wait(), 3)}
 
 
-def _run_identity(arch: Arch, data: DataBundle, s: TrainSettings) -> dict:
-    """What determines a training run's result: settings, architecture and the training data (by fingerprint)."""
-    train_set = data.train
-    if isinstance(train_set, TensorData):
-        stride = max(1, len(train_set) // 256)
-        fingerprint = tensor_fingerprint(train_set.x[::stride], train_set.y)
-    else:
-        fingerprint = f"{type(train_set).__name__} of {len(train_set)}"
-    return {"settings": asdict(s), "arch": [[l.op, l.channels, l.stride, l.w_bits, l.a_bits] for l in arch.layers],
-            "data": {"name": data.name, "train": fingerprint}}
-
-
-def _save_checkpoint(path: Path, phase: str, next_epoch: int, run: _PhaseRun, extra: dict, identity: dict,
-                     batch_size: int) -> None:
-    dist = distributed.current()
-    if not dist.is_main:  # rank 0 writes for the job
-        return
-    state = {"format": CHECKPOINT_FORMAT, "phase": phase, "epoch": next_epoch, "run": run.state_dict(),
-             "extra": extra, "rng": torch.get_rng_state(), "identity": identity, "world_size": dist.world,
-             "batch_size": batch_size}
-    save_checkpoint(path, state)
-
-
-def _load_checkpoint(path: Path) -> dict:
-    return load_checkpoint(path, CHECKPOINT_FORMAT, "train checkpoint")
-
-
 # --------------------------------------------------------------------------------------------- train
 
 def train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: str | Path, resume: bool = False,
@@ -214,8 +181,8 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(s.seed)
-    ckpt_path = out_dir / "checkpoints" / "last.pt"
-    ckpt, identity = _open_checkpoint(ckpt_path, resume, _run_identity(arch, data, s))
+    checkpoint, identity = train_checkpoint(out_dir), run_identity(arch, data, s)
+    ckpt = open_checkpoint(checkpoint, resume, identity)
     batch = dist.per_rank_batch(s.batch_size, "batch_size", ckpt)
     eval_loader = make_loader(data.test, s.eval_batch_size, shuffle=False, device=device, shard=(dist.rank, dist.world))
     n_train = len(data.train)
@@ -231,12 +198,7 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
     start_phase = names.index(ckpt["phase"]) if ckpt else 0
     if main:
         arch.save(out_dir / "arch.json")
-    if ckpt and main:  # the lines up to the checkpoint; a torn line or epochs after it are dropped
-        done = (start_phase, ckpt["epoch"])
-        truncate_jsonl(out_dir / "metrics.jsonl", lambda r: r.get("phase") in names
-                       and (names.index(r["phase"]), r.get("epoch", 1 << 30)) < done)
-    elif main:  # lines of an earlier start in this directory that never reached a checkpoint
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        restart_metrics(out_dir / "metrics.jsonl", ckpt, names)
     if ckpt:
         torch.set_rng_state(ckpt["rng"])
 
@@ -273,7 +235,7 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
                      rec["loss"], rec["train_acc"], rec["test_acc"], rec["seconds"])
             if on_epoch:
                 on_epoch(rec)
-            _save_checkpoint(ckpt_path, phase, epoch + 1, run, metrics, identity, batch)
+            save_after_epoch(checkpoint, phase, epoch + 1, run.state_dict(), metrics, identity, batch)
         net = run.eval_model
         metrics.update(_phase_end(phase, net, arch, out_dir, eval_loader, device, main))
     if s.quantized and not isinstance(net, FoldedNet):  # fold_epochs == 0: fold and calibrate only
@@ -283,22 +245,6 @@ def _train(arch: Arch, data: DataBundle, s: TrainSettings, out_dir: Path, resume
     if main:
         atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
-
-
-def _open_checkpoint(path: Path, resume: bool, identity: dict) -> tuple[Optional[dict], dict]:
-    """(the checkpoint to resume, or None; the run's identity), after refusing a resume without a checkpoint, a
-    new run over one, and a checkpoint of other result-determining settings."""
-    if resume and not path.is_file():
-        raise CheckpointError(f"resume=true but {path} does not exist: nothing to resume; point hydra.run.dir at "
-                              "the run to continue, or drop resume=true")
-    if not resume and path.exists():
-        raise CheckpointError(f"{path} exists: pass resume=true to continue that run or use a new run directory")
-    ckpt = _load_checkpoint(path) if resume else None
-    if ckpt:
-        ckpt["identity"]["settings"] = current_names(ckpt["identity"]["settings"])
-        refuse_mismatch(path, "train checkpoint", mismatched_fields(ckpt["identity"], identity, RESUME_FREE),
-                        RESUME_FREE)
-    return ckpt, identity
 
 
 def _phase_end(phase: str, net: nn.Module, arch: Arch, out_dir: Path, eval_loader, device: torch.device,

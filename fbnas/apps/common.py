@@ -281,13 +281,10 @@ class RunDirGuard(Callback):
             dist.agree(msg)
         except FbnasError as exc:
             fail(str(exc), quiet=not dist.is_main)
-        ckpt = run_dir / "checkpoints" / "last.pt"
-        if "resume" in config and config.resume and not ckpt.is_file():
-            msg = (f"resume=true but {ckpt} does not exist: nothing to resume; point hydra.run.dir at the run to "
-                   "continue, or drop resume=true")
-        elif "resume" in config and not config.resume and ckpt.exists():
-            msg = (f"{ckpt} exists: pass resume=true to continue that run, or choose another hydra.run.dir "
-                   "(nothing was overwritten)")
+        if "resume" in config:
+            from ..checkpoint import LAST, resume_problem  # torch: imported once a run starts, not for --help
+
+            msg = resume_problem(run_dir / LAST, bool(config.resume))
         if msg:
             if lock is not None:
                 release(lock)

@@ -21,7 +21,7 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 @user_errors
 def _app(cfg: DictConfig) -> None:
     from ..arch import load_arch
-    from ..data import check_matches_space, load_dataset
+    from ..data import check_matches_space, load_data
     from ..train import train
     from ..wandb_run import check_logger, start_wandb
 
@@ -30,10 +30,7 @@ def _app(cfg: DictConfig) -> None:
     arch = load_arch(config.arch)
     settings = TrainSettings(**{f.name: getattr(config, f.name) for f in fields(TrainSettings)})
     settings.check()
-    d = config.data
-    data = load_dataset(d.name, root=d.root, train_subset=d.train_subset, test_subset=d.test_subset,
-                        seed=settings.seed, input_size=arch.input_size, num_classes=arch.num_classes,
-                        in_channels=arch.in_channels)
+    data = load_data(config.data, settings.seed, arch.input_size, arch.num_classes, arch.in_channels)
     check_matches_space(data, arch.in_channels, arch.input_size, arch.num_classes, arch.space)
     arch = replace(arch, preprocessing=data.preprocessing())  # what the trained model expects, kept in arch.json
     out = output_dir()

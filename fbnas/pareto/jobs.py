@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..arch import arch_from_dict
-from ..config import TrainData, current_names
+from ..checkpoint import LAST
+from ..config import DatasetConfig, current_names
 from ..errors import ConfigError, FbnasError
 from ..io import atomic_write_json, read_json
 from ..train import TrainSettings
@@ -36,7 +37,7 @@ class Job:
         return f"{self.arch_id}__seed{self.seed}"
 
 
-def recipe(settings: TrainSettings, data: TrainData) -> dict:
+def recipe(settings: TrainSettings, data: DatasetConfig) -> dict:
     s = {k: v for k, v in asdict(settings).items() if k not in NOT_RECIPE}
     return {"train": s, "data": asdict(data)}
 
@@ -75,19 +76,17 @@ def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
 _DATA_CACHE: dict = {}
 
 
-def _dataset(data: TrainData, arch):
-    from ..data import load_dataset
+def _dataset(data: DatasetConfig, arch):
+    from ..data import load_data
 
     key = (tuple(sorted(asdict(data).items())), arch.input_size, arch.num_classes, arch.in_channels)
     if key not in _DATA_CACHE:
         # one fixed data seed: every network and training seed sees the same subset
-        _DATA_CACHE[key] = load_dataset(data.name, root=data.root, train_subset=data.train_subset,
-                                        test_subset=data.test_subset, seed=0, input_size=arch.input_size,
-                                        num_classes=arch.num_classes, in_channels=arch.in_channels)
+        _DATA_CACHE[key] = load_data(data, 0, arch.input_size, arch.num_classes, arch.in_channels)
     return _DATA_CACHE[key]
 
 
-def run_job(job: Job, settings: TrainSettings, data: TrainData, out_dir: Path) -> dict:
+def run_job(job: Job, settings: TrainSettings, data: DatasetConfig, out_dir: Path) -> dict:
     """Train one (network, seed) into out_dir/train/<arch id>/seed<k> (resuming its checkpoint) and write
     out_dir/results/<arch id>__seed<k>.json. Returns the result."""
     from ..train import train
@@ -97,7 +96,7 @@ def run_job(job: Job, settings: TrainSettings, data: TrainData, out_dir: Path) -
     t0 = time.time()
     run_dir = out_dir / "train" / job.arch_id / f"seed{job.seed}"
     # an interrupted training continues from its checkpoint; a started one that never wrote one starts afresh
-    metrics = train(arch, _dataset(data, arch), s, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())
+    metrics = train(arch, _dataset(data, arch), s, run_dir, resume=(run_dir / LAST).is_file())
     res = {"format": RESULT_FORMAT, "arch_id": job.arch_id, "name": job.name, "seed": job.seed,
            "acc_integer": metrics.get("acc_integer"), "acc_fake_quant": metrics.get("acc_fake_quant"),
            "acc_float_of_qat_weights": metrics.get("acc_float_of_qat_weights"),
@@ -115,7 +114,7 @@ def _init_worker(threads: int) -> None:
     logging.getLogger("fbnas").setLevel(logging.WARNING)
 
 
-def _worker_job(job: Job, settings: TrainSettings, data: TrainData, out_dir: Path) -> dict:
+def _worker_job(job: Job, settings: TrainSettings, data: DatasetConfig, out_dir: Path) -> dict:
     try:
         return run_job(job, settings, data, out_dir)
     except FbnasError as exc:  # returned, not raised: one failed training does not stop the others
@@ -131,7 +130,7 @@ class JobStats:
     trained: int
 
 
-def run_jobs(jobs: list[Job], settings: TrainSettings, data: TrainData, out_dir: Path, workers: int,
+def run_jobs(jobs: list[Job], settings: TrainSettings, data: DatasetConfig, out_dir: Path, workers: int,
              threads: int = 0, progress: bool = True, job_fn: Callable = _worker_job) -> tuple[dict, JobStats]:
     """Run every job not finished yet; returns ({job key: result}, stats). Failed trainings are reported
     together at the end (the finished ones are kept); a rerun retries only them."""
@@ -177,7 +176,7 @@ def run_jobs(jobs: list[Job], settings: TrainSettings, data: TrainData, out_dir:
     return results, stats
 
 
-def _run_pool(todo: list[Job], settings: TrainSettings, data: TrainData, out_dir: Path, workers: int,
+def _run_pool(todo: list[Job], settings: TrainSettings, data: DatasetConfig, out_dir: Path, workers: int,
               threads: int, job_fn: Callable, done: Callable[[Job, dict], None]) -> None:
     import multiprocessing as mp
 

@@ -129,21 +129,7 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: 
         if st.kind == "input":
             env[st.output] = quantize(st.output, "input", "input", layout_input=True)
         elif st.kind in ("conv", "linear"):
-            s_acc = integer.acc_scales[st.name]
-            s_in = integer.scales[st.inputs[0]]
-            s_w = (s_acc / s_in.double()).reshape(-1)
-            wq = node.weight.cpu().numpy()
-            wt = weight_type(weight_bits(node.weight))
-            w_dq = g.op("DequantizeLinear", [g.const(f"{st.name}.weight_q", wq, wt),
-                                             g.const(f"{st.name}.weight_scale", f32(s_w)),
-                                             g.const(f"{st.name}.weight_zp", np.zeros(wq.shape[0], np.int8)
-                                                     if wt == TensorProto.INT8 else np.zeros(wq.shape[0], np.int64),
-                                                     None if wt == TensorProto.INT8 else wt)],
-                        f"{st.name}.weight", axis=0)
-            b_dq = g.op("DequantizeLinear", [g.const(f"{st.name}.bias_q", node.bias.cpu().numpy().astype(np.int32)),
-                                             g.const(f"{st.name}.bias_scale", f32(s_acc.reshape(-1))),
-                                             g.const(f"{st.name}.bias_zp", np.zeros(wq.shape[0], np.int32))],
-                        f"{st.name}.bias", axis=0)
+            w_dq, b_dq = _dequantized_params(g, integer, st, node)
             x = env[st.inputs[0]]
             if st.kind == "linear":
                 g.nodes.append(gemm(g, x, w_dq, b_dq, st.name, "logits"))
@@ -162,6 +148,27 @@ def qdq_graph(integer: IntegerNet, debug_outputs: bool = False, exact_branches: 
             env[st.output] = quantize(st.output, p, st.name, flatten=True)
     model = g.model("fbnas_qdq", x_shape, arch.num_classes, extra if debug_outputs else None)
     return (model, debug_names) if debug_outputs else model
+
+
+def _dequantized_params(g: Graph, integer: IntegerNet, st, node) -> tuple[str, str]:
+    """The DequantizeLinear outputs of a conv's or linear's weights (int8, or int4 for <= 4 bits, per output
+    channel at S_acc / S_in) and bias (int32 at S_acc)."""
+    from onnx import TensorProto
+
+    s_acc = integer.acc_scales[st.name]
+    s_w = (s_acc / integer.scales[st.inputs[0]].double()).reshape(-1)
+    wq = node.weight.cpu().numpy()
+    wt = weight_type(weight_bits(node.weight))
+    int8 = wt == TensorProto.INT8
+    w_q = g.const(f"{st.name}.weight_q", wq, wt)
+    w_scale = g.const(f"{st.name}.weight_scale", f32(s_w))
+    w_zp = g.const(f"{st.name}.weight_zp", np.zeros(wq.shape[0], np.int8 if int8 else np.int64), None if int8 else wt)
+    w_dq = g.op("DequantizeLinear", [w_q, w_scale, w_zp], f"{st.name}.weight", axis=0)
+    b_dq = g.op("DequantizeLinear", [g.const(f"{st.name}.bias_q", node.bias.cpu().numpy().astype(np.int32)),
+                                     g.const(f"{st.name}.bias_scale", f32(s_acc.reshape(-1))),
+                                     g.const(f"{st.name}.bias_zp", np.zeros(wq.shape[0], np.int32))],
+                f"{st.name}.bias", axis=0)
+    return w_dq, b_dq
 
 
 # ----------------------------------------------------------------------------------------------- API
