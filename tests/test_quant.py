@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fbnas.quant.act import ActQuantizer, deferred_range_updates, mse_clip_range, prescale_activations
+from fbnas.quant.act import (ActQuantizer, deferred_range_updates, fake_quantize, mse_clip_range,
+                             prescale_activations)
 from fbnas.quant.bits import BitState, act_levels
 from fbnas.quant.fake import QConv2d, fake_quant_weight, quant_error_sq, quantize_weight_int, weight_scale
 
@@ -86,6 +87,20 @@ def test_act_clipped_ste_gradient():
     x = torch.tensor([-0.5, 0.5, 2.0], requires_grad=True)
     q(x, BitState.fixed(8, 8)).sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("lo,hi,scale", [(0, 255, 0.0173), (-127, 127, 0.0091), (0, 15, 0.21), (-7, 7, 0.33)])
+def test_cpu_fake_quantize_equals_atens_values_and_gradient(lo, hi, scale):
+    gen = torch.Generator().manual_seed(lo + hi)
+    s = torch.tensor(scale)
+    x = torch.randn(32, 8, 6, 6, generator=gen) * 2
+    x.view(-1)[:60] = (torch.arange(60) - 30 + 0.5) * s  # exactly half-way between levels: rounded to even
+    x.requires_grad_()
+    g = torch.randn(x.shape, generator=gen)
+    ref = torch.fake_quantize_per_tensor_affine(x, s, torch.tensor(0, dtype=torch.int32), lo, hi)
+    out = fake_quantize(x, s, lo, hi)
+    assert torch.equal(out, ref)
+    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
 
 def test_mixed_bits_equal_weighted_sum_and_gradients_to_probs():
