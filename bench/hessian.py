@@ -114,7 +114,7 @@ def pyhessian_style(model, batches, groups, target: float, max_probes: int, min_
             "rel_se": {k: float(rel[i]) for i, k in enumerate(names)}}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--space", default="fbnet_cifar100")
@@ -134,34 +134,40 @@ def main(argv=None) -> int:
     if args.small:
         args.space, args.batch_size, args.batches, args.train_steps = "fmnist", 16, 1, 40
         args.max_probes = min(args.max_probes, 1500)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    arch, model, data, order = make_child(args.space, device, args.train_steps, args.batch_size, args.seed)
-    batches = [(data.x[order[i * args.batch_size:(i + 1) * args.batch_size]].to(device),
-                data.y[order[i * args.batch_size:(i + 1) * args.batch_size]].to(device)) for i in range(args.batches)]
-    groups = {k: v for k, v in child_groups(model).items() if v}
-    params = [p for ps in groups.values() for p in ps]
-    fb = time_forward_backward(model, batches[0], params, 10, device)
+    return args
 
-    print(f"{args.space} child: {len(groups)} layers, forward+backward {fb * 1e3:.2f} ms", flush=True)
-    base = pyhessian_style(model, batches, groups, args.target, args.max_probes, args.min_probes, args.seed, device)
-    print(f"PyHessian-style: {base['seconds']:.2f} s, {base['probes']} probes, max rel SE {base['max_rel_se']:.3f}",
-          flush=True)
+
+def split_batches(data, order, batch_size: int, n_batches: int, device):
+    """The first n_batches consecutive batches of `order` over `data`, on `device`."""
+    return [(data.x[order[i * batch_size:(i + 1) * batch_size]].to(device),
+             data.y[order[i * batch_size:(i + 1) * batch_size]].to(device)) for i in range(n_batches)]
+
+
+def run_ours(model, batches, groups, args, device):
+    """fbnas.hessian.hutchinson_traces to the same target; returns its result and its wall time in seconds."""
     sync(device)
     t0 = time.perf_counter()
     ours = hutchinson_traces(model, None, batches, groups, target_rel_se=args.target, max_probes=args.max_probes,
                              min_probes=args.min_probes, seed=args.seed + 1, method=args.method, device=device)
     sync(device)
-    ours_s = time.perf_counter() - t0
+    return ours, time.perf_counter() - t0
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def build_results(args, device, groups, params, fb: float, base: dict, ours, ours_s: float) -> dict:
+    """The JSON record of one run (without the per-layer table)."""
     engine_costs = ours.settings.get("engine_seconds_per_probe", {})
     per_probe = engine_costs.get(ours.method)
     base_per_probe = base["seconds"] / base["probes"]
     agree = max(abs(ours.groups[k].trace_per_param - base["trace_per_param"][k]) /
                 math.hypot(ours.groups[k].se, base["trace_per_param"][k] * base["rel_se"][k]) for k in groups)
-    res = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, "
-                                                                                   f"{torch.get_num_threads()} threads)",
+    return {
+        "device": device_name(device),
         "torch": torch.__version__, "space": args.space, "layers": len(groups), "params": sum(p.numel() for p in params),
         "batch_size": args.batch_size, "batches": args.batches, "target_rel_se": args.target,
         "forward_backward_ms": fb * 1e3,
@@ -181,35 +187,68 @@ def main(argv=None) -> int:
         "ours_seconds_to_target": ours_s * max(1.0, (max(g.rel_se for g in ours.groups.values()) / args.target) ** 2),
         "max_disagreement_in_se": agree,
     }
-    lines = [
+
+
+def summary_lines(args, res: dict, fb: float, ours_method: str, argv) -> list[str]:
+    """The markdown report down to its reproduce line."""
+    base, ours = res["baseline"], res["ours"]
+    n_layers = res["layers"]
+    return [
         f"# Hessian trace speed: ours vs PyHessian-style loop ({res['device']})", "",
-        f"{args.space} child, {len(groups)} layers, {res['params']:,} weights, {args.batches} x {args.batch_size} "
+        f"{args.space} child, {n_layers} layers, {res['params']:,} weights, {args.batches} x {args.batch_size} "
         f"images, target relative SE {args.target:.0%} on every layer.", "",
         "| estimator | time to target (s) | probe vectors | max rel SE | ms / probe | probe / (fwd+bwd) |",
         "|---|---|---|---|---|---|",
         f"| PyHessian-style (global v, graph reused) | {base['seconds']:.2f} | {base['probes']} | "
-        f"{base['max_rel_se']:.3f} | {base_per_probe * 1e3:.2f} | {base_per_probe / fb:.2f} |",
-        f"| fbnas ({ours.method}, per-layer stopping) | {ours_s:.2f} | {ours.n_hvp} | "
-        f"{res['ours']['max_rel_se']:.3f} | {res['ours']['ms_per_probe_engine'] or float('nan'):.2f} | "
-        f"{res['ours']['probe_over_fb'] or float('nan'):.2f} |", "",
+        f"{base['max_rel_se']:.3f} | {base['ms_per_probe']:.2f} | {base['probe_over_fb']:.2f} |",
+        f"| fbnas ({ours_method}, per-layer stopping) | {ours['seconds']:.2f} | {ours['probe_vectors']} | "
+        f"{ours['max_rel_se']:.3f} | {ours['ms_per_probe_engine'] or float('nan'):.2f} | "
+        f"{ours['probe_over_fb'] or float('nan'):.2f} |", "",
         f"Speed-up in wall time: **{res['speedup']:.2f}x**; at equal error (every layer at {args.target:.0%}; a run "
         f"stopped by the probe cap is extrapolated with SE ~ 1/sqrt(probes)): "
         f"**{res['baseline_seconds_to_target'] / res['ours_seconds_to_target']:.2f}x** "
         f"({res['baseline_seconds_to_target']:.1f} s vs {res['ours_seconds_to_target']:.1f} s).",
         f"One forward+backward: {fb * 1e3:.2f} ms. "
-        f"Engine timings per probe (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in res['ours']['engine_ms_per_probe'].items())
-        + (f" (engine choice took {res['ours']['engine_selection_seconds']:.1f} s of our time)"
-           if res['ours']['engine_selection_seconds'] is not None else ""),
-        f"Largest disagreement between the two estimates: {agree:.2f} combined SE.", "",
+        f"Engine timings per probe (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in ours['engine_ms_per_probe'].items())
+        + (f" (engine choice took {ours['engine_selection_seconds']:.1f} s of our time)"
+           if ours['engine_selection_seconds'] is not None else ""),
+        f"Largest disagreement between the two estimates: {res['max_disagreement_in_se']:.2f} combined SE.", "",
         "Reproduce: `python bench/hessian.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
+    ]
+
+
+def layer_table(groups, base: dict, ours) -> tuple[list[str], dict]:
+    """The per-layer markdown table and its JSON form."""
+    lines = [
         "| layer | Tr(H)/n (ours) | rel SE (ours) | Tr(H)/n (PyHessian-style) | rel SE (PyHessian-style) |",
         "|---|---:|---:|---:|---:|",
     ] + [f"| {k} | {ours.groups[k].trace_per_param:.4e} | {ours.groups[k].rel_se:.3f} | "
          f"{base['trace_per_param'][k]:.4e} | {base['rel_se'][k]:.3f} |" for k in groups]
-    res["layers_table"] = {k: {"ours": ours.groups[k].trace_per_param, "ours_rel_se": ours.groups[k].rel_se,
-                               "baseline": base["trace_per_param"][k], "baseline_rel_se": base["rel_se"][k]}
-                           for k in groups}
-    md = "\n".join(lines) + "\n"
+    table = {k: {"ours": ours.groups[k].trace_per_param, "ours_rel_se": ours.groups[k].rel_se,
+                 "baseline": base["trace_per_param"][k], "baseline_rel_se": base["rel_se"][k]}
+             for k in groups}
+    return lines, table
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    arch, model, data, order = make_child(args.space, device, args.train_steps, args.batch_size, args.seed)
+    batches = split_batches(data, order, args.batch_size, args.batches, device)
+    groups = {k: v for k, v in child_groups(model).items() if v}
+    params = [p for ps in groups.values() for p in ps]
+    fb = time_forward_backward(model, batches[0], params, 10, device)
+
+    print(f"{args.space} child: {len(groups)} layers, forward+backward {fb * 1e3:.2f} ms", flush=True)
+    base = pyhessian_style(model, batches, groups, args.target, args.max_probes, args.min_probes, args.seed, device)
+    print(f"PyHessian-style: {base['seconds']:.2f} s, {base['probes']} probes, max rel SE {base['max_rel_se']:.3f}",
+          flush=True)
+    ours, ours_s = run_ours(model, batches, groups, args, device)
+    res = build_results(args, device, groups, params, fb, base, ours, ours_s)
+    table_lines, res["layers_table"] = layer_table(groups, base, ours)
+    md = "\n".join(summary_lines(args, res, fb, ours.method, argv) + table_lines) + "\n"
     print(md)
     atomic_write_json(args.out + ".json", res)
     atomic_write_text(args.out + ".md", md)

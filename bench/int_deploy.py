@@ -29,7 +29,7 @@ from fbnas.train import TrainSettings, train
 OPS = "ir_k3_e1,ir_k3_e3,shuffle_k3,sqnxt_k3,ir_k3_e3,ir_k3_e3"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", default=OPS)
     ap.add_argument("--space", default="fmnist28", help="the space of --ops (fmnist28: full 28x28 resolution)")
@@ -65,35 +65,34 @@ def main() -> None:
     ap.add_argument("--no-ort", action="store_true",
                     help="skip the onnxruntime checks (e.g. where onnxruntime and CUDA torch clash in one process)")
     ap.add_argument("--out", default="bench/results/int_deploy/local.md")
-    a = ap.parse_args()
-    space = load_space(a.space)
-    arch8 = Arch.from_space(space, a.ops.split(","), 8, 8)
-    data = load_dataset("fashion_mnist", train_subset=a.train_subset, test_subset=a.test_subset)
-    base = dict(epochs=a.epochs, fold_epochs=a.fold_epochs, max_steps_per_epoch=a.steps, batch_size=a.batch_size,
-                lr=a.lr, accelerator=a.device, act_clip=a.w8_act_clip)
-    runs = Path(a.runs)
-    t0 = time.time()
+    return ap.parse_args()
+
+
+def train_fp32_and_w8a8(a, arch8, data, base: dict, runs: Path):
+    """The FP32 model and the W8A8 integer-only model (from scratch or fine-tuned from FP32); their metrics."""
     fp32 = train(arch8, data, TrainSettings(**base, quantized=False), runs / "fp32")
     w8_settings = dict(base)
     if a.w8_init == "fp32":
         w8_settings.update(lr=a.lr * a.mixed_lr_scale, init="weights", weights=str(runs / "fp32" / "model.safetensors"))
     w8 = train(arch8, data, TrainSettings(**w8_settings), runs / "w8a8")
+    return fp32, w8
+
+
+def sensitivities(a, space, arch8, data, runs: Path):
+    """The ILP's Omega from the trained W8A8 model, and a sentence saying what it measures."""
     if a.sensitivity == "loss":
         unfolded = load_unfolded(runs / "w8a8" / "model_bn.safetensors").to(a.device)
         g = torch.Generator().manual_seed(1)
         idx = torch.randperm(len(data.train), generator=g)[:a.sensitivity_images]
         batches = [(data.train.x[j].to(a.device), data.train.y[j].to(a.device)) for j in idx.split(500)]
         omega = loss_sensitivity(unfolded, len(arch8.layers), space.w_bits, space.a_bits, batches)
-        source = f"loss rise of the trained W8A8 model per layer and (w, a), {len(idx)} training images"
-    else:
-        folded = load_folded(runs / "w8a8" / "model.safetensors")
-        omega = weight_perturbation(folded, len(arch8.layers), space.w_bits)
-        source = "weight perturbation of W8A8"
-    table = get_table(space, a.lut_device)
-    key = "latency_ms" if a.limit == "latency" else "bops"
-    ilp = ilp_arch(arch8, omega, space.w_bits, space.a_bits, ratios={key: a.ratio}, table=table,
-                   device=a.lut_device, source=source)
-    ilp.arch.save(runs / "arch_ilp.json")
+        return omega, f"loss rise of the trained W8A8 model per layer and (w, a), {len(idx)} training images"
+    folded = load_folded(runs / "w8a8" / "model.safetensors")
+    return weight_perturbation(folded, len(arch8.layers), space.w_bits), "weight perturbation of W8A8"
+
+
+def train_mixed(a, arch, data, base: dict, runs: Path):
+    """One mixed-precision model per --act-clip variant: their settings and {run name: (clip, metrics)}."""
     tuned = dict(base, epochs=a.epochs if a.mixed_epochs is None else a.mixed_epochs)
     if a.mixed_init == "w8a8":
         tuned.update(lr=a.lr * a.mixed_lr_scale, init="weights", weights=str(runs / "w8a8" / "model_bn.safetensors"))
@@ -101,10 +100,15 @@ def main() -> None:
     mixed = {}
     for clip in clips:
         name = "mixed" if len(clips) == 1 else f"mixed_{clip}"
-        mixed[name] = (clip, train(ilp.arch, data, TrainSettings(**dict(tuned, act_clip=clip)), runs / name))
+        mixed[name] = (clip, train(arch, data, TrainSettings(**dict(tuned, act_clip=clip)), runs / name))
+    return tuned, mixed
+
+
+def onnxruntime_checks(a, data, runs: Path, names):
+    """The accumulator check and the whole-graph checks of each run in `names`; None and {} where skipped."""
     x = data.test.x[:a.ort_samples]
     xg = data.test.x if a.graph_samples <= 0 else data.test.x[:a.graph_samples]
-    ort, graphs = {k: None for k in ("w8a8", *mixed)}, {}
+    ort, graphs = {k: None for k in names}, {}
     try:
         if a.no_ort:
             raise ImportError
@@ -117,39 +121,74 @@ def main() -> None:
             ort[k] = check_with_onnxruntime(integer, x)
             integer = integer.to(a.device)
             graphs[k] = {mode: check_graph(integer, xg, mode, lsb_samples=a.lsb_samples) for mode in ("qlinear", "qdq")}
-    lat = {name: arch_latency(table, ar) for name, ar in (("w8", arch8), ("mixed", ilp.arch))}
-    rows = [("FP32", arch8, fp32.get("acc_float"), None, None, None),
-            ("W8A8", arch8, w8["acc_integer"], w8["acc_fake_quant"], w8["integer_vs_fake_top1_disagreements"], ort["w8a8"])]
-    rows += [(f"ILP mixed, act clip {clip}", ilp.arch, m["acc_integer"], m["acc_fake_quant"],
-              m["integer_vs_fake_top1_disagreements"], ort[k]) for k, (clip, m) in mixed.items()]
-    lines = [f"# Integer-only deployment, Fashion-MNIST ({len(data.test)} test images), arch {a.ops}",
-             "", f"device {a.device}; epochs {a.epochs} + {a.fold_epochs} folded; steps/epoch {a.steps or 'all'}; "
-             f"wall {time.time() - t0:.0f} s", "",
-             f"W8A8 activation ranges: {a.w8_act_clip}, "
-             + ("trained from scratch; " if a.w8_init == "scratch" else f"fine-tuned from FP32 at lr x {a.mixed_lr_scale}; ")
-             + f"ILP limit: {a.limit} <= {a.ratio} x W8A8 ({a.lut_device} LUT for latency); sensitivity: {source}; "
-             "mixed model: "
-             + (f"fine-tuned from the W8A8 model at lr x {a.mixed_lr_scale}" if a.mixed_init == "w8a8"
-                else "trained from scratch") + f", {tuned['epochs']} + {a.fold_epochs} folded epochs", "",
-             f"| model | bits (w/a per layer) | {a.lut_device} latency vs W8A8 | BOPs vs W8A8 | acc (integer-only; "
+    return ort, graphs
+
+
+def header_lines(a, n_test: int, wall: float, source: str, mixed_epochs: int) -> list[str]:
+    return [f"# Integer-only deployment, Fashion-MNIST ({n_test} test images), arch {a.ops}",
+            "", f"device {a.device}; epochs {a.epochs} + {a.fold_epochs} folded; steps/epoch {a.steps or 'all'}; "
+            f"wall {wall:.0f} s", "",
+            f"W8A8 activation ranges: {a.w8_act_clip}, "
+            + ("trained from scratch; " if a.w8_init == "scratch" else f"fine-tuned from FP32 at lr x {a.mixed_lr_scale}; ")
+            + f"ILP limit: {a.limit} <= {a.ratio} x W8A8 ({a.lut_device} LUT for latency); sensitivity: {source}; "
+            "mixed model: "
+            + (f"fine-tuned from the W8A8 model at lr x {a.mixed_lr_scale}" if a.mixed_init == "w8a8"
+               else "trained from scratch") + f", {mixed_epochs} + {a.fold_epochs} folded epochs", ""]
+
+
+def table_lines(lut_device: str, rows, table, arch8) -> list[str]:
+    """The markdown table of the models; `rows`: (name, arch, acc, fake-quant acc, disagreements, ORT check)."""
+    lat_w8 = arch_latency(table, arch8)
+    lines = [f"| model | bits (w/a per layer) | {lut_device} latency vs W8A8 | BOPs vs W8A8 | acc (integer-only; "
              "FP32: float) | acc fake-quant | int vs fake top-1 disagreements | ORT accumulator mismatches | "
              "ORT logits identical |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, ar, acc, fq, dis, o in rows:
         bits = " ".join(f"{l.w_bits}/{l.a_bits}" for l in ar.layers) if name != "FP32" else "32"
-        rel = "" if name == "FP32" else f"{arch_latency(table, ar) / lat['w8']:.3f}"
+        rel = "" if name == "FP32" else f"{arch_latency(table, ar) / lat_w8:.3f}"
         bops = "" if name == "FP32" else f"{ar.bops() / arch8.bops():.3f}"
         lines.append(f"| {name} | {bits} | {rel} | {bops} | {acc:.2f} | "
                      f"{'' if fq is None else f'{fq:.2f}'} | {'' if dis is None else dis} | "
                      f"{'' if o is None else o['accumulator_mismatches']} | {'' if o is None else o['logits_identical']} |")
-    lines += ["", f"W8A8 integer - FP32: {w8['acc_integer'] - fp32['acc_float']:+.2f} points; "
-              + "; ".join(f"mixed (act clip {clip}) - W8A8: {m['acc_integer'] - w8['acc_integer']:+.2f} points"
-                          for clip, m in mixed.values()), "",
-              "## onnxruntime whole-model graphs vs the integer-only model", ""]
+    return lines
+
+
+def footer_lines(fp32: dict, w8: dict, mixed: dict, graphs: dict) -> list[str]:
+    lines = ["", f"W8A8 integer - FP32: {w8['acc_integer'] - fp32['acc_float']:+.2f} points; "
+             + "; ".join(f"mixed (act clip {clip}) - W8A8: {m['acc_integer'] - w8['acc_integer']:+.2f} points"
+                         for clip, m in mixed.values()), "",
+             "## onnxruntime whole-model graphs vs the integer-only model", ""]
     for k in graphs:
         lines += [f"- {k}: " + format_graph_check(graphs[k][mode]) for mode in ("qlinear", "qdq")]
     if not graphs:
         lines.append("not run: onnxruntime is not installed here (`fbnas quantize onnx` runs them on any machine)")
+    return lines
+
+
+def main() -> None:
+    a = parse_args()
+    space = load_space(a.space)
+    arch8 = Arch.from_space(space, a.ops.split(","), 8, 8)
+    data = load_dataset("fashion_mnist", train_subset=a.train_subset, test_subset=a.test_subset)
+    base = dict(epochs=a.epochs, fold_epochs=a.fold_epochs, max_steps_per_epoch=a.steps, batch_size=a.batch_size,
+                lr=a.lr, accelerator=a.device, act_clip=a.w8_act_clip)
+    runs = Path(a.runs)
+    t0 = time.time()
+    fp32, w8 = train_fp32_and_w8a8(a, arch8, data, base, runs)
+    omega, source = sensitivities(a, space, arch8, data, runs)
+    table = get_table(space, a.lut_device)
+    key = "latency_ms" if a.limit == "latency" else "bops"
+    ilp = ilp_arch(arch8, omega, space.w_bits, space.a_bits, ratios={key: a.ratio}, table=table,
+                   device=a.lut_device, source=source)
+    ilp.arch.save(runs / "arch_ilp.json")
+    tuned, mixed = train_mixed(a, ilp.arch, data, base, runs)
+    ort, graphs = onnxruntime_checks(a, data, runs, ("w8a8", *mixed))
+    rows = [("FP32", arch8, fp32.get("acc_float"), None, None, None),
+            ("W8A8", arch8, w8["acc_integer"], w8["acc_fake_quant"], w8["integer_vs_fake_top1_disagreements"], ort["w8a8"])]
+    rows += [(f"ILP mixed, act clip {clip}", ilp.arch, m["acc_integer"], m["acc_fake_quant"],
+              m["integer_vs_fake_top1_disagreements"], ort[k]) for k, (clip, m) in mixed.items()]
+    lines = (header_lines(a, len(data.test), time.time() - t0, source, tuned["epochs"])
+             + table_lines(a.lut_device, rows, table, arch8) + footer_lines(fp32, w8, mixed, graphs))
     text = "\n".join(lines) + "\n"
     atomic_write_text(a.out, text)
     print(text)

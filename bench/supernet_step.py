@@ -29,7 +29,16 @@ CONFIGS = {
 }
 
 
-def measure(name: str, args: dict, queue) -> None:
+def sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_step(name: str, args: dict, dev):
+    """The supernet of configuration `name` with its optimizers and one fixed batch; returns (net, space, step,
+    amp, channels_last), `step` running one search step and the two flags as in effect on `dev`."""
     import torch
     import torch.nn.functional as F
 
@@ -39,7 +48,6 @@ def measure(name: str, args: dict, queue) -> None:
     from fbnas.supernet import Supernet, sample_cost
 
     mode, quantized, amp, channels_last, bit_sampling = CONFIGS[name]
-    dev = torch.device(args["device"])
     torch.manual_seed(0)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -71,60 +79,86 @@ def measure(name: str, args: dict, queue) -> None:
         w_opt.step()
         a_opt.step()
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    return net, space, step, amp, channels_last
 
+
+def warm_up(net, space, step, warmup: int, dev) -> None:
     # steady state of a long search: every candidate's shapes have been seen (cuDNN autotuned) once
     n_ops = len(space.candidates)
     for i in range(n_ops):
         net.fix([(i, len(space.w_bits) - 1, len(space.a_bits) - 1)] * len(net.mixed_layers))
         step()
     net.fix(None)
-    for _ in range(args["warmup"]):
+    for _ in range(warmup):
         step()
-    sync()
-    host_syncs, sync_sites = None, []
-    if dev.type == "cuda":  # count the host<->device synchronisations of one step (each one stalls the pipeline)
-        import warnings
+    sync(dev)
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
+
+def count_host_syncs(step, dev):
+    """The host<->device synchronisations of one CUDA step (each one stalls the pipeline) and their 8 commonest
+    sites."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        step()
+        torch.cuda.set_sync_debug_mode("default")
+    synced = [w for w in caught if "synchroniz" in str(w.message)]
+    where: dict[str, int] = {}
+    for w in synced:
+        key = f"{Path(w.filename).name}:{w.lineno}"
+        where[key] = where.get(key, 0) + 1
+    sync_sites = sorted(where.items(), key=lambda kv: -kv[1])[:8]
+    sync(dev)
+    return len(synced), sync_sites
+
+
+def print_profile(name: str, step, dev) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
             step()
-            torch.cuda.set_sync_debug_mode("default")
-        synced = [w for w in caught if "synchroniz" in str(w.message)]
-        host_syncs = len(synced)
-        where: dict[str, int] = {}
-        for w in synced:
-            key = f"{Path(w.filename).name}:{w.lineno}"
-            where[key] = where.get(key, 0) + 1
-        sync_sites = sorted(where.items(), key=lambda kv: -kv[1])[:8]
-        sync()
-    if args["profile"]:
-        from torch.profiler import ProfilerActivity, profile
+        sync(dev)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(f"--- profile of {name} (3 steps) ---\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+          + "\n" + prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with profile(activities=acts) as prof:
-            for _ in range(3):
-                step()
-            sync()
-        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-        print(f"--- profile of {name} (3 steps) ---\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
-              + "\n" + prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
+
+def timed_steps(step, steps: int, dev):
+    """Wall seconds of `steps` steps, and the peak memory (GiB) with how it was measured."""
+    import torch
+
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(args["steps"]):
+    for _ in range(steps):
         step()
-    sync()
+    sync(dev)
     dt = time.perf_counter() - t0
     if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30
-        mem_kind = "cuda max_memory_allocated"
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        mem_kind = "process max RSS"
+        return dt, torch.cuda.max_memory_allocated() / 2 ** 30, "cuda max_memory_allocated"
+    return dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "process max RSS"
+
+
+def measure(name: str, args: dict, queue) -> None:
+    import torch
+
+    mode, quantized, _, _, bit_sampling = CONFIGS[name]
+    dev = torch.device(args["device"])
+    net, space, step, amp, channels_last = build_step(name, args, dev)
+    warm_up(net, space, step, args["warmup"], dev)
+    host_syncs, sync_sites = None, []
+    if dev.type == "cuda":
+        host_syncs, sync_sites = count_host_syncs(step, dev)
+    if args["profile"]:
+        print_profile(name, step, dev)
+    dt, peak, mem_kind = timed_steps(step, args["steps"], dev)
+    b = args["batch"]
     queue.put({"config": name, "mode": mode, "bit_sampling": bit_sampling, "quantized": quantized, "bf16_autocast": amp, "channels_last": channels_last,
                "images_per_s": args["steps"] * b / dt, "step_ms": 1000 * dt / args["steps"],
                "peak_mem_gib": peak, "memory": mem_kind, "host_syncs_per_step": host_syncs,
