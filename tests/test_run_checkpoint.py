@@ -45,7 +45,7 @@ def test_corrupt_checkpoint_names_the_file_and_the_fix(tmp_path):
 def test_search_and_train_share_one_data_config():
     assert isinstance(SearchConfig().data, DatasetConfig) and type(TrainConfig().data) is DatasetConfig
     assert type(ParetoConfig().data) is DatasetConfig
-    assert SearchConfig().data.train_subset == 16000 and TrainConfig().data.train_subset == 0  # per-command defaults
+    assert SearchConfig().data.train_subset == 10000 and TrainConfig().data.train_subset == 0  # per-command defaults
     train_args = DatasetConfig(name="synthetic", train_subset=64).load_args(28, 10)
     assert train_args == {"name": "synthetic", "root": None, "train_subset": 64, "test_subset": 0, "input_size": 28,
                           "num_classes": 10}
