@@ -1,12 +1,15 @@
 """The fbnet_cifar100 search step (weight step + architecture step, `Searcher.weight_step` / `arch_step`) on
 several ranks, at a fixed per-rank batch: images/s, peak memory per rank, host syncs per step; and the cost of
 the distributed machinery itself (`--overhead`: the same steps with and without the gradient all-reduce, in one
-run, alternating blocks).
+run, alternating blocks); `--vs-ddp`: the weight step with fbnas's one flat all-reduce after backward against
+torch's DistributedDataParallel(find_unused_parameters=True) over the same supernet and batches (a single-path
+step leaves the unsampled ops without gradients, which DDP finds by walking the autograd graph every step).
 
     torchrun --nproc_per_node 1 bench/ddp_scaling.py --overhead --out o.json       # world size 1 vs plain, one GPU
     torchrun --nproc_per_node 8 bench/ddp_scaling.py --modes hard,default --out s8.json
     python bench/ddp_scaling.py --summarize s1.json s2.json s4.json s8.json        # scaling efficiency table
     torchrun --nproc_per_node 2 bench/ddp_scaling.py --device cpu --batch 8 --steps 2 --warmup 1   # CPU smoke
+    torchrun --nproc_per_node 2 bench/ddp_scaling.py --vs-ddp --modes hard --device cpu --batch 32 --out d.json
 """
 from __future__ import annotations
 
@@ -97,6 +100,55 @@ def timed(s, data, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def vs_ddp(s, data, a) -> dict:
+    """Median seconds of a weight step with fbnas's flat all-reduce (Dist.sync after backward) and with
+    DistributedDataParallel(find_unused_parameters=True) doing the reduction, in alternating blocks. DDP's hooks
+    fire on every backward through the parameters, so each DDP block wraps the supernet anew (one untimed step
+    builds its buckets) and drops the wrapper after."""
+    import gc
+
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fbnas import distributed
+    from fbnas.supernet import sample_cost
+
+    net, dist, own_forward = s.supernet, s.dist, s._forward
+
+    def steps(count: int) -> float:
+        sync(s.device)
+        t0 = time.perf_counter()
+        for i in range(count):
+            (x, y), _ = data[i % len(data)]
+            s.weight_step(x, y, warmup=False)
+        sync(s.device)
+        return (time.perf_counter() - t0) / count
+
+    def ddp_block() -> float:
+        ddp = DistributedDataParallel(net, device_ids=[s.device.index] if s.device.type == "cuda" else None,
+                                      find_unused_parameters=True)
+
+        def ddp_forward(x, y):  # Searcher._forward with the wrapper around the supernet
+            with s._autocast():
+                logits = ddp(s._prep(x))
+            return logits, F.cross_entropy(logits.float(), y), sample_cost(net, s.lat_matrix) + s.latency.fixed_ms
+
+        s.dist, s._forward = distributed.Dist(), ddp_forward
+        steps(1)
+        seconds = steps(a.steps)
+        s.dist, s._forward = dist, own_forward
+        return seconds
+
+    own, wrapped = [], []
+    for _ in range(a.blocks):
+        own.append(steps(a.steps))
+        wrapped.append(ddp_block())
+        gc.collect()  # the wrapper's reducer, and with it its hooks, goes
+    return {"weight_step_s_flat_all_reduce": statistics.median(own),
+            "weight_step_s_ddp_find_unused": statistics.median(wrapped),
+            "ddp_over_flat": statistics.median(wrapped) / statistics.median(own)}
+
+
 def run_mode(mode: str, a, out_dir: Path) -> dict:
     import torch
 
@@ -110,6 +162,8 @@ def run_mode(mode: str, a, out_dir: Path) -> dict:
     if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
     rec = {"mode": mode, "world_size": d.world, "batch_per_rank": a.batch}
+    if a.vs_ddp:
+        return {**rec, **vs_ddp(s, data, a)}
     if a.overhead:  # the same steps with the all-reduce (s.dist) and without (a plain Dist): blocks alternate
         plain = distributed.Dist()
         t_dist, t_plain = [], []
@@ -154,6 +208,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--blocks", type=int, default=5, help="--overhead: alternating blocks of --steps each")
     p.add_argument("--overhead", action="store_true")
+    p.add_argument("--vs-ddp", action="store_true", help="flat all-reduce vs DDP(find_unused_parameters=True)")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default="/tmp/fbnas_ddp_scaling")
     p.add_argument("--out")
