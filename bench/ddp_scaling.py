@@ -91,11 +91,16 @@ def host_syncs(s, pair) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def timed(s, data, steps: int) -> float:
+def weight_step_only(s, pair) -> None:
+    (x, y), _ = pair
+    s.weight_step(x, y, warmup=False)
+
+
+def timed(s, data, steps: int, one_step=step) -> float:
     sync(s.device)
     t0 = time.perf_counter()
     for i in range(steps):
-        step(s, data[i % len(data)])
+        one_step(s, data[i % len(data)])
     sync(s.device)
     return (time.perf_counter() - t0) / steps
 
@@ -115,15 +120,6 @@ def vs_ddp(s, data, a) -> dict:
 
     net, dist, own_forward = s.supernet, s.dist, s._forward
 
-    def steps(count: int) -> float:
-        sync(s.device)
-        t0 = time.perf_counter()
-        for i in range(count):
-            (x, y), _ = data[i % len(data)]
-            s.weight_step(x, y, warmup=False)
-        sync(s.device)
-        return (time.perf_counter() - t0) / count
-
     def ddp_block() -> float:
         ddp = DistributedDataParallel(net, device_ids=[s.device.index] if s.device.type == "cuda" else None,
                                       find_unused_parameters=True)
@@ -134,14 +130,14 @@ def vs_ddp(s, data, a) -> dict:
             return logits, F.cross_entropy(logits.float(), y), sample_cost(net, s.lat_matrix) + s.latency.fixed_ms
 
         s.dist, s._forward = distributed.Dist(), ddp_forward
-        steps(1)
-        seconds = steps(a.steps)
+        timed(s, data, 1, weight_step_only)
+        seconds = timed(s, data, a.steps, weight_step_only)
         s.dist, s._forward = dist, own_forward
         return seconds
 
     own, wrapped = [], []
     for _ in range(a.blocks):
-        own.append(steps(a.steps))
+        own.append(timed(s, data, a.steps, weight_step_only))
         wrapped.append(ddp_block())
         gc.collect()  # the wrapper's reducer, and with it its hooks, goes
     return {"weight_step_s_flat_all_reduce": statistics.median(own),

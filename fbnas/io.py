@@ -79,20 +79,29 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         fh.flush()
 
 
-def truncate_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> list[dict]:
-    """Rewrite a metrics file (atomically) with only its whole JSON-object lines that `keep` accepts; a torn
-    last line (a kill during the write) or the lines of epochs after a checkpoint are dropped."""
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The whole JSON-object lines of a metrics file ([] without one); a torn line (a kill during the write) is
+    skipped."""
     path = Path(path)
     if not path.is_file():
         return []
-    kept = []
+    records = []
     for line in path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and keep(rec):
-            kept.append(rec)
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def truncate_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> list[dict]:
+    """Rewrite a metrics file (atomically) with only its whole JSON-object lines that `keep` accepts; a torn
+    last line (a kill during the write) or the lines of epochs after a checkpoint are dropped."""
+    if not Path(path).is_file():
+        return []
+    kept = [rec for rec in read_jsonl(path) if keep(rec)]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 

@@ -21,6 +21,7 @@ from .arch import Arch
 from .checkpoint import RunCheckpoint
 from .config import SearchConfig
 from .data import DataBundle, TensorBatches, check_matches_space, load_data, make_loader
+from .derive import argmax_within_limit
 from .errors import ConfigError, LatencyTableError, NonFiniteLossError
 from .io import append_jsonl, sha256_file
 from .latency.lookup import check_target_limit
@@ -33,7 +34,6 @@ from .schedules import temperature
 from .search_resume import CHECKPOINT_FORMAT
 from .space import load_space, override_io, save_space
 from .step_stats import StepStats
-from .derive import argmax_within_limit
 from .supernet import BIT_MODES, MODES, Supernet, argmax_cost, sample_cost
 
 log = logging.getLogger("fbnas")

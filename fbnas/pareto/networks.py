@@ -12,6 +12,7 @@ import numpy as np
 
 from ..arch import Arch, load_arch
 from ..errors import ConfigError
+from ..io import read_jsonl
 from ..latency import arch_latency, fixed_latency, latency_matrix
 from ..latency.table import LatencyTable
 from ..space import SearchSpace
@@ -113,15 +114,8 @@ def search_networks(paths: Sequence[str], space: SearchSpace, budget_names: dict
 
 def search_seconds(metrics: Path) -> Optional[float]:
     """The summed epoch times of a search run (its metrics.jsonl), or None without one."""
-    if not metrics.is_file():
-        return None
-    seconds = []
-    for line in metrics.read_text().splitlines():
-        try:
-            seconds.append(float(json.loads(line).get("seconds", 0.0)))
-        except (ValueError, AttributeError):
-            continue  # a line cut by a crash
-    return round(sum(seconds), 1) if seconds else None
+    records = read_jsonl(metrics)
+    return round(sum(float(r.get("seconds", 0.0)) for r in records), 1) if records else None
 
 
 def budget_label(budget_ms: float, names: dict[float, str]) -> str:
