@@ -40,10 +40,10 @@ part_step() {
 }
 
 part_ddp() {
-  timeout 500 torchrun --nproc_per_node 1 bench/ddp_scaling.py --overhead --out "$OUT/ddp_overhead.json" 2>&1 \
+  timeout 300 torchrun --nproc_per_node 1 bench/ddp_scaling.py --overhead --steps 10 --blocks 3 --out "$OUT/ddp_overhead.json" 2>&1 \
     | grep -v Warn | tee "$OUT/ddp_overhead.txt"
   local n_gpu; n_gpu=$(nvidia-smi -L | wc -l)
-  for n in ${GPUS:-1 $n_gpu}; do
+  for n in ${GPUS:-$( (echo 1; echo "$n_gpu") | sort -un)}; do
     timeout 500 torchrun --nproc_per_node "$n" bench/ddp_scaling.py --out "$OUT/ddp_scaling_$n.json" 2>&1 \
       | grep -v Warn | tee "$OUT/ddp_scaling_$n.txt"
   done

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import operator
 import os
 import socket
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Dist:
     timeout_s: float = DEFAULT_TIMEOUT_S
     # sum over steps of |gradients counted over ranks - expected|, on the device; read by check_paths (per epoch)
     path_mismatch: Optional[torch.Tensor] = field(default=None, repr=False)
+    _flat_buffers: dict = field(default_factory=dict, repr=False)  # id(module) -> FlatBuffers
 
     @property
     def is_main(self) -> bool:
@@ -156,36 +158,36 @@ class Dist:
     # ------------------------------------------------------------------ the step
     def sync(self, params: Sequence[nn.Parameter], module: Optional[nn.Module] = None) -> None:
         """After backward: average the gradients of `params` that have one (the same set on every rank: all ranks
-        ran the same path) and `module`'s float buffers over ranks, in one flat all-reduce; activation ranges
-        (running_min / running_max buffers) take min / max in a second one."""
+        ran the same path; one flat all-reduce, unpacked in multi-tensor kernels) and `module`'s float buffers
+        over ranks, where activation ranges (running_min / running_max buffers) take min / max. The buffers are
+        all-reduced where they are (FlatBuffers): a supernet has thousands of small ones, and packing them every
+        step would cost more host time than the step's own kernels."""
         if not self.active:
             return
         import torch.distributed as td
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
         grads = [p.grad for p in params if p.grad is not None]
-        avg, ext = [], []
-        if module is not None:
-            for name, b in module.named_buffers():
-                if b.is_floating_point():
-                    (ext if name.endswith(("running_max", "running_min")) else avg).append((name, b))
-        tensors = grads + [b for _, b in avg]
-        if tensors:
-            count = torch.full((1,), float(len(grads)), device=tensors[0].device, dtype=tensors[0].dtype)  # no copy
-            flat = _flatten_dense_tensors([t.to(tensors[0].dtype) for t in tensors] + [count])
+        if grads:
+            dtype = grads[0].dtype
+            # the number of gradients counted over ranks, sent with them: a guard against ranks that ran
+            # different paths, kept on the device (check_paths reads it per epoch)
+            count = torch.full((1,), float(len(grads)), device=grads[0].device, dtype=dtype)
+            flat = _flatten(grads + [count], dtype)
             self.all_reduce_(flat, what="the gradient all-reduce")
-            # a guard against ranks that ran different paths, kept on the device: check_paths reads it per epoch
             mismatch = (flat[-1] - len(grads) * self.world).abs()
             self.path_mismatch = mismatch if self.path_mismatch is None else self.path_mismatch + mismatch
             flat.div_(self.world)
-            for t, new in zip(tensors, _unflatten_dense_tensors(flat[:-1], tensors)):
-                t.copy_(new)
-        if ext:
-            sign = [(-1.0 if n.endswith("running_min") else 1.0) for n, _ in ext]
-            flat = _flatten_dense_tensors([b * s for (_, b), s in zip(ext, sign)])
-            self.all_reduce_(flat, op=td.ReduceOp.MAX, what="the activation-range all-reduce")
-            for (_, b), s, new in zip(ext, sign, _unflatten_dense_tensors(flat, [b for _, b in ext])):
-                b.copy_(new * s)
+            _unflatten_into(flat[:-1], grads)
+        if module is None:
+            return
+        buffers = self._flat_buffers.get(id(module))
+        if buffers is None or not buffers.in_place():
+            buffers = self._flat_buffers[id(module)] = FlatBuffers(module)
+        for flat in buffers.averaged:
+            self.all_reduce_(flat, what="the buffer all-reduce").div_(self.world)
+        for flat, sign in buffers.extremes:  # max of running_max, min of running_min (the max of its negation)
+            flat.mul_(sign)
+            self.all_reduce_(flat, op=td.ReduceOp.MAX, what="the activation-range all-reduce").mul_(sign)
 
     # ------------------------------------------------------------------ devices and batches
     def device(self, device: torch.device) -> torch.device:
@@ -230,6 +232,84 @@ class Dist:
 
 
 _CURRENT = Dist()
+
+
+class FlatBuffers:
+    """A module's float buffers made views of a few flat tensors (one per kind, device and dtype: averaged ones
+    such as BatchNorm statistics, and activation-range ends), so that a sync all-reduces them where they are
+    instead of packing and unpacking thousands of small tensors every step. The module keeps using its buffers
+    as before (in-place updates land in the flat tensors); `in_place` tells whether they are still these views
+    (a `module.to(...)` or a reassignment replaces them, and the caller makes a new FlatBuffers)."""
+
+    def __init__(self, module: nn.Module):
+        groups: dict[tuple, list[tuple[nn.Module, str, torch.Tensor]]] = {}
+        for m in module.modules():
+            for name, b in m._buffers.items():
+                if b is not None and b.is_floating_point():
+                    extreme = name in ("running_max", "running_min")
+                    groups.setdefault((extreme, b.device, b.dtype), []).append((m, name, b))
+        slots: list[tuple[dict, str, torch.Tensor]] = []  # (the owner's buffer dict, name, view)
+        self.averaged: list[torch.Tensor] = []
+        self.extremes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for (extreme, device, dtype), members in groups.items():
+            unique = {id(b): (name, b) for _, name, b in members}  # a buffer registered twice is one value
+            flat, offsets = _aligned_flat([b for _, b in unique.values()])
+            views = {key: flat[o:o + b.numel()].view_as(b) for (key, (_, b)), o in zip(unique.items(), offsets)}
+            for m, name, b in members:
+                m._buffers[name] = views[id(b)]
+                slots.append((m._buffers, name, views[id(b)]))
+            if extreme:
+                sign = torch.ones_like(flat)
+                for (name, b), o in zip(unique.values(), offsets):
+                    if name == "running_min":
+                        sign[o:o + b.numel()] = -1.0
+                self.extremes.append((flat, sign))
+            else:
+                self.averaged.append(flat)
+        self._owners, self._names, self._views = (list(t) for t in zip(*slots)) if slots else ([], [], [])
+
+    def in_place(self) -> bool:
+        """Whether the module still holds these views as its buffers (checked at C speed: thousands of them)."""
+        return all(map(operator.is_, map(dict.get, self._owners, self._names), self._views))
+
+
+_ALIGN = 64  # elements: each buffer's view starts 256-byte aligned, as cuDNN's BatchNorm kernels expect
+
+
+def _aligned_flat(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """One flat tensor holding `tensors`' values, each at an offset that is a multiple of _ALIGN elements (zeros
+    between), and the offsets."""
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() // _ALIGN) * _ALIGN
+    flat = torch.zeros(total, device=tensors[0].device, dtype=tensors[0].dtype)
+    for t, o in zip(tensors, offsets):
+        flat[o:o + t.numel()] = t.detach().reshape(-1)
+    return flat, offsets
+
+
+def _unflatten_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    from torch._utils import _unflatten_dense_tensors
+
+    return list(_unflatten_dense_tensors(flat, like))
+
+
+def _flatten(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """One flat `dtype` tensor of `tensors`' values."""
+    from torch._utils import _flatten_dense_tensors
+
+    if any(t.dtype != dtype for t in tensors):
+        tensors = [t.to(dtype) for t in tensors]
+    return _flatten_dense_tensors(tensors)
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy `flat` back into `tensors`, in multi-tensor kernels."""
+    parts = _unflatten_views(flat, tensors)
+    if any(p.dtype != t.dtype for p, t in zip(parts, tensors)):
+        parts = [p.to(t.dtype) for p, t in zip(parts, tensors)]
+    torch._foreach_copy_(tensors, parts)
 
 
 def current() -> Dist:

@@ -184,3 +184,43 @@ def test_hydra_multirun_through_submitit_local(tmp_path):
     assert r.returncode == 0, r.stderr
     archs = [json.loads((tmp_path / "sweep" / str(i) / "arch.json").read_text()) for i in (0, 1)]
     assert [a["provenance"]["seed"] for a in archs] == [0, 1]
+
+
+def test_sync_reduces_buffers_where_they_are(monkeypatch):
+    """Dist.sync makes a module's float buffers views of flat tensors, all-reduced in place: the module still
+    updates them as before, a one-rank sync changes no value, running_min is reduced as a min, and buffers
+    replaced by `.to(...)` are picked up again."""
+    import torch.distributed as td
+    import torch.nn as nn
+
+    from fbnas import distributed
+    from fbnas.quant.act import ActQuantizer
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    td.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = nn.ModuleDict({"body": nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "act": ActQuantizer()})
+        net.act.observe(-torch.rand(8))  # signed: running_min = -running_max
+        net.body(torch.randn(2, 3, 8, 8)).sum().backward()
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        grads = [p.grad.clone() for p in net.parameters()]
+        d = distributed.Dist(rank=0, world=1, active=True)
+        d.sync(list(net.parameters()), net)
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))
+        flat = d._flat_buffers[id(net)]
+        bn = net.body[1]
+        assert float(net.act.running_min) < 0 and bn.running_mean.data_ptr() in {
+            f.data_ptr() + 4 * i for f in flat.averaged for i in range(f.numel())}
+        net.body(torch.randn(2, 3, 8, 8))  # BatchNorm's in-place update lands in the flat tensor
+        assert torch.equal(flat.averaged[0][:4], bn.running_mean) and not torch.equal(bn.running_mean,
+                                                                                       before["body.1.running_mean"])
+        net.double()
+        assert not flat.in_place()
+        d.sync(list(net.parameters()), net)
+        assert d._flat_buffers[id(net)].in_place() and bn.running_var.dtype == torch.float64
+    finally:
+        td.destroy_process_group()
