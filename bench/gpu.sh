@@ -11,6 +11,8 @@
 #   sweep       the latency-weight sweep as a Hydra multirun ($BETAS, comma-separated)
 #   platform    default searches for sd835 and bitfusion side by side
 #   train       QAT W8A8 and FP32 training of arch.json files ($ARCHS), side by side
+#   modes       one search per mode ($MODES, default soft,two_path,hard), each alone on the GPU, at the Pareto
+#               study's sd835 0.6x budget and settings: wall time per mode (the single-path time claim)
 #   pareto      the Pareto study (bench/pareto_study.py --searches-first) of $DEVICES with seeds $SEEDS
 #   ddp         distributed overhead at world size 1 (target < 3%), then the search step on $GPUS GPUs (default: 1
 #               and every GPU of the machine) at 256 images per GPU: img/s, scaling efficiency, memory, host syncs
@@ -32,7 +34,7 @@ prelude() {
 
 part_step() {
   timeout 400 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
-    --configs "${CONFIGS:-reference_fp32_all_paths,fbnas_default,fbnas_soft_bits,fbnas_hard_bits}" --out "$OUT/supernet_step.json" 2>&1 \
+    --configs "${CONFIGS:-reference_fp32_all_paths,fbnas_default,fbnas_soft_bits,fbnas_hard_bits,fbnas_two_path}" --out "$OUT/supernet_step.json" 2>&1 \
     | grep -v Warn | tee "$OUT/supernet_step.txt"
   timeout 100 python3 bench/supernet_step.py --device cuda --batch 256 --steps 10 --warmup 5 --profile \
     --configs fbnas_hard_bits 2>&1 | grep -v Warn > "$OUT/supernet_step_profile.txt"
@@ -63,6 +65,21 @@ part_pareto() {
   (cd /tmp && find ps \( -path '*/search/*' \( -name arch.json -o -name metrics.jsonl \) -o -name '*.log' \
     -o -path '*/pareto/results/*.json' -o -path '*/pareto/archs/*' \) -print0 | tar czf "$OUT/ps_resume.tgz" --null -T -)
   grep -v Warn "$OUT/pareto_study.log" | tail -n 40
+}
+
+part_modes() {
+  # the study's search settings (bench/pareto_study.py): 16,000 training images, 6 epochs (hard: 8)
+  local limit=${LIMIT:-0.685188261936183} m epochs t0
+  for m in $(echo "${MODES:-soft,two_path,hard}" | tr , ' '); do
+    epochs=6; [ "$m" = hard ] && epochs=8
+    t0=$(date +%s.%N)
+    timeout 400 python3 -m fbnas.cli search device=sd835 objective.kind=target objective.limit_ms=$limit mode=$m \
+      accelerator=cuda threads=1 progress=false epochs=$epochs data.train_subset=16000 hydra.run.dir=/tmp/modes/$m \
+      > "$OUT/modes_$m.log" 2>&1
+    echo "$m rc=$? epochs=$epochs wall_s=$(python3 -c "import time; print(round(time.time() - $t0, 1))")" \
+      | tee -a "$OUT/modes.txt"
+    mkdir -p "$OUT/modes/$m" && cp /tmp/modes/$m/arch.json /tmp/modes/$m/metrics.jsonl "$OUT/modes/$m/" 2>/dev/null
+  done
 }
 
 part_additivity() {
@@ -149,7 +166,7 @@ part_train() {
   done | tee "$OUT/train_summary.txt"
 }
 
-parts="step ddp pareto additivity hessian deploy ilp heff sweep platform train"
+parts="step ddp modes pareto additivity hessian deploy ilp heff sweep platform train"
 part=${1:-}
 if [ -z "$part" ] || ! [[ " $parts " == *" $part "* ]]; then
   echo "usage: bash bench/gpu.sh <part>; parts: $parts" >&2

@@ -48,8 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--random", type=int, default=12, help="random nets per budget")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--search-epochs", type=int, default=6)
-    p.add_argument("--modes", default="soft,hard",
-                   help="search modes at every budget: soft (all paths, the default) and hard (single path)")
+    p.add_argument("--modes", default="soft,hard,two_path",
+                   help="search modes at every budget: soft (all paths, the default), hard (single path), two_path")
     p.add_argument("--hard-epochs", type=int, default=8,
                    help="epochs of a single-path search (its steps are ~5x cheaper than an all-paths step)")
     p.add_argument("--search-steps", type=int, default=0, help="max weight steps per search epoch (0: all)")

@@ -24,6 +24,7 @@ CONFIGS = {
     "fbnas_default_channels_last": ("soft", True, True, True, "hard"),
     "fbnas_soft_bits": ("soft", True, True, False, "soft"),     # soft ops, soft (EdMIPS-mixed) bits
     "fbnas_hard_bits": ("hard", True, True, False, "hard"),     # one path per step (mode=hard)
+    "fbnas_two_path": ("two_path", True, True, False, "hard"),  # two mixed paths per step (mode=two_path)
     "fbnas_hard_bits_channels_last": ("hard", True, True, True, "hard"),
     "fbnas_hard_bits_fp32": ("hard", True, False, False, "hard"),
 }

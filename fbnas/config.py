@@ -199,7 +199,7 @@ class SearchConfig:
     device: Any = "sd835"  # the target device: a name in conf/device/, or its mapping (the Hydra group)
     device_file: Optional[str] = None  # a device YAML elsewhere (device=path.yaml sets this)
     lut: Optional[str] = None  # a latency-table path; default latency_tables/<space>__<device>.json
-    mode: str = "soft"  # soft (FBNet, all paths) | hard (straight-through, one path)
+    mode: str = "soft"  # soft (FBNet, all paths) | hard (straight-through, one path) | two_path (two mixed)
     bit_sampling: str = "hard"  # soft (EdMIPS mixing of every bit option) | hard (one option, straight-through)
     quantized: bool = True  # search bit-widths with fake-quantized ops; false: float ops only
     epochs: int = 6  # epochs of the search, warm-up included

@@ -8,6 +8,9 @@ Modes:
   op logit. Bits are sampled the same way inside the chosen op, and their straight-through factors scale the
   op's output too (not its weights: BatchNorm in training mode is invariant to a weight scale, so a factor
   there would pass no gradient).
+- two_path (ProxylessNAS-style): the two ops of the largest noisy logits are computed and mixed with the
+  Gumbel-softmax restricted to them, so each step compares two ops (one op's straight-through factor mostly
+  scales what the next layer's BatchNorm normalises away); bits are sampled as in hard mode.
 - bit_sampling: how the bit options of an op are combined, independently of the op mode: `soft` (EdMIPS: the
   quantized weights and inputs of every option are mixed, one conv) or `hard` (one option sampled,
   straight-through). Hard-mode ops always sample their bits; soft ops with hard bits cost about a float
@@ -37,7 +40,8 @@ from .quant.fake import QConv2d, QLinear, prequantize_weights
 from .space import LayerShape, SearchSpace
 from .step_stats import copy_to_host_async
 
-MODES = ("soft", "hard")
+MODES = ("soft", "hard", "two_path")
+PATHS = {"hard": 1, "two_path": 2}  # ops computed per layer and step (soft: all)
 BIT_MODES = ("soft", "hard")
 _U_EPS = 1e-10
 
@@ -51,11 +55,16 @@ def gumbel_noise(shape: Sequence[int], generator: Optional[torch.Generator], dev
 
 
 def gumbel_softmax_rows(logits: torch.Tensor, noise: torch.Tensor, one_hot: Optional[torch.Tensor], tau: float,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        restrict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Gumbel-softmax over the last dim of [R, n] logits with given noise: (weights used in the forward, soft
     relaxation). With `one_hot` (the sampled choices, [R, n]) the weights are straight-through one-hots: value
-    one_hot, gradient of the soft relaxation."""
-    soft = F.softmax((logits + noise) / tau, dim=-1)
+    one_hot, gradient of the soft relaxation; with `restrict`, `one_hot` marks several choices per row and both
+    are the softmax over those alone (the others exactly 0)."""
+    noisy = (logits + noise) / tau
+    if restrict:
+        soft = F.softmax(noisy.masked_fill(one_hot == 0, float("-inf")), dim=-1)
+        return soft, soft
+    soft = F.softmax(noisy, dim=-1)
     if one_hot is None:
         return soft, soft
     return one_hot - soft.detach() + soft, soft
@@ -91,7 +100,7 @@ class MixedLayer(nn.Module):
         self.last_soft_op: Optional[torch.Tensor] = None
         self.last_soft_w: Optional[torch.Tensor] = None
         self.last_soft_a: Optional[torch.Tensor] = None
-        self.last_index: Optional[int] = None
+        self.last_indices: list[int] = []  # the ops computed in hard, two_path and fixed forwards
         self.last_coef: Optional[torch.Tensor] = None  # [n_ops] output scale of each op: op weight x bit factors
 
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -110,7 +119,7 @@ class MixedLayer(nn.Module):
         dev = self.op_logits.device
         self.last_op_weights = F.one_hot(torch.tensor(op_index, device=dev), n_ops).float()
         self.last_soft_op = self.last_coef = self.last_op_weights
-        self.last_index = op_index
+        self.last_indices = [op_index]
         w1 = F.one_hot(torch.tensor(w_index, device=dev), len(self.w_bits)).float()
         a1 = F.one_hot(torch.tensor(a_index, device=dev), len(self.a_bits)).float()
         self.last_w_weights = self.last_soft_w = w1.expand(n_ops, -1)
@@ -120,13 +129,11 @@ class MixedLayer(nn.Module):
         st.w_probs, st.a_probs, st.w_index, st.a_index = w1, a1, w_index, a_index
 
     def forward(self, x: torch.Tensor, hard: bool) -> torch.Tensor:
+        """The sum of the computed ops' outputs, each times its coefficient (`hard`: last_indices' ops only)."""
         coef = self.last_coef  # a 0-dim float32 factor keeps a bfloat16 output bfloat16
-        if hard:
-            i = self.last_index
-            return self.ops[i](x) * coef[i]
         out = None
-        for i, op in enumerate(self.ops):
-            y = op(x) * coef[i]
+        for i in self.last_indices if hard else range(len(self.ops)):
+            y = self.ops[i](x) * coef[i]
             out = y if out is None else out + y
         return out
 
@@ -143,7 +150,7 @@ class Supernet(nn.Module):
             raise ValueError(f"bit_sampling must be one of {BIT_MODES}, got {bit_sampling!r}")
         self.space = space
         self.mode = mode
-        self.hard_bits = mode == "hard" or bit_sampling == "hard"
+        self.hard_bits = mode in PATHS or bit_sampling == "hard"
         self.quantized = quantized
         self.tau = tau
         fixed = BitState.fixed(space.fixed_w_bits, space.fixed_a_bits) if quantized else BitState.float()
@@ -185,7 +192,7 @@ class Supernet(nn.Module):
     # ------------------------------------------------------------------ sampling and forward
     def sample(self) -> None:
         """Draw one Gumbel sample for every layer's op and bit choices (batched across layers)."""
-        hard = self.mode == "hard"
+        paths = PATHS.get(self.mode)  # None: every op runs
         layers = list(self.mixed_layers)
         logits = [torch.stack([l.op_logits for l in layers]), torch.cat([l.w_bit_logits for l in layers]),
                   torch.cat([l.a_bit_logits for l in layers])]
@@ -194,19 +201,22 @@ class Supernet(nn.Module):
         sizes = [t.numel() for t in logits]
         noise_cpu = gumbel_noise((sum(sizes),), self.generator, "cpu")
         flat_cpu = self._lagged_logits(torch.cat([t.detach().reshape(-1) for t in logits]).float())
-        op_idx, w_idx, a_idx = (p.view_as(t).argmax(-1)
-                                for t, p in zip(logits, (flat_cpu + noise_cpu).split(sizes)))
-        hards = (hard, self.hard_bits, self.hard_bits)
+        noisy = [p.view_as(t) for t, p in zip(logits, (flat_cpu + noise_cpu).split(sizes))]
+        op_idx = noisy[0].topk(paths or 1, dim=-1).indices  # [L, paths]: the largest first
+        w_idx, a_idx = noisy[1].argmax(-1), noisy[2].argmax(-1)
+        hards = (paths is not None, self.hard_bits, self.hard_bits)
         # the noise and the sampled one-hots go to the device in one asynchronous copy (no host wait)
-        host = [noise_cpu] + [F.one_hot(idx, t.shape[-1]).float().reshape(-1)
-                              for idx, t, h in zip((op_idx, w_idx, a_idx), logits, hards) if h]
+        op_hot = torch.zeros_like(noisy[0]).scatter_(-1, op_idx, 1.0)
+        host = [noise_cpu] + [hot.reshape(-1) for hot, h in zip(
+            (op_hot, F.one_hot(w_idx, noisy[1].shape[-1]).float(), F.one_hot(a_idx, noisy[2].shape[-1]).float()),
+            hards) if h]
         moved = to_device_async(torch.cat(host), logits[0].device)
         parts = moved.split([sum(sizes)] + [n for n, h in zip(sizes, hards) if h])
         noise, one_hots = parts[0].split(sizes), iter(parts[1:])
         (op_w, op_soft), (w_w, w_soft), (a_w, a_soft) = (
             gumbel_softmax_rows(t, n.view_as(t).to(t.dtype), next(one_hots).view_as(t).to(t.dtype) if h else None,
-                                self.tau)
-            for t, n, h in zip(logits, noise, hards))
+                                self.tau, restrict=k == 0 and self.mode == "two_path")
+            for k, (t, n, h) in enumerate(zip(logits, noise, hards)))
         op_idx, w_idx, a_idx = op_idx.tolist(), w_idx.tolist(), a_idx.tolist()
         full = [self._full_bit_matrix(rows, n) for rows, n in
                 ((w_w, len(self.space.w_bits)), (a_w, len(self.space.a_bits)),
@@ -220,15 +230,16 @@ class Supernet(nn.Module):
         for li, layer in enumerate(layers):
             layer.last_op_weights, layer.last_w_weights, layer.last_a_weights = op_w[li], full[0][li], full[1][li]
             layer.last_coef = coef[li]
-            for i in [op_idx[li]] if hard else range(len(layer.ops)):
+            running = op_idx[li] if paths else range(len(layer.ops))
+            for i in running:
                 running_convs += self._op_convs[li][i]
             layer.last_soft_op, layer.last_soft_w, layer.last_soft_a = op_soft[li], full[2][li], full[3][li]
-            layer.last_index = op_idx[li]
+            layer.last_indices = op_idx[li]
             for r_op, i in enumerate(layer.bit_ops, start=r):
                 st = layer.bit_states[i]
                 st.clear()
-                if hard and i != op_idx[li]:
-                    continue  # only the sampled op runs
+                if paths and i not in running:
+                    continue  # only the sampled ops run
                 st.w_probs, st.a_probs = w_w[r_op], a_w[r_op]
                 if self.hard_bits:
                     st.w_index, st.a_index = w_idx[r_op], a_idx[r_op]
@@ -293,7 +304,7 @@ class Supernet(nn.Module):
             hard = True
         else:
             self.sample()
-            hard = self.mode == "hard"
+            hard = self.mode in PATHS
         try:
             with deferred_range_updates(self.training):  # activation ranges move together, after the forward
                 x = self.stem(x)
@@ -371,10 +382,11 @@ def expected_cost(table: torch.Tensor, ops: torch.Tensor, ws: torch.Tensor, as_:
 def sample_cost(supernet: Supernet, table: torch.Tensor) -> torch.Tensor:
     """The cost (e.g. latency) of the current sample, computed from the same Gumbel weights as the forward.
 
-    Soft mode: the expectation under the soft weights. Hard mode: the value is the sampled architecture's cost
-    and the gradient is that of the soft relaxation (straight-through), so every op and bit logit gets one."""
+    Soft and two_path modes: the expectation under the weights of the forward. Hard mode: the value is the
+    sampled architecture's cost and the gradient is that of the soft relaxation (straight-through), so every op
+    and bit logit gets one."""
     hard_val = expected_cost(table, *supernet.sample_weights(soft=False))
-    if supernet.mode == "soft" or supernet._fixed is not None:
+    if supernet.mode != "hard" or supernet._fixed is not None:
         return hard_val
     soft_val = expected_cost(table, *supernet.sample_weights(soft=True))
     return hard_val.detach() + soft_val - soft_val.detach()

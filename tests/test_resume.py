@@ -8,6 +8,7 @@ import pytest
 from fbnas.config import DataConfig, DeriveConfig, SearchConfig
 from fbnas.errors import CheckpointError, NonFiniteLossError
 from fbnas.search import Searcher, run_search
+from fbnas.supernet import MODES
 
 
 def tiny(**kw) -> SearchConfig:
@@ -194,3 +195,17 @@ def test_the_hessian_term_runs_in_a_search_and_its_state_resumes(tmp_path):
     searcher = Searcher(tiny(epochs=2, objective=objective, resume=True), tmp_path)
     searcher.load_checkpoint()
     assert searcher.terms[0].penalty.n_refreshes == state["n_refreshes"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_is_deterministic_and_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, mode):
+    cfg = tiny(mode=mode, epochs=3, warmup_epochs=1)
+    whole, again, cut = tmp_path / "whole", tmp_path / "again", tmp_path / "cut"
+    run_search(cfg, whole)
+    run_search(cfg, again)
+    interrupted(cut, cfg, 2, monkeypatch)
+    run_search(dataclasses.replace(cfg, resume=True), cut)
+    layers = [json.loads((d / "arch.json").read_text())["layers"] for d in (whole, again, cut)]
+    assert layers[0] == layers[1] == layers[2]
+    logs = [[json.loads(l)["op_probs"] for l in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, cut)]
+    assert logs[0] == logs[1]

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from fbnas import load_space
 from fbnas.latency import arch_latency, fixed_latency, get_table, latency_matrix
 from fbnas.step_stats import StepStats
-from fbnas.supernet import Supernet, argmax_cost, gumbel_noise, sample_cost
+from fbnas.supernet import MODES, PATHS, Supernet, argmax_cost, gumbel_noise, sample_cost
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_hard_mode_runs_one_candidate_per_layer_and_grads_reach_every_logit(spac
     loss.backward()
     for l, layer in enumerate(net.mixed_layers):
         ran = [i for i in range(len(layer.ops)) if calls.get((l, i))]
-        assert ran == [layer.last_index]
+        assert ran == layer.last_indices
     for p in net.arch_parameters():
         assert p.grad is not None and torch.all(p.grad != 0), p.shape
 
@@ -45,6 +45,29 @@ def test_soft_mode_runs_every_candidate(space):
     calls, _ = _count_calls(net)
     net(torch.randn(2, 1, 28, 28))
     assert len(calls) == len(net.mixed_layers) * len(space.candidates)
+
+
+def test_two_path_mode_mixes_the_two_largest_noisy_ops_and_compares_them(space):
+    """two_path: per layer the ops of the two largest noisy logits run, mixed by the softmax over those two (the
+    other ops' weights are exactly 0); the cost is the expectation under those weights; only the two ops' logits
+    get a gradient, equal and opposite (the softmax over two)."""
+    net = Supernet(space, mode="two_path")
+    calls, _ = _count_calls(net)
+    table = latency_matrix(get_table(space, "bitfusion"), space)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    with torch.no_grad():
+        for layer in net.mixed_layers:
+            layer.op_logits.copy_(torch.randn(len(space.candidates)))
+    loss = F.cross_entropy(net(x), y) + sample_cost(net, table)
+    loss.backward()
+    ops, ws, as_ = net.sample_weights()
+    for l, layer in enumerate(net.mixed_layers):
+        ran = sorted(i for i in range(len(layer.ops)) if calls.get((l, i)))
+        assert ran == sorted(layer.last_indices) and len(ran) == 2
+        assert torch.isclose(ops[l, ran].sum(), torch.tensor(1.0)) and ops[l].count_nonzero() == 2
+        g = layer.op_logits.grad
+        assert g.count_nonzero() == 2 and torch.isclose(g[ran[0]], -g[ran[1]], atol=1e-7)
+    assert torch.isclose(sample_cost(net, table), torch.einsum("li,lib,lic,libc->", ops, ws, as_, table))
 
 
 def test_identity_skip_has_no_bit_logits(space):
@@ -62,7 +85,7 @@ def test_sample_cost_equals_lut_latency_of_the_sampled_architecture(space):
     net = Supernet(space, mode="hard")
     net.seed(3)
     net(torch.randn(2, 1, 28, 28))
-    choice = [(l.last_index, int(l.last_w_weights[l.last_index].argmax()), int(l.last_a_weights[l.last_index].argmax()))
+    choice = [(l.last_indices[0], int(l.last_w_weights[l.last_indices[0]].argmax()), int(l.last_a_weights[l.last_indices[0]].argmax()))
               for l in net.mixed_layers]
     lat = sample_cost(net, matrix).item() + fixed
     assert lat == pytest.approx(arch_latency(table, net.choice_to_arch(choice)), rel=1e-5)
@@ -127,16 +150,16 @@ def test_discrete_choices_use_the_logits_of_the_previous_forward(space):
     with torch.no_grad():
         net.mixed_layers[0].op_logits.fill_(0).data[2] = 100.0
         net(x)
-        assert net.mixed_layers[0].last_index == 2  # first forward: the current logits
+        assert net.mixed_layers[0].last_indices[0] == 2  # first forward: the current logits
         net.mixed_layers[0].op_logits.fill_(0).data[3] = 100.0
         net(x)
-        assert net.mixed_layers[0].last_index == 2  # one update behind: the host never waits for the device
+        assert net.mixed_layers[0].last_indices[0] == 2  # one update behind: the host never waits for the device
         snapshot = net.sampler_state()
         net(x)
-        assert net.mixed_layers[0].last_index == 3
+        assert net.mixed_layers[0].last_indices[0] == 3
         net.load_sampler_state(snapshot)  # resume restores the lag exactly
         net(x)
-        assert net.mixed_layers[0].last_index == 3
+        assert net.mixed_layers[0].last_indices[0] == 3
 
 
 def test_soft_ops_with_hard_bits_compute_every_op_with_one_bit_option_each(space):
@@ -156,7 +179,7 @@ def test_soft_ops_with_hard_bits_compute_every_op_with_one_bit_option_each(space
         assert p.grad is not None and torch.all(p.grad != 0), p.shape
 
 
-@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("mode", MODES)
 def test_cross_entropy_alone_reaches_the_sampled_bit_logits(space, mode):
     """Sampled bits are straight-through factors on op outputs: a BatchNorm after each conv must not cancel
     their gradient (as it would a factor on the weights)."""
@@ -166,7 +189,7 @@ def test_cross_entropy_alone_reaches_the_sampled_bit_logits(space, mode):
     F.cross_entropy(net(x), y).backward()
     op_grad = torch.stack([layer.op_logits.grad.abs().mean() for layer in net.mixed_layers]).mean()
     for layer in net.mixed_layers:
-        ops = [layer.last_index] if mode == "hard" else range(len(layer.ops))
+        ops = layer.last_indices if mode in PATHS else range(len(layer.ops))
         rows = [layer.bit_ops.index(i) for i in ops if i in layer.bit_ops]
         if rows:
             # comparable to the op logits' gradients (a factor on the weights gives ~1e-5 of them)
@@ -174,7 +197,7 @@ def test_cross_entropy_alone_reaches_the_sampled_bit_logits(space, mode):
             assert layer.a_bit_logits.grad[rows].abs().mean() > 1e-3 * op_grad, mode
 
 
-@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("mode", MODES)
 def test_batched_weight_quantization_gives_the_per_conv_forward(space, mode, monkeypatch):
     import fbnas.supernet as supernet_module
 
