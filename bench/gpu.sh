@@ -12,7 +12,8 @@
 #   platform    default searches for sd835 and bitfusion side by side
 #   train       QAT W8A8 and FP32 training of arch.json files ($ARCHS), side by side
 #   modes       one search per mode ($MODES, default soft,two_path,hard), each alone on the GPU, at the Pareto
-#               study's sd835 0.6x budget and settings: wall time per mode (the single-path time claim)
+#               study's sd835 0.6x budget and settings ($LIMIT, $SPACE_ARGS): wall time per mode; with
+#               $TRAIN_SEEDS the found nets trained with the study's recipe
 #   pareto      the Pareto study (bench/pareto_study.py --searches-first) of $DEVICES with seeds $SEEDS
 #   ddp         distributed overhead at world size 1 (target < 3%), then the search step on $GPUS GPUs (default: 1
 #               and every GPU of the machine) at 256 images per GPU: img/s, scaling efficiency, memory, host syncs
@@ -68,18 +69,30 @@ part_pareto() {
 }
 
 part_modes() {
-  # the study's search settings (bench/pareto_study.py): 16,000 training images, 6 epochs (hard: 8)
-  local limit=${LIMIT:-0.685188261936183} m epochs t0
+  # the study's search settings (bench/pareto_study.py): 16,000 training images, 6 epochs (hard: 8); $SPACE_ARGS
+  # picks another space (e.g. "space=fbnet_cifar100 space_override.from_data=true": its layers on Fashion-MNIST);
+  # with $TRAIN_SEEDS the found nets are then trained with the study's recipe (fbnas pareto, those seeds)
+  local limit=${LIMIT:-0.685188261936183} tag=${TAG:-fmnist} m epochs t0 runs=()
   for m in $(echo "${MODES:-soft,two_path,hard}" | tr , ' '); do
     epochs=6; [ "$m" = hard ] && epochs=8
     t0=$(date +%s.%N)
-    timeout 400 python3 -m fbnas.cli search device=sd835 objective.kind=target objective.limit_ms=$limit mode=$m \
-      accelerator=cuda threads=1 progress=false epochs=$epochs data.train_subset=16000 hydra.run.dir=/tmp/modes/$m \
-      > "$OUT/modes_$m.log" 2>&1
-    echo "$m rc=$? epochs=$epochs wall_s=$(python3 -c "import time; print(round(time.time() - $t0, 1))")" \
+    timeout "${SEARCH_TIMEOUT:-400}" python3 -m fbnas.cli search device=sd835 objective.kind=target \
+      objective.limit_ms=$limit mode=$m accelerator=cuda threads=1 progress=false epochs=$epochs \
+      data.train_subset=16000 ${SPACE_ARGS:-} hydra.run.dir=/tmp/modes/$tag/$m > "$OUT/modes_${tag}_$m.log" 2>&1
+    echo "$tag $m rc=$? epochs=$epochs wall_s=$(python3 -c "import time; print(round(time.time() - $t0, 1))")" \
       | tee -a "$OUT/modes.txt"
-    mkdir -p "$OUT/modes/$m" && cp /tmp/modes/$m/arch.json /tmp/modes/$m/metrics.jsonl "$OUT/modes/$m/" 2>/dev/null
+    runs+=("/tmp/modes/$tag/$m")
   done
+  [ -z "${TRAIN_SEEDS:-}" ] && return
+  local space=fmnist; [ -f "${runs[0]}/space.yaml" ] && space=${runs[0]}/space.yaml
+  timeout "${TRAIN_TIMEOUT:-300}" python3 -m fbnas.cli pareto space=$space device=sd835 \
+    "runs=[$(IFS=,; echo "${runs[*]}")]" baselines=[] "seeds=[$TRAIN_SEEDS]" workers=8 train.accelerator=cuda \
+    train.epochs=3 train.fold_epochs=1 train.max_steps_per_epoch=80 train.batch_size=256 train.lr=0.1 \
+    progress=false hydra.run.dir=/tmp/modes/$tag/pareto > "$OUT/modes_${tag}_pareto.log" 2>&1
+  echo "pareto rc=$?"; mkdir -p "$OUT/modes_$tag"
+  cp /tmp/modes/$tag/pareto/pareto.{md,json} "$OUT/modes_$tag/" 2>/dev/null
+  tar czf "$OUT/modes_$tag.tgz" -C /tmp/modes "$tag" --exclude=checkpoints 2>/dev/null
+  grep -E "^\| search" "$OUT/modes_$tag/pareto.md"
 }
 
 part_additivity() {
