@@ -118,7 +118,6 @@ def main() -> int:
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(a.out, text)
     print(text)
     return 0

@@ -150,7 +150,8 @@ class Supernet(nn.Module):
             raise ValueError(f"bit_sampling must be one of {BIT_MODES}, got {bit_sampling!r}")
         self.space = space
         self.mode = mode
-        self.hard_bits = mode in PATHS or bit_sampling == "hard"
+        self.paths = PATHS.get(mode)  # ops computed per layer and step; None: every op
+        self.hard_bits = self.paths is not None or bit_sampling == "hard"
         self.quantized = quantized
         self.tau = tau
         fixed = BitState.fixed(space.fixed_w_bits, space.fixed_a_bits) if quantized else BitState.float()
@@ -192,7 +193,6 @@ class Supernet(nn.Module):
     # ------------------------------------------------------------------ sampling and forward
     def sample(self) -> None:
         """Draw one Gumbel sample for every layer's op and bit choices (batched across layers)."""
-        paths = PATHS.get(self.mode)  # None: every op runs
         layers = list(self.mixed_layers)
         logits = [torch.stack([l.op_logits for l in layers]), torch.cat([l.w_bit_logits for l in layers]),
                   torch.cat([l.a_bit_logits for l in layers])]
@@ -202,9 +202,9 @@ class Supernet(nn.Module):
         noise_cpu = gumbel_noise((sum(sizes),), self.generator, "cpu")
         flat_cpu = self._lagged_logits(torch.cat([t.detach().reshape(-1) for t in logits]).float())
         noisy = [p.view_as(t) for t, p in zip(logits, (flat_cpu + noise_cpu).split(sizes))]
-        op_idx = noisy[0].topk(paths or 1, dim=-1).indices  # [L, paths]: the largest first
+        op_idx = noisy[0].topk(self.paths or 1, dim=-1).indices  # [L, paths]: the largest first
         w_idx, a_idx = noisy[1].argmax(-1), noisy[2].argmax(-1)
-        hards = (paths is not None, self.hard_bits, self.hard_bits)
+        hards = (self.paths is not None, self.hard_bits, self.hard_bits)
         # the noise and the sampled one-hots go to the device in one asynchronous copy (no host wait)
         op_hot = torch.zeros_like(noisy[0]).scatter_(-1, op_idx, 1.0)
         host = [noise_cpu] + [hot.reshape(-1) for hot, h in zip(
@@ -215,7 +215,7 @@ class Supernet(nn.Module):
         noise, one_hots = parts[0].split(sizes), iter(parts[1:])
         (op_w, op_soft), (w_w, w_soft), (a_w, a_soft) = (
             gumbel_softmax_rows(t, n.view_as(t).to(t.dtype), next(one_hots).view_as(t).to(t.dtype) if h else None,
-                                self.tau, restrict=k == 0 and self.mode == "two_path")
+                                self.tau, restrict=k == 0 and (self.paths or 0) > 1)
             for k, (t, n, h) in enumerate(zip(logits, noise, hards)))
         op_idx, w_idx, a_idx = op_idx.tolist(), w_idx.tolist(), a_idx.tolist()
         full = [self._full_bit_matrix(rows, n) for rows, n in
@@ -230,7 +230,7 @@ class Supernet(nn.Module):
         for li, layer in enumerate(layers):
             layer.last_op_weights, layer.last_w_weights, layer.last_a_weights = op_w[li], full[0][li], full[1][li]
             layer.last_coef = coef[li]
-            running = op_idx[li] if paths else range(len(layer.ops))
+            running = op_idx[li] if self.paths else range(len(layer.ops))
             for i in running:
                 running_convs += self._op_convs[li][i]
             layer.last_soft_op, layer.last_soft_w, layer.last_soft_a = op_soft[li], full[2][li], full[3][li]
@@ -238,7 +238,7 @@ class Supernet(nn.Module):
             for r_op, i in enumerate(layer.bit_ops, start=r):
                 st = layer.bit_states[i]
                 st.clear()
-                if paths and i not in running:
+                if self.paths and i not in running:
                     continue  # only the sampled ops run
                 st.w_probs, st.a_probs = w_w[r_op], a_w[r_op]
                 if self.hard_bits:
@@ -304,7 +304,7 @@ class Supernet(nn.Module):
             hard = True
         else:
             self.sample()
-            hard = self.mode in PATHS
+            hard = self.paths is not None
         try:
             with deferred_range_updates(self.training):  # activation ranges move together, after the forward
                 x = self.stem(x)
@@ -386,7 +386,7 @@ def sample_cost(supernet: Supernet, table: torch.Tensor) -> torch.Tensor:
     sampled architecture's cost and the gradient is that of the soft relaxation (straight-through), so every op
     and bit logit gets one."""
     hard_val = expected_cost(table, *supernet.sample_weights(soft=False))
-    if supernet.mode != "hard" or supernet._fixed is not None:
+    if supernet.paths != 1 or supernet._fixed is not None:
         return hard_val
     soft_val = expected_cost(table, *supernet.sample_weights(soft=True))
     return hard_val.detach() + soft_val - soft_val.detach()
