@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmarks, one part per call:  bash bench/gpu.sh <part>   (from the repository root)
+# The GPU benchmarks, one part per call:  bash bench/gpu.sh <part>   (from the repository root); several parts
+# (bash bench/gpu.sh <part> <part>...) run side by side, each part's output in $OUT/part_<part>.txt
 #
 #   step        supernet search step, all-paths fp32 reference vs hard ops + hard bits ($CONFIGS), and a profile
 #   additivity  LUT additivity on CUDA, with CUDA graphs and eagerly
@@ -11,9 +12,10 @@
 #   sweep       the latency-weight sweep as a Hydra multirun ($BETAS, comma-separated)
 #   platform    default searches for sd835 and bitfusion side by side
 #   train       QAT W8A8 and FP32 training of arch.json files ($ARCHS), side by side
-#   modes       one search per mode ($MODES, default soft,two_path,hard), each alone on the GPU, at the Pareto
-#               study's sd835 0.6x budget and settings ($LIMIT, $SPACE_ARGS): wall time per mode; with
-#               $TRAIN_SEEDS the found nets trained with the study's recipe
+#   modes       one search per mode ($MODES, default soft,two_path,hard; two_path_a<K>: anchor_steps=K), each
+#               alone on the GPU (SIDE_BY_SIDE=1: at once), at the Pareto study's sd835 0.6x budget and settings
+#               ($LIMIT, $SPACE_ARGS): wall time per mode; with $TRAIN_SEEDS the found nets trained with the
+#               study's recipe
 #   pareto      the Pareto study (bench/pareto_study.py --searches-first) of $DEVICES with seeds $SEEDS
 #   ddp         distributed overhead at world size 1 (target < 3%), then the search step on $GPUS GPUs (default: 1
 #               and every GPU of the machine) at 256 images per GPU: img/s, scaling efficiency, memory, host syncs
@@ -72,17 +74,14 @@ part_modes() {
   # the study's search settings (bench/pareto_study.py): 16,000 training images, 6 epochs (hard: 8); $SPACE_ARGS
   # picks another space (e.g. "space=fbnet_cifar100 space_override.from_data=true": its layers on Fashion-MNIST);
   # with $TRAIN_SEEDS the found nets are then trained with the study's recipe (fbnas pareto, those seeds)
-  local limit=${LIMIT:-0.685188261936183} tag=${TAG:-fmnist} m epochs t0 runs=()
+  # A $MODES entry two_path_a<K> is mode=two_path anchor_steps=K; SIDE_BY_SIDE=1 runs the searches at once
+  # (their wall times then share the GPU and the host)
+  local limit=${LIMIT:-0.685188261936183} tag=${TAG:-fmnist} m runs=()
   for m in $(echo "${MODES:-soft,two_path,hard}" | tr , ' '); do
-    epochs=6; [ "$m" = hard ] && epochs=8
-    t0=$(date +%s.%N)
-    timeout "${SEARCH_TIMEOUT:-400}" python3 -m fbnas.cli search device=sd835 objective.kind=target \
-      objective.limit_ms=$limit mode=$m accelerator=cuda threads=1 progress=false epochs=$epochs \
-      data.train_subset=16000 ${SPACE_ARGS:-} hydra.run.dir=/tmp/modes/$tag/$m > "$OUT/modes_${tag}_$m.log" 2>&1
-    echo "$tag $m rc=$? epochs=$epochs wall_s=$(python3 -c "import time; print(round(time.time() - $t0, 1))")" \
-      | tee -a "$OUT/modes.txt"
+    if [ "${SIDE_BY_SIDE:-0}" = 1 ]; then modes_search "$limit" "$tag" "$m" & else modes_search "$limit" "$tag" "$m"; fi
     runs+=("/tmp/modes/$tag/$m")
   done
+  wait
   [ -z "${TRAIN_SEEDS:-}" ] && return
   local space=fmnist; [ -f "${runs[0]}/space.yaml" ] && space=${runs[0]}/space.yaml
   timeout "${TRAIN_TIMEOUT:-300}" python3 -m fbnas.cli pareto space=$space device=sd835 \
@@ -93,6 +92,18 @@ part_modes() {
   cp /tmp/modes/$tag/pareto/pareto.{md,json} "$OUT/modes_$tag/" 2>/dev/null
   tar czf "$OUT/modes_$tag.tgz" -C /tmp/modes "$tag" --exclude=checkpoints 2>/dev/null
   grep -E "^\| search" "$OUT/modes_$tag/pareto.md"
+}
+
+modes_search() {  # <limit ms> <tag> <mode[_a<anchor steps>]>
+  local limit=$1 tag=$2 m=$3 epochs=6 t0 anchor=""
+  [ "$m" = hard ] && epochs=8
+  [[ "$m" == *_a* ]] && anchor="anchor_steps=${m##*_a}"
+  t0=$(date +%s.%N)
+  timeout "${SEARCH_TIMEOUT:-400}" python3 -m fbnas.cli search device=sd835 objective.kind=target \
+    objective.limit_ms=$limit mode=${m%_a*} $anchor accelerator=cuda threads=1 progress=false epochs=$epochs \
+    data.train_subset=16000 ${SPACE_ARGS:-} hydra.run.dir=/tmp/modes/$tag/$m > "$OUT/modes_${tag}_$m.log" 2>&1
+  echo "$tag $m rc=$? epochs=$epochs wall_s=$(python3 -c "import time; print(round(time.time() - $t0, 1))")" \
+    | tee -a "$OUT/modes.txt"
 }
 
 part_additivity() {
@@ -180,10 +191,12 @@ part_train() {
 }
 
 parts="step ddp modes pareto additivity hessian deploy ilp heff sweep platform train"
-part=${1:-}
-if [ -z "$part" ] || ! [[ " $parts " == *" $part "* ]]; then
-  echo "usage: bash bench/gpu.sh <part>; parts: $parts" >&2
-  exit 2
-fi
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu.sh <part>...; parts: $parts" >&2; exit 2; }
+for part in "$@"; do
+  [[ " $parts " == *" $part "* ]] || { echo "unknown part $part; parts: $parts" >&2; exit 2; }
+done
 prelude
-"part_$part"
+if [ $# -eq 1 ]; then "part_$1"; exit; fi
+for part in "$@"; do "part_$part" > "$OUT/part_$part.txt" 2>&1 & done  # several parts: side by side
+wait
+for part in "$@"; do echo "== $part"; tail -n 40 "$OUT/part_$part.txt"; done

@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--search-epochs", type=int, default=6)
     p.add_argument("--modes", default="soft,hard,two_path",
-                   help="search modes at every budget: soft (all paths, the default), hard (single path), two_path")
+                   help="search modes at every budget: soft (all paths, the default), hard (single path), two_path; "
+                        "a suffix _a<K> sets anchor_steps=K (two_path), _s<N> the search seed N (default 0)")
     p.add_argument("--hard-epochs", type=int, default=8,
                    help="epochs of a single-path search (its steps are ~5x cheaper than an all-paths step)")
     p.add_argument("--search-steps", type=int, default=0, help="max weight steps per search epoch (0: all)")
@@ -105,10 +107,18 @@ def mbv2_ms(device: str) -> float:
 
 
 def search_args(a, device: str, limit_ms: float, mode: str, run_dir: Path) -> list[str]:
+    spec = re.fullmatch(r"(soft|hard|two_path)(?:_a(\d+))?(?:_s(\d+))?", mode)
+    if spec is None:
+        raise SystemExit(f"--modes: {mode!r} is not <soft|hard|two_path>[_a<anchor steps>][_s<search seed>]")
+    mode, anchor_steps, seed = spec.groups()
     epochs = a.hard_epochs if mode == "hard" else a.search_epochs
     args = ["search", f"device={device}", "objective.kind=target", f"objective.limit_ms={limit_ms!r}",
             f"mode={mode}", f"accelerator={a.accelerator}", "threads=1", "progress=false", f"epochs={epochs}",
             f"data.train_subset={a.search_subset}", f"hydra.run.dir={run_dir}"]
+    if anchor_steps:
+        args.append(f"anchor_steps={int(anchor_steps)}")
+    if seed:
+        args.append(f"seed={int(seed)}")
     if a.search_steps:
         args.append(f"max_steps_per_epoch={a.search_steps}")
     if a.data_root:

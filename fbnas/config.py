@@ -200,6 +200,8 @@ class SearchConfig:
     device_file: Optional[str] = None  # a device YAML elsewhere (device=path.yaml sets this)
     lut: Optional[str] = None  # a latency-table path; default latency_tables/<space>__<device>.json
     mode: str = "soft"  # soft (FBNet, all paths) | hard (straight-through, one path) | two_path (two mixed)
+    anchor_steps: Optional[int] = None  # two_path: forwards each layer's first op (the anchor) is held while the
+    # second is drawn every forward; 1: both drawn every forward; null: the mode's default (fbnas.supernet.ANCHOR_STEPS)
     bit_sampling: str = "hard"  # soft (EdMIPS mixing of every bit option) | hard (one option, straight-through)
     quantized: bool = True  # search bit-widths with fake-quantized ops; false: float ops only
     epochs: int = 6  # epochs of the search, warm-up included

@@ -34,7 +34,7 @@ from .schedules import temperature
 from .search_resume import CHECKPOINT_FORMAT
 from .space import load_space, override_io, save_space
 from .step_stats import StepStats
-from .supernet import BIT_MODES, MODES, Supernet, argmax_cost, sample_cost
+from .supernet import BIT_MODES, MODES, Supernet, argmax_cost, resolved_anchor_steps, sample_cost
 
 log = logging.getLogger("fbnas")
 SPACE_FIX = ("adapt the space to the data with space_override.from_data=true (or set space_override.num_classes, "
@@ -81,7 +81,8 @@ class Searcher:
         self.space = device.search_space(self.space)  # the bit pairs the device's runtime runs
         self.latency = LatencyModel(self.space, device, cfg.lut)
         self.supernet = Supernet(self.space, mode=cfg.mode, quantized=cfg.quantized, tau=cfg.tau,
-                                 bit_sampling=cfg.bit_sampling).to(self.device)
+                                 bit_sampling=cfg.bit_sampling,
+                                 anchor_steps=resolved_anchor_steps(cfg.mode, cfg.anchor_steps)).to(self.device)
         self.supernet.seed(cfg.seed)
         self.dist.broadcast_module(self.supernet)
         self.channels_last = cfg.channels_last
@@ -136,6 +137,9 @@ class Searcher:
         c = self.cfg
         if c.mode not in MODES:
             raise ConfigError(f"field 'mode' is {c.mode!r}; use one of {', '.join(MODES)}")
+        if c.anchor_steps is not None and (c.anchor_steps < 1 or (c.anchor_steps > 1 and c.mode != "two_path")):
+            raise ConfigError(f"field 'anchor_steps' is {c.anchor_steps}; use an integer >= 1 with mode=two_path, "
+                              "1 or null with the other modes")
         if c.bit_sampling not in BIT_MODES:
             raise ConfigError(f"field 'bit_sampling' is {c.bit_sampling!r}; use one of {', '.join(BIT_MODES)}")
         if c.epochs < 1 or c.warmup_epochs < 0:

@@ -14,6 +14,7 @@ from .errors import CheckpointError
 from .io import truncate_jsonl
 from .resume import mismatched_fields, refuse_mismatch
 from .schedules import temperature
+from .supernet import resolved_anchor_steps
 
 if TYPE_CHECKING:
     from .search import Searcher
@@ -89,6 +90,13 @@ def restore(s: "Searcher", state: Optional[dict] = None) -> None:
     log.info("resumed %s at epoch %d (step %d)", path, s.epoch, s.step)
 
 
+def effective_anchor_steps(config: dict, saved: bool = False) -> dict:
+    """`config` with anchor_steps as the search runs it (a checkpoint without the field was made before
+    anchors, i.e. with 1)."""
+    steps = config.get("anchor_steps", 1 if saved else None)
+    return {**config, "anchor_steps": resolved_anchor_steps(config.get("mode", "soft"), steps)}
+
+
 def check_same_run(s: "Searcher", path: Path, state: dict) -> None:
     """Refuse a checkpoint made with other result-determining settings (fields of SearchConfig except
     RESUME_FREE; the target device by name and the latency numbers by fingerprint, not by file path)."""
@@ -96,8 +104,9 @@ def check_same_run(s: "Searcher", path: Path, state: dict) -> None:
              "device": state.get("device"), "latency table": state.get("lut_fingerprint")}
     mine = {"space": s.space.name, "space_definition": s.space_definition(),
             "device": s.latency.device_name, "latency table": s.latency.fingerprint()}
-    diffs = mismatched_fields(saved, mine, ()) + mismatched_fields(state["config"], dataclasses.asdict(s.cfg),
-                                                                 RESUME_FREE)
+    diffs = mismatched_fields(saved, mine, ()) + mismatched_fields(
+        effective_anchor_steps(state["config"], saved=True), effective_anchor_steps(dataclasses.asdict(s.cfg)),
+        RESUME_FREE)
     refuse_mismatch(path, "search checkpoint", diffs, RESUME_FREE)
     if s.cfg.epochs < state["epoch"]:
         raise CheckpointError(f"{path}: the checkpoint is at epoch {state['epoch']}; field 'epochs' "

@@ -10,7 +10,11 @@ Modes:
   there would pass no gradient).
 - two_path (ProxylessNAS-style): the two ops of the largest noisy logits are computed and mixed with the
   Gumbel-softmax restricted to them, so each step compares two ops (one op's straight-through factor mostly
-  scales what the next layer's BatchNorm normalises away); bits are sampled as in hard mode.
+  scales what the next layer's BatchNorm normalises away); bits are sampled as in hard mode. With
+  anchor_steps K > 1 the first op of each layer (the anchor: the largest noisy logit when drawn) is kept for K
+  forwards and only the second is drawn every forward (the largest noisy logit of the others): shared weights
+  train as one consistent network plus a challenger instead of a fresh random pair per step, which leaves
+  deep supernets at chance for hundreds of steps (bench/path_sampling.py). K = 1 is the plain Gumbel top-2.
 - bit_sampling: how the bit options of an op are combined, independently of the op mode: `soft` (EdMIPS: the
   quantized weights and inputs of every option are mixed, one conv) or `hard` (one option sampled,
   straight-through). Hard-mode ops always sample their bits; soft ops with hard bits cost about a float
@@ -42,8 +46,14 @@ from .step_stats import copy_to_host_async
 
 MODES = ("soft", "hard", "two_path")
 PATHS = {"hard": 1, "two_path": 2}  # ops computed per layer and step (soft: all)
+ANCHOR_STEPS = {"two_path": 1}  # a mode's default anchor_steps (others: 1)
 BIT_MODES = ("soft", "hard")
 _U_EPS = 1e-10
+
+
+def resolved_anchor_steps(mode: str, anchor_steps: Optional[int]) -> int:
+    """The anchor_steps a search runs with: the given value, or the mode's default when None."""
+    return anchor_steps or ANCHOR_STEPS.get(mode, 1)
 
 
 def gumbel_noise(shape: Sequence[int], generator: Optional[torch.Generator], device, dtype=torch.float32,
@@ -142,7 +152,7 @@ class Supernet(nn.Module):
     """All candidate ops of a SearchSpace with Gumbel-softmax choices over ops and bits."""
 
     def __init__(self, space: SearchSpace, mode: str = "soft", quantized: bool = True, tau: float = 5.0,
-                 bit_sampling: str = "soft"):
+                 bit_sampling: str = "soft", anchor_steps: int = 1):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -151,6 +161,12 @@ class Supernet(nn.Module):
         self.space = space
         self.mode = mode
         self.paths = PATHS.get(mode)  # ops computed per layer and step; None: every op
+        if anchor_steps < 1 or (anchor_steps > 1 and (self.paths or 0) < 2):
+            raise ValueError(f"anchor_steps must be >= 1, and 1 unless several ops run per step (mode "
+                             f"two_path); got {anchor_steps} with mode {mode!r}")
+        self.anchor_steps = anchor_steps
+        self._anchors: Optional[torch.Tensor] = None  # [L] the anchor op of each layer (anchor_steps > 1)
+        self._anchor_age = 0  # forwards the current anchors have run
         self.hard_bits = self.paths is not None or bit_sampling == "hard"
         self.quantized = quantized
         self.tau = tau
@@ -202,7 +218,7 @@ class Supernet(nn.Module):
         noise_cpu = gumbel_noise((sum(sizes),), self.generator, "cpu")
         flat_cpu = self._lagged_logits(torch.cat([t.detach().reshape(-1) for t in logits]).float())
         noisy = [p.view_as(t) for t, p in zip(logits, (flat_cpu + noise_cpu).split(sizes))]
-        op_idx = noisy[0].topk(self.paths or 1, dim=-1).indices  # [L, paths]: the largest first
+        op_idx = self._sample_ops(noisy[0])  # [L, paths]
         w_idx, a_idx = noisy[1].argmax(-1), noisy[2].argmax(-1)
         hards = (self.paths is not None, self.hard_bits, self.hard_bits)
         # the noise and the sampled one-hots go to the device in one asynchronous copy (no host wait)
@@ -251,6 +267,18 @@ class Supernet(nn.Module):
             self._prescaled = running_convs + self._fixed_convs
             prescale_activations(self._prescaled)
 
+    def _sample_ops(self, noisy: torch.Tensor) -> torch.Tensor:
+        """[L, n_ops] noisy op logits -> [L, paths] indices of the ops to run: the largest noisy logits, or
+        with anchors the held anchor first and the largest noisy logits of the other ops after it."""
+        k = self.paths or 1
+        if self.anchor_steps == 1:
+            return noisy.topk(k, dim=-1).indices  # the largest first
+        if self._anchors is None or self._anchor_age >= self.anchor_steps:
+            self._anchors, self._anchor_age = noisy.argmax(-1), 0
+        self._anchor_age += 1
+        others = noisy.scatter(-1, self._anchors.unsqueeze(-1), float("-inf"))
+        return torch.cat([self._anchors.unsqueeze(-1), others.topk(k - 1, dim=-1).indices], dim=-1)
+
     def _lagged_logits(self, flat: torch.Tensor) -> torch.Tensor:
         """The host copy of the arch logits that picks this forward's discrete choices: the logits as they were
         at the previous forward (one architecture update behind), on every device alike. Their copy to the
@@ -268,17 +296,26 @@ class Supernet(nn.Module):
             previous[1].synchronize()
         return previous[0]
 
-    def sampler_state(self) -> Optional[torch.Tensor]:
-        """The lagged logits the next forward samples from (for exact resume)."""
-        if self._sampler_snapshot is None:
-            return None
-        snapshot, event = self._sampler_snapshot
-        if event is not None:
-            event.synchronize()
-        return snapshot.clone()
+    def sampler_state(self) -> dict:
+        """What the next forward's discrete choices depend on besides the noise (for exact resume): the lagged
+        logits and the held anchors with their age."""
+        logits = None
+        if self._sampler_snapshot is not None:
+            snapshot, event = self._sampler_snapshot
+            if event is not None:
+                event.synchronize()
+            logits = snapshot.clone()
+        anchors = None if self._anchors is None else self._anchors.clone()
+        return {"logits": logits, "anchors": anchors, "anchor_age": self._anchor_age}
 
-    def load_sampler_state(self, snapshot: Optional[torch.Tensor]) -> None:
-        self._sampler_snapshot = None if snapshot is None else (snapshot.float().cpu(), None)
+    def load_sampler_state(self, state: Optional[dict | torch.Tensor]) -> None:
+        """Restore sampler_state(); None starts afresh; a tensor (older checkpoints) is the lagged logits."""
+        if state is None or isinstance(state, torch.Tensor):
+            state = {"logits": state}
+        logits, anchors = state.get("logits"), state.get("anchors")
+        self._sampler_snapshot = None if logits is None else (logits.float().cpu(), None)
+        self._anchors = None if anchors is None else anchors.long().cpu()
+        self._anchor_age = int(state.get("anchor_age", 0))
 
     def _sampled_factor(self, one_hots: torch.Tensor) -> torch.Tensor:
         """[L, n_ops, n_bits] straight-through one-hots -> [L, n_ops] factors of value 1 whose gradient is that

@@ -14,7 +14,7 @@ from fbnas.errors import ConfigError
 from fbnas.latency import arch_latency, get_table
 from fbnas.pareto import handcrafted_networks, mbv2_reference_ms, random_networks
 from fbnas.pareto import jobs as pareto_jobs
-from fbnas.pareto.networks import find_arch_files, uniform_bit_networks, search_networks
+from fbnas.pareto.networks import find_arch_files, search_networks, search_variant, uniform_bit_networks
 
 SPACE = load_space("fmnist")
 TABLE = get_table(SPACE, "sd835")
@@ -206,3 +206,15 @@ def test_a_crash_keeps_finished_trainings_and_the_rerun_does_only_the_rest(study
     assert len(list((tmp_path / "results").glob("*.json"))) == 1 and not (tmp_path / "pareto.json").exists()
     assert main([*par, "baselines=[]", f"hydra.run.dir={tmp_path}"]) == 0
     assert calls == [calls[0], calls[1], calls[1]]
+
+
+@pytest.mark.parametrize("config, name", [
+    ({}, "soft"),
+    ({"mode": "hard", "seed": 0}, "hard"),
+    ({"mode": "two_path"}, "two_path"),  # a run from before anchors
+    ({"mode": "two_path", "anchor_steps": None}, "two_path"),
+    ({"mode": "two_path", "anchor_steps": 25, "seed": 1}, "two_path_a25_s1"),
+    ({"mode": "soft", "anchor_steps": None, "seed": 2}, "soft_s2"),
+])
+def test_search_variants_name_the_mode_anchors_and_search_seed(config, name):
+    assert search_variant(config) == name

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fbnas.config import DataConfig, DeriveConfig, SearchConfig
-from fbnas.errors import CheckpointError, NonFiniteLossError
+from fbnas.errors import CheckpointError, ConfigError, NonFiniteLossError
 from fbnas.search import Searcher, run_search
 from fbnas.supernet import MODES
 
@@ -35,6 +35,7 @@ def finished(tmp_path_factory):
 @pytest.mark.parametrize("change, named", [
     (dict(seed=1), "seed=0 (now 1)"),
     (dict(mode="hard"), "mode='soft' (now 'hard')"),
+    (dict(mode="two_path", anchor_steps=4), "anchor_steps=1 (now 4)"),
     (dict(objective=dataclasses.replace(SearchConfig().objective, beta=3.0)), "objective.beta=0.6 (now 3.0)"),
     (dict(data=dataclasses.replace(tiny().data, synthetic_size=512)), "data.synthetic_size=256 (now 512)"),
     (dict(device="a11"), "device='sd835' (now 'a11')"),
@@ -197,9 +198,10 @@ def test_the_hessian_term_runs_in_a_search_and_its_state_resumes(tmp_path):
     assert searcher.terms[0].penalty.n_refreshes == state["n_refreshes"]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_every_mode_is_deterministic_and_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, mode):
-    cfg = tiny(mode=mode, epochs=3, warmup_epochs=1)
+@pytest.mark.parametrize("mode, extra", [(m, {}) for m in MODES] + [("two_path", {"anchor_steps": 3})],
+                         ids=list(MODES) + ["two_path_anchored"])
+def test_every_mode_is_deterministic_and_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, mode, extra):
+    cfg = tiny(mode=mode, epochs=3, warmup_epochs=1, **extra)
     whole, again, cut = tmp_path / "whole", tmp_path / "again", tmp_path / "cut"
     run_search(cfg, whole)
     run_search(cfg, again)
@@ -209,3 +211,9 @@ def test_every_mode_is_deterministic_and_resumes_to_the_uninterrupted_result(tmp
     assert layers[0] == layers[1] == layers[2]
     logs = [[json.loads(l)["op_probs"] for l in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, cut)]
     assert logs[0] == logs[1]
+
+
+@pytest.mark.parametrize("extra", [dict(mode="soft", anchor_steps=2), dict(mode="two_path", anchor_steps=0)])
+def test_anchor_steps_outside_two_path_or_below_one_is_a_config_error(tmp_path, extra):
+    with pytest.raises(ConfigError, match="field 'anchor_steps'"):
+        Searcher(tiny(**extra), tmp_path)

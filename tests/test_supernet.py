@@ -70,6 +70,55 @@ def test_two_path_mode_mixes_the_two_largest_noisy_ops_and_compares_them(space):
     assert torch.isclose(sample_cost(net, table), torch.einsum("li,lib,lic,libc->", ops, ws, as_, table))
 
 
+def _op_indices(net, x, forwards):
+    out = []
+    for _ in range(forwards):
+        with torch.no_grad():
+            net(x)
+        out.append([list(layer.last_indices) for layer in net.mixed_layers])
+    return out
+
+
+def test_two_path_anchors_hold_the_first_op_for_anchor_steps_forwards_and_resume_exactly(space):
+    """anchor_steps=K: each layer's first op (the largest noisy logit when drawn) runs for K forwards, then is
+    drawn again; the second op is drawn every forward among the others; the sampler state restores both."""
+    net = Supernet(space, mode="two_path", anchor_steps=3)
+    x = torch.randn(2, 1, 28, 28)
+    seen = _op_indices(net, x, 7)
+    for f in range(7):
+        for l in range(len(net.mixed_layers)):
+            first, second = seen[f][l]
+            assert first != second
+            assert first == seen[f - f % 3][l][0]  # held from the forward that drew it (0, 3, 6)
+    anchors = lambda f: [pair[0] for pair in seen[f]]
+    assert anchors(0) != anchors(3) or anchors(3) != anchors(6)  # re-drawn
+    assert len({tuple(pair[1] for pair in seen[f]) for f in range(3)}) > 1  # the challengers change each forward
+    net.seed(5)
+    _op_indices(net, x, 4)  # stop mid-period
+    state, rng = net.sampler_state(), net.generator.get_state()
+    after = _op_indices(net, x, 5)
+    net.load_sampler_state(state)
+    net.generator.set_state(rng)
+    assert _op_indices(net, x, 5) == after
+
+
+def test_two_path_with_one_anchor_step_is_the_gumbel_top_two(space):
+    plain, anchored = Supernet(space, mode="two_path"), Supernet(space, mode="two_path", anchor_steps=1)
+    x = torch.randn(2, 1, 28, 28)
+    assert _op_indices(plain, x, 3) == _op_indices(anchored, x, 3)
+    with pytest.raises(ValueError, match="anchor_steps"):
+        Supernet(space, mode="soft", anchor_steps=2)
+
+
+def test_a_sampler_state_of_older_checkpoints_loads(space):
+    net = Supernet(space, mode="two_path")
+    x = torch.randn(2, 1, 28, 28)
+    _op_indices(net, x, 2)
+    state = net.sampler_state()
+    net.load_sampler_state(state["logits"])  # before anchors, the state was the lagged logits alone
+    assert torch.equal(net.sampler_state()["logits"], state["logits"])
+
+
 def test_identity_skip_has_no_bit_logits(space):
     net = Supernet(space)
     layer = net.mixed_layers[0]  # 16 -> 16 stride 1: skip is identity

@@ -16,6 +16,7 @@ from ..io import read_jsonl
 from ..latency import arch_latency, fixed_latency, latency_matrix
 from ..latency.table import LatencyTable
 from ..space import SearchSpace
+from ..supernet import resolved_anchor_steps
 
 FAMILIES = ("search", "uniform_bits", "handcrafted", "random")
 # (name, op used in every searchable layer): the hand-designed networks a space can express
@@ -104,12 +105,21 @@ def search_networks(paths: Sequence[str], space: SearchSpace, budget_names: dict
         objective = config.get("objective") or {}
         budget = objective.get("limit_ms") if objective.get("kind") == "target" else None
         label = budget_label(budget, budget_names) if budget is not None else (f.parent.name or f.stem)
-        mode = config.get("mode", "soft")  # single-path (hard) searches are told apart from all-paths ones
-        name = f"search_{label}" if mode == "soft" else f"search_{mode}_{label}"
+        mode = search_variant(config)  # single- and two-path searches are told apart from all-paths ones
+        name = f"search_{label}" if mode == "soft" else f"search_{mode}_{label}"  # the default search: no suffix
         nets.append(Network("search", name, arch, budget, str(f),
                             {"searched_device": arch.provenance.get("device"), "search_mode": mode,
                              "search_seconds": search_seconds(f.parent / "metrics.jsonl")}))
     return _unique_names(nets)
+
+
+def search_variant(config: dict) -> str:
+    """A search's mode as a name: soft, hard or two_path, with _a<K> when two_path held anchors K forwards
+    (a run from before anchors has none) and _s<N> when the search's seed N is not 0."""
+    mode = config.get("mode", "soft")
+    steps = resolved_anchor_steps(mode, config.get("anchor_steps", 1))
+    seed = config.get("seed", 0)
+    return mode + (f"_a{steps}" if steps > 1 else "") + (f"_s{seed}" if seed else "")
 
 
 def search_seconds(metrics: Path) -> Optional[float]:
