@@ -2,7 +2,8 @@
 # The GPU benchmarks, one part per call:  bash bench/gpu.sh <part>   (from the repository root); several parts
 # (bash bench/gpu.sh <part> <part>...) run side by side, each part's output in $OUT/part_<part>.txt
 #
-#   step        supernet search step, all-paths fp32 reference vs hard ops + hard bits ($CONFIGS), and a profile
+#   step        supernet search step, every mode vs the all-paths fp32 reference ($CONFIGS), fbnet_cifar100
+#   step_default_space   the same on the default search's space (fmnist, batch 128)
 #   additivity  LUT additivity on CUDA, with CUDA graphs and eagerly
 #   hessian     Hessian-trace speed vs a PyHessian-style loop ($HESS_PROBES probes at most), and the HVP profile
 #   deploy      integer-only deployment accuracy: FP32, W8A8, ILP mixed bits ($DEPLOY_ARGS)
@@ -36,12 +37,17 @@ prelude() {
 }
 
 part_step() {
-  timeout 400 python3 bench/supernet_step.py --device cuda --batch 256 --steps 30 --warmup 5 \
-    --configs "${CONFIGS:-reference_fp32_all_paths,fbnas_default,fbnas_soft_bits,fbnas_hard_bits,fbnas_two_path}" --out "$OUT/supernet_step.json" 2>&1 \
-    | grep -v Warn | tee "$OUT/supernet_step.txt"
-  timeout 100 python3 bench/supernet_step.py --device cuda --batch 256 --steps 10 --warmup 5 --profile \
-    --configs fbnas_hard_bits 2>&1 | grep -v Warn > "$OUT/supernet_step_profile.txt"
-  head -n 45 "$OUT/supernet_step_profile.txt" | cut -c1-60,100-200
+  # every mode and the default on fbnet_cifar100, batch 256 (about 9 minutes): images/s, GPU time per step,
+  # memory, host syncs, ratios to the fp32 reference; the JSON is rewritten after every configuration
+  timeout 560 python3 bench/supernet_step.py --device cuda --batch 256 --steps 20 --warmup 5 \
+    ${CONFIGS:+--configs "$CONFIGS"} --out "$OUT/supernet_step.json" 2>&1 | grep -v -i warn | tee "$OUT/supernet_step.txt"
+}
+
+part_step_default_space() {
+  # the same on the default search's space (fmnist, batch 128)
+  timeout 560 python3 bench/supernet_step.py --device cuda --space fmnist --batch 128 --steps 30 --warmup 5 \
+    ${CONFIGS:+--configs "$CONFIGS"} --out "$OUT/supernet_step_fmnist.json" 2>&1 | grep -v -i warn \
+    | tee "$OUT/supernet_step_fmnist.txt"
 }
 
 part_ddp() {

@@ -1,7 +1,10 @@
 """One search step (forward, loss, backward, weight SGD + arch Adam updates) of the fbnet_cifar100 supernet:
 the default configuration (soft ops, hard bits) and every other mode vs an all-paths fp32 FBNet-style reference supernet (soft Gumbel,
 every candidate computed, no quantization, no AMP), all measured in this run. Each configuration runs in its
-own process so peak memory is its own. Prints images/s, peak memory and the ratios to the reference.
+own process so peak memory is its own. Prints images/s, peak memory and the ratios to the reference; on a GPU
+also the GPU's own time per step (the sum of its kernels' durations, from the profiler, over separate steps)
+and how it splits between BatchNorm, depthwise and other kernels: a step whose wall time is well above its
+GPU time is bound by the host (kernel launches), one close to it by the GPU's kernels.
 
     python bench/supernet_step.py --device cuda --batch 256          # the H100 target run
     python bench/supernet_step.py --device cpu --batch 32 --steps 3  # a quick CPU check
@@ -18,16 +21,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CONFIGS = {
-    # name: (op mode, quantized, bf16 autocast, channels_last, bit_sampling)
-    "reference_fp32_all_paths": ("soft", False, False, False, "soft"),
-    "fbnas_default": ("soft", True, True, False, "hard"),       # `fbnas search` defaults: soft ops, hard bits
-    "fbnas_default_channels_last": ("soft", True, True, True, "hard"),
-    "fbnas_soft_bits": ("soft", True, True, False, "soft"),     # soft ops, soft (EdMIPS-mixed) bits
-    "fbnas_hard_bits": ("hard", True, True, False, "hard"),     # one path per step (mode=hard)
-    "fbnas_two_path": ("two_path", True, True, False, "hard"),  # two mixed paths per step (mode=two_path)
-    "fbnas_hard_bits_channels_last": ("hard", True, True, True, "hard"),
-    "fbnas_hard_bits_fp32": ("hard", True, False, False, "hard"),
+    # name: (op mode, quantized, autocast dtype (None: fp32), channels_last, bit_sampling)
+    "reference_fp32_all_paths": ("soft", False, None, False, "soft"),
+    "fbnas_default": ("soft", True, "bf16", False, "hard"),       # `fbnas search` defaults: soft ops, hard bits
+    "fbnas_default_fp32": ("soft", True, None, False, "hard"),    # the same with amp=false
+    "fbnas_default_channels_last": ("soft", True, "bf16", True, "hard"),
+    "fbnas_soft_bits": ("soft", True, "bf16", False, "soft"),     # soft ops, soft (EdMIPS-mixed) bits
+    "fbnas_hard_bits": ("hard", True, "bf16", False, "hard"),     # one path per step (mode=hard)
+    "fbnas_two_path": ("two_path", True, "bf16", False, "hard"),  # two mixed paths per step (mode=two_path)
+    "fbnas_hard_bits_channels_last": ("hard", True, "bf16", True, "hard"),
+    "fbnas_hard_bits_fp32": ("hard", True, None, False, "hard"),
+    "fbnas_two_path_fp32": ("two_path", True, None, False, "hard"),
+    # a probe of the GPU time the default's kernels could reach, not a search option: fp16 kernels (cuDNN's
+    # BatchNorm and depthwise convs in NHWC) without the loss scaling an fp16 search would need
+    "probe_default_fp16_channels_last": ("soft", True, "fp16", True, "hard"),
 }
+DEFAULT_GPU_CONFIGS = ("reference_fp32_all_paths", "fbnas_default", "fbnas_default_fp32", "fbnas_soft_bits",
+                       "fbnas_hard_bits", "fbnas_hard_bits_fp32", "fbnas_two_path", "fbnas_two_path_fp32",
+                       "probe_default_fp16_channels_last")
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def sync(dev) -> None:
@@ -39,7 +51,8 @@ def sync(dev) -> None:
 
 def build_step(name: str, args: dict, dev):
     """The supernet of configuration `name` with its optimizers and one fixed batch; returns (net, space, step,
-    amp, channels_last), `step` running one search step and the two flags as in effect on `dev`."""
+    autocast, channels_last), `step` running one search step, `autocast` the autocast dtype's name (None: fp32)
+    and both as in effect on `dev`."""
     import torch
     import torch.nn.functional as F
 
@@ -48,7 +61,7 @@ def build_step(name: str, args: dict, dev):
     from fbnas.objective import MultiplicativePenalty
     from fbnas.supernet import Supernet, sample_cost
 
-    mode, quantized, amp, channels_last, bit_sampling = CONFIGS[name]
+    mode, quantized, autocast, channels_last, bit_sampling = CONFIGS[name]
     torch.manual_seed(0)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -57,7 +70,8 @@ def build_step(name: str, args: dict, dev):
     lat_m, lat_fixed = latency_matrix(table, space).to(dev), fixed_latency(table, space)
     net = Supernet(space, mode=mode, quantized=quantized, bit_sampling=bit_sampling).to(dev)
     channels_last = channels_last and dev.type == "cuda"
-    amp = amp and dev.type == "cuda"
+    amp = autocast is not None and dev.type == "cuda"
+    amp_dtype = getattr(torch, AUTOCAST_DTYPES[autocast]) if amp else torch.bfloat16
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     fused = dev.type == "cuda"
@@ -73,14 +87,14 @@ def build_step(name: str, args: dict, dev):
     def step():
         w_opt.zero_grad(set_to_none=True)
         a_opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
             logits = net(x)
         loss = penalty(F.cross_entropy(logits.float(), y), sample_cost(net, lat_m) + lat_fixed)
         loss.backward()
         w_opt.step()
         a_opt.step()
 
-    return net, space, step, amp, channels_last
+    return net, space, step, autocast if amp else None, channels_last
 
 
 def warm_up(net, space, step, warmup: int, dev) -> None:
@@ -130,6 +144,27 @@ def print_profile(name: str, step, dev) -> None:
           + "\n" + prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
 
 
+def gpu_time(step, steps: int = 3) -> dict[str, float]:
+    """The GPU's own milliseconds per step (the sum of its kernels' durations over `steps` profiled steps), in
+    all and by kind of kernel."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kinds = {"batchnorm": 0.0, "depthwise_conv": 0.0, "other": 0.0}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        kind = ("batchnorm" if "batch_norm" in name or "bn_" in name else
+                "depthwise_conv" if "depthwise" in name or "dgrad2d_c1" in name else "other")
+        kinds[kind] += e.device_time / 1000 / steps
+    return {"total": sum(kinds.values()), **kinds}
+
+
 def timed_steps(step, steps: int, dev):
     """Wall seconds of `steps` steps, and the peak memory (GiB) with how it was measured."""
     import torch
@@ -151,7 +186,7 @@ def measure(name: str, args: dict, queue) -> None:
 
     mode, quantized, _, _, bit_sampling = CONFIGS[name]
     dev = torch.device(args["device"])
-    net, space, step, amp, channels_last = build_step(name, args, dev)
+    net, space, step, autocast, channels_last = build_step(name, args, dev)
     warm_up(net, space, step, args["warmup"], dev)
     host_syncs, sync_sites = None, []
     if dev.type == "cuda":
@@ -159,11 +194,30 @@ def measure(name: str, args: dict, queue) -> None:
     if args["profile"]:
         print_profile(name, step, dev)
     dt, peak, mem_kind = timed_steps(step, args["steps"], dev)
+    gpu_ms = gpu_time(step) if dev.type == "cuda" else None
     b = args["batch"]
-    queue.put({"config": name, "mode": mode, "bit_sampling": bit_sampling, "quantized": quantized, "bf16_autocast": amp, "channels_last": channels_last,
+    queue.put({"config": name, "mode": mode, "bit_sampling": bit_sampling, "quantized": quantized,
+               "autocast": autocast, "channels_last": channels_last,
                "images_per_s": args["steps"] * b / dt, "step_ms": 1000 * dt / args["steps"],
-               "peak_mem_gib": peak, "memory": mem_kind, "host_syncs_per_step": host_syncs,
-               "sync_sites": sync_sites})
+               "gpu_ms_per_step": gpu_ms, "peak_mem_gib": peak, "memory": mem_kind,
+               "host_syncs_per_step": host_syncs, "sync_sites": sync_sites})
+
+
+def markdown_table(results: list[dict], ref: dict | None) -> str:
+    """The results as a Markdown table; adds each result's ratios to the reference `ref` (None: no ratios)."""
+    lines = ["| config | autocast | images/s | step ms | GPU ms | BN | depthwise | other | peak GiB | x reference "
+             "| memory x | host syncs/step |", "|---|---|" + "---:|" * 10]
+    for r in results:
+        if ref:
+            r["speedup_vs_reference"] = r["images_per_s"] / ref["images_per_s"]
+            r["memory_vs_reference"] = r["peak_mem_gib"] / ref["peak_mem_gib"]
+        g = r.get("gpu_ms_per_step") or {}
+        gpu = [f"{g[k]:.1f}" if k in g else "-" for k in ("total", "batchnorm", "depthwise_conv", "other")]
+        lines.append(f"| {r['config']} | {r.get('autocast') or 'fp32'}{' NHWC' if r['channels_last'] else ''} | "
+                     f"{r['images_per_s']:.1f} | {r['step_ms']:.1f} | {' | '.join(gpu)} | {r['peak_mem_gib']:.2f} | "
+                     f"{r.get('speedup_vs_reference', float('nan')):.2f} | "
+                     f"{r.get('memory_vs_reference', float('nan')):.3f} | {r['host_syncs_per_step']} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -174,12 +228,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=None, help="comma-separated names of CONFIGS (default: "
+                    + ",".join(DEFAULT_GPU_CONFIGS) + ")")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per configuration")
     args = vars(ap.parse_args())
+    args["configs"] = args["configs"] or ",".join(DEFAULT_GPU_CONFIGS)
+    unknown = [c for c in args["configs"].split(",") if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
     ctx = mp.get_context("spawn")
-    results = []
+    results: list[dict] = []
     for name in args["configs"].split(","):
         q = ctx.Queue()
         p = ctx.Process(target=measure, args=(name, args, q))
@@ -190,25 +249,28 @@ def main() -> None:
             continue
         results.append(q.get())
         r = results[-1]
-        print(f"{name}: {r['images_per_s']:.1f} images/s, {r['step_ms']:.1f} ms/step, {r['peak_mem_gib']:.2f} GiB, "
-              f"host syncs per step {r['host_syncs_per_step']} {r['sync_sites']}", flush=True)
+        g = r["gpu_ms_per_step"]
+        gpu = (f", GPU {g['total']:.1f} ms/step (BN {g['batchnorm']:.1f}, depthwise {g['depthwise_conv']:.1f}, "
+               f"other {g['other']:.1f})" if g else "")
+        print(f"{name}: {r['images_per_s']:.1f} images/s, {r['step_ms']:.1f} ms/step{gpu}, {r['peak_mem_gib']:.2f} "
+              f"GiB, host syncs per step {r['host_syncs_per_step']} {r['sync_sites']}", flush=True)
+        write_results(args, results)  # after every configuration: a run cut short keeps what it measured
     ref = next((r for r in results if r["config"] == "reference_fp32_all_paths"), None)
-    print(f"space {args['space']}, batch {args['batch']}, device {args['device']}, {args['steps']} timed steps")
-    print(f"{'config':<26} {'images/s':>10} {'step ms':>9} {'peak GiB':>9} {'speed x':>8} {'mem x':>7}")
-    for r in results:
-        if ref:
-            r["speedup_vs_reference"] = r["images_per_s"] / ref["images_per_s"]
-            r["memory_vs_reference"] = r["peak_mem_gib"] / ref["peak_mem_gib"]
-        print(f"{r['config']:<26} {r['images_per_s']:>10.1f} {r['step_ms']:>9.1f} {r['peak_mem_gib']:>9.2f} "
-              f"{r.get('speedup_vs_reference', float('nan')):>8.2f} {r.get('memory_vs_reference', float('nan')):>7.3f}")
-    if args["out"]:
-        from fbnas.io import atomic_write_json
+    print(f"space {args['space']}, batch {args['batch']}, device {args['device']}, {args['steps']} timed steps\n")
+    print(markdown_table(results, ref))
+    write_results(args, results)
 
-        import torch
 
-        env = {"torch": torch.__version__,
-               "gpu": torch.cuda.get_device_name(0) if args["device"].startswith("cuda") else "cpu"}
-        atomic_write_json(args["out"], {"settings": args, "environment": env, "results": results})
+def write_results(args: dict, results: list[dict]) -> None:
+    if not args["out"]:
+        return
+    import torch
+
+    from fbnas.io import atomic_write_json
+
+    env = {"torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name(0) if args["device"].startswith("cuda") else "cpu"}
+    atomic_write_json(args["out"], {"settings": args, "environment": env, "results": results})
 
 
 if __name__ == "__main__":
