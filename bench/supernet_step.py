@@ -160,7 +160,7 @@ def gpu_time(step, steps: int = 3) -> dict[str, float]:
             continue
         name = e.name.lower()
         kind = ("batchnorm" if "batch_norm" in name or "bn_" in name else
-                "depthwise_conv" if "depthwise" in name or "dgrad2d_c1" in name else "other")
+                "depthwise_conv" if "depthwise" in name else "other")
         kinds[kind] += e.device_time / 1000 / steps
     return {"total": sum(kinds.values()), **kinds}
 

@@ -214,7 +214,7 @@ class SearchConfig:
     # separates)
     seed: int = 0  # seed of the weights, the Gumbel noise and the data order
     accelerator: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast on CUDA: ~half the memory; amp=false stepped 1.1-1.5x faster on an H200
+    amp: bool = True  # bf16 autocast on CUDA: ~half the memory; amp=false: default step 1.1-1.5x faster (H200)
     channels_last: bool = False  # NHWC tensors (no faster on a 2-core CPU; cuDNN's bf16 depthwise is slower in NHWC)
     threads: int = 0  # CPU threads (0: torch default)
     dist_timeout_s: float = 300.0  # under torchrun: rendezvous and collective timeout (a lost rank ends the job)
