@@ -20,6 +20,10 @@ Modes:
   straight-through). Hard-mode ops always sample their bits; soft ops with hard bits cost about a float
   soft supernet (soft bits cost 2-3x more on CPU).
 - fixed: a given architecture (op and bit indices per layer) runs inside the supernet, no sampling.
+- staged (soft ops only, for a CUDA graph): stage_sample() draws the sample on the host as usual and copies the noise
+  and the sampled bits' one-hots into a device buffer; a forward with `staged` set reads them from there and keeps
+  the sampled bits as device data (each conv's weight levels, each activation's scale and range), so its kernels
+  are the same whatever was sampled (fbnas.cuda_graph).
 
 One Gumbel sample per layer per forward (per batch, never per image). The discrete choices (which op runs,
 which bits) are the argmax of the noisy logits as of the previous forward, so the host never waits for the
@@ -38,9 +42,9 @@ import torch.nn.functional as F
 from .arch import Arch
 from .blocks import build_op
 from .model import Head, make_stem
-from .quant.act import deferred_range_updates, prescale_activations
+from .quant.act import deferred_range_updates, prescale_activations, prescale_activations_sampled
 from .quant.bits import BitState, to_device_async
-from .quant.fake import QConv2d, QLinear, prequantize_weights
+from .quant.fake import QConv2d, QLinear, prequantize_weights, prequantize_weights_sampled
 from .space import LayerShape, SearchSpace
 from .step_stats import copy_to_host_async
 
@@ -186,6 +190,11 @@ class Supernet(nn.Module):
                           for layer in self.mixed_layers]
         self._fixed_convs = [m for part in (self.stem, self.head) for m in part.modules()
                              if isinstance(m, (QConv2d, QLinear))]
+        # the bit row (of the stacked w/a bit logits) of every op conv, in the order sample() lists running convs
+        self._conv_bit_rows = [r for l, layer in enumerate(self.mixed_layers) for i in range(len(layer.ops))
+                               for r in [self._bit_row(l, i)] * len(self._op_convs[l][i])]
+        self.staged = False  # forwards read the sample stage_sample() copied to the device (CUDA graph capture)
+        self._staged: Optional[torch.Tensor] = None
         self._prequantized: list[QConv2d] = []  # convs handed a batch-quantized weight for this forward
         self._prescaled: list[nn.Module] = []  # convs whose input quantizer got a batch-computed scale
         self._sampler_snapshot: Optional[tuple[torch.Tensor, Optional[torch.cuda.Event]]] = None
@@ -209,9 +218,36 @@ class Supernet(nn.Module):
     # ------------------------------------------------------------------ sampling and forward
     def sample(self) -> None:
         """Draw one Gumbel sample for every layer's op and bit choices (batched across layers)."""
-        layers = list(self.mixed_layers)
-        logits = [torch.stack([l.op_logits for l in layers]), torch.cat([l.w_bit_logits for l in layers]),
-                  torch.cat([l.a_bit_logits for l in layers])]
+        host, choices = self._draw()
+        self._apply_sample(to_device_async(host, self.mixed_layers[0].op_logits.device), choices)
+
+    def can_stage(self) -> bool:
+        """Whether a forward's kernels are the same at every sample, so a step can be captured as a CUDA graph:
+        every op runs (mode soft) and the sampled bits can be device data (weight bits >= 2)."""
+        return self.paths is None and self._fixed is None and (
+            not (self.hard_bits and self.quantized) or min(self.space.w_bits) >= 2)
+
+    def stage_sample(self) -> None:
+        """Draw the next sample on the host, as sample() does, and copy it into a device buffer that a staged
+        forward (a captured CUDA graph) reads: the noise and the sampled bits' one-hots."""
+        host, _ = self._draw()
+        if self._staged is None or self._staged.numel() != host.numel():
+            self._staged = torch.empty(host.numel(), device=self.mixed_layers[0].op_logits.device)
+        self._staged.copy_(host.pin_memory() if self._staged.is_cuda else host, non_blocking=True)
+
+    def _logits(self) -> list[torch.Tensor]:
+        layers = self.mixed_layers
+        return [torch.stack([l.op_logits for l in layers]), torch.cat([l.w_bit_logits for l in layers]),
+                torch.cat([l.a_bit_logits for l in layers])]
+
+    def _hards(self) -> tuple[bool, bool, bool]:
+        """Which of (ops, w bits, a bits) are sampled one-hots (the others are plain Gumbel-softmax weights)."""
+        return self.paths is not None, self.hard_bits, self.hard_bits
+
+    def _draw(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The host part of a sample: (the noise and the sampled one-hots in one flat host tensor, the sampled
+        indices: ops [L, paths], w bits [R], a bits [R])."""
+        logits = self._logits()
         # one noise draw (CPU generator: the same samples on every device); the sampled indices come from the
         # logits as of the previous forward (see _lagged_logits), so sampling never waits for the device
         sizes = [t.numel() for t in logits]
@@ -220,20 +256,28 @@ class Supernet(nn.Module):
         noisy = [p.view_as(t) for t, p in zip(logits, (flat_cpu + noise_cpu).split(sizes))]
         op_idx = self._sample_ops(noisy[0])  # [L, paths]
         w_idx, a_idx = noisy[1].argmax(-1), noisy[2].argmax(-1)
-        hards = (self.paths is not None, self.hard_bits, self.hard_bits)
-        # the noise and the sampled one-hots go to the device in one asynchronous copy (no host wait)
         op_hot = torch.zeros_like(noisy[0]).scatter_(-1, op_idx, 1.0)
         host = [noise_cpu] + [hot.reshape(-1) for hot, h in zip(
             (op_hot, F.one_hot(w_idx, noisy[1].shape[-1]).float(), F.one_hot(a_idx, noisy[2].shape[-1]).float()),
-            hards) if h]
-        moved = to_device_async(torch.cat(host), logits[0].device)
+            self._hards()) if h]
+        return torch.cat(host), (op_idx, w_idx, a_idx)  # one asynchronous copy takes it to the device
+
+    def _apply_sample(self, moved: torch.Tensor, choices: Optional[tuple[torch.Tensor, ...]]) -> None:
+        """The device part of a sample: the relaxations and straight-through weights from the noise and one-hots
+        in `moved` (on the device), and the bits of every running op. `choices` None (a staged forward): the
+        sampled bits stay device data, read by the batched weight and activation quantizers."""
+        layers = list(self.mixed_layers)
+        logits = self._logits()
+        sizes = [t.numel() for t in logits]
+        hards = self._hards()
         parts = moved.split([sum(sizes)] + [n for n, h in zip(sizes, hards) if h])
-        noise, one_hots = parts[0].split(sizes), iter(parts[1:])
+        noise, raw_hots = parts[0].split(sizes), [p.view_as(t) for p, t in zip(
+            parts[1:], [t for t, h in zip(logits, hards) if h])]
+        one_hots = iter(raw_hots)
         (op_w, op_soft), (w_w, w_soft), (a_w, a_soft) = (
-            gumbel_softmax_rows(t, n.view_as(t).to(t.dtype), next(one_hots).view_as(t).to(t.dtype) if h else None,
+            gumbel_softmax_rows(t, n.view_as(t).to(t.dtype), next(one_hots).to(t.dtype) if h else None,
                                 self.tau, restrict=k == 0 and (self.paths or 0) > 1)
             for k, (t, n, h) in enumerate(zip(logits, noise, hards)))
-        op_idx, w_idx, a_idx = op_idx.tolist(), w_idx.tolist(), a_idx.tolist()
         full = [self._full_bit_matrix(rows, n) for rows, n in
                 ((w_w, len(self.space.w_bits)), (a_w, len(self.space.a_bits)),
                  (w_soft, len(self.space.w_bits)), (a_soft, len(self.space.a_bits)))]
@@ -241,31 +285,50 @@ class Supernet(nn.Module):
         coef = op_w
         if self.hard_bits and self.quantized:
             coef = op_w * self._sampled_factor(full[0]) * self._sampled_factor(full[1])
+        if choices is None:
+            op_idx = w_idx = a_idx = None
+        else:
+            op_idx, w_idx, a_idx = (c.tolist() for c in choices)
         r = 0
         running_convs = []
         for li, layer in enumerate(layers):
             layer.last_op_weights, layer.last_w_weights, layer.last_a_weights = op_w[li], full[0][li], full[1][li]
             layer.last_coef = coef[li]
-            running = op_idx[li] if self.paths else range(len(layer.ops))
+            running = op_idx[li] if self.paths and op_idx is not None else range(len(layer.ops))
             for i in running:
                 running_convs += self._op_convs[li][i]
             layer.last_soft_op, layer.last_soft_w, layer.last_soft_a = op_soft[li], full[2][li], full[3][li]
-            layer.last_indices = op_idx[li]
+            layer.last_indices = op_idx[li] if op_idx is not None else list(running)
             for r_op, i in enumerate(layer.bit_ops, start=r):
                 st = layer.bit_states[i]
                 st.clear()
                 if self.paths and i not in running:
                     continue  # only the sampled ops run
                 st.w_probs, st.a_probs = w_w[r_op], a_w[r_op]
-                if self.hard_bits:
+                if self.hard_bits and w_idx is not None:
                     st.w_index, st.a_index = w_idx[r_op], a_idx[r_op]
             r += len(layer.bit_ops)
-        if self.hard_bits and self.quantized:
+        if not self.quantized:
+            return
+        if self.hard_bits and choices is None:  # staged: the sampled bits as device data
+            w_hot, a_hot = raw_hots[-2], raw_hots[-1]
+            prequantize_weights_sampled(running_convs, self._conv_bit_rows, w_hot, self.space.w_bits)
+            self._prequantized = running_convs
+            prescale_activations_sampled(running_convs, self._conv_bit_rows, a_hot, self.space.a_bits)
+            self._prescaled = running_convs + self._fixed_convs
+            prescale_activations(self._fixed_convs, cached_tops=True)
+            return
+        if self.hard_bits:
             prequantize_weights(running_convs)
             self._prequantized = running_convs
-        if self.quantized:
-            self._prescaled = running_convs + self._fixed_convs
-            prescale_activations(self._prescaled)
+        self._prescaled = running_convs + self._fixed_convs
+        prescale_activations(self._prescaled, cached_tops=choices is None)
+
+    def _bit_row(self, layer_index: int, op_index: int) -> int:
+        """The row of op `op_index` of a layer in the stacked bit logits; -1 for an op without bits."""
+        start = sum(len(l.bit_ops) for l in list(self.mixed_layers)[:layer_index])
+        bit_ops = self.mixed_layers[layer_index].bit_ops
+        return start + bit_ops.index(op_index) if op_index in bit_ops else -1
 
     def _sample_ops(self, noisy: torch.Tensor) -> torch.Tensor:
         """[L, n_ops] noisy op logits -> [L, paths] indices of the ops to run: the largest noisy logits, or
@@ -339,6 +402,11 @@ class Supernet(nn.Module):
                 layer.fix(i, wi, ai)
             self._weights = None
             hard = True
+        elif self.staged:
+            if self._staged is None:
+                raise RuntimeError("a staged forward needs stage_sample() first")
+            self._apply_sample(self._staged, None)
+            hard = False
         else:
             self.sample()
             hard = self.paths is not None
@@ -352,7 +420,7 @@ class Supernet(nn.Module):
             for conv in self._prequantized:  # a conv that did not run must not keep this sample's weight
                 conv.prequantized = None
             for conv in self._prescaled:
-                conv.act_quant.prescale = None
+                conv.act_quant.prescale = conv.act_quant.sampled = None
             self._prequantized, self._prescaled = [], []
 
     # ------------------------------------------------------------------ the sample as tensors

@@ -285,3 +285,40 @@ def test_step_stats_on_a_gpu_are_read_one_step_late():
     assert stats.push({"ce": torch.tensor(1.0, device="cuda")}, 0) is None
     assert stats.push({"ce": torch.tensor(2.0, device="cuda")}, 1) == ({"ce": 1.0}, 0)
     assert stats.flush() == ({"ce": 2.0}, 1) and stats.flush() is None
+
+
+@pytest.mark.parametrize("bit_sampling", ["hard", "soft"])
+def test_a_staged_forward_equals_the_eager_one_with_the_same_sample(space, bit_sampling):
+    """Supernet.stage_sample + a staged forward (what a CUDA graph replays: the sampled bits as device data)
+    give the eager forward's output and gradients for the same sample, and draw the same samples after."""
+    torch.manual_seed(0)
+    eager = Supernet(space, mode="soft", bit_sampling=bit_sampling)
+    staged = Supernet(space, mode="soft", bit_sampling=bit_sampling)
+    staged.load_state_dict(eager.state_dict())
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for net in (eager, staged):
+        net(x)  # quantizer ranges observed once, as a plain first step does
+    table = latency_matrix(get_table(space, "bitfusion"), space)
+    for _ in range(3):
+        eager.zero_grad(set_to_none=True)
+        staged.zero_grad(set_to_none=True)
+        out_eager = eager(x)
+        staged.stage_sample()
+        staged.staged = True
+        out_staged = staged(x)
+        staged.staged = False
+        torch.testing.assert_close(out_staged, out_eager, rtol=1e-5, atol=1e-5)
+        for net, out in ((eager, out_eager), (staged, out_staged)):
+            (F.cross_entropy(out, y) + sample_cost(net, table)).backward()
+        for (name, p), q in zip(eager.named_parameters(), staged.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for a, b in zip(eager.buffers(), staged.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+def test_only_all_path_supernets_with_batched_weight_bits_can_be_staged(space):
+    assert Supernet(space, mode="soft").can_stage()
+    assert not Supernet(space, mode="hard").can_stage()
+    assert not Supernet(space, mode="two_path").can_stage()

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .bits import EPS, BitState, act_levels, constant, constant_vector, qmax_signed
+from .bits import EPS, BitState, act_levels, cached, constant, constant_vector, qmax_signed, to_device_async
 
 EMA_MOMENTUM = 0.1
 
@@ -76,10 +76,12 @@ def _update_ranges(pending: list[tuple["ActQuantizer", torch.Tensor]]) -> None:
             q.prescale = None
 
 
-def prescale_activations(convs: Sequence[nn.Module]) -> None:
+def prescale_activations(convs: Sequence[nn.Module], cached_tops: bool = False) -> None:
     """Compute, in one batch, the input scale of each conv/linear in `convs` at its one activation bit-width
     (sampled or fixed) and hand it to the conv's quantizer for its next forward (cleared when its range
-    moves). Quantizers with mixed (soft) bits, MSE clipping or no range yet compute their own."""
+    moves). Quantizers with mixed (soft) bits, MSE clipping or no range yet compute their own. `cached_tops`:
+    the top levels come from a cached device constant instead of a fresh host copy (for bits that do not change
+    from forward to forward, e.g. inside a CUDA graph, which must not copy from host memory)."""
     batch, tops = [], []
     for c in convs:
         st, q = c.bit_state, c.act_quant
@@ -91,10 +93,66 @@ def prescale_activations(convs: Sequence[nn.Module]) -> None:
     if not batch:
         return
     maxes = torch.stack([q.running_max for q, _ in batch])
-    top = torch.tensor(tops, dtype=maxes.dtype, pin_memory=maxes.is_cuda).to(maxes.device, non_blocking=True)
+    if cached_tops:
+        top = constant_vector(tuple(tops), maxes.device, maxes.dtype)
+    else:
+        top = torch.tensor(tops, dtype=maxes.dtype, pin_memory=maxes.is_cuda).to(maxes.device, non_blocking=True)
     scales = (maxes / top).clamp_min_(EPS)
     for i, (q, bits) in enumerate(batch):
         q.prescale = (bits, scales[i])
+
+
+def prescale_activations_sampled(convs: Sequence[nn.Module], bit_rows: Sequence[int], a_hot: torch.Tensor,
+                                 a_bits: Sequence[int]) -> None:
+    """The input scales and clipping bounds of `convs` at sampled bits held as device data: conv k is at the
+    option of one-hot row `bit_rows[k]` of `a_hot` ([R, len(a_bits)]). Each quantizer gets (scale, lowest,
+    highest value) as device scalars for its next forward, so the kernels are the same whatever was sampled
+    (a CUDA graph can replay them). Every quantizer must have its range already (a forward observed it)."""
+    quantizers = [c.act_quant for c in convs]
+    if not quantizers:
+        return
+    if any(not q._host_state()[0] or q.clip_bits is not None for q in quantizers):
+        raise RuntimeError("device-sampled activation bits need every quantizer's range (run one plain forward "
+                           "first) and no MSE clipping")
+    dev = a_hot.device
+    signed = tuple(q.signed for q in quantizers)
+    n_rows = a_hot.shape[0]
+    tops_of_row = [(a_hot * constant_vector(tuple(float(act_levels(b, s)[1]) for b in a_bits), dev)).sum(-1)
+                   for s in (False, True)]  # exact: a one-hot times integers
+    index = cached(("act_bit_rows", tuple(bit_rows), signed, n_rows, dev), lambda: to_device_async(
+        torch.tensor([r + n_rows * s for r, s in zip(bit_rows, signed)]), dev))
+    tops = torch.cat(tops_of_row).index_select(0, index)
+    scales = (torch.stack([q.running_max for q in quantizers]) / tops).clamp_min_(EPS)
+    highest = tops * scales
+    lowest = highest * constant_vector(tuple(-1.0 if s else 0.0 for s in signed), dev)
+    for q, scale, lo, hi in zip(quantizers, scales.unbind(), lowest.unbind(), highest.unbind()):
+        q.sampled = (scale, lo, hi)
+
+
+_WIDE_LEVELS = 1 << 16  # beyond any activation's levels: the clamp to the sampled bits' range follows
+
+
+class _FakeQuantBounded(torch.autograd.Function):
+    """fake_quantize(x, scale, lo, hi) with the range given as device scalars lowest = lo * scale and highest =
+    hi * scale instead of host integers: quantized on a wide integer range, then clamped; the gradient is
+    masked to the elements inside the range (the clipped straight-through estimator, as fake_quantize's)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, lowest, highest):
+        y = fake_quantize(x, scale, -_WIDE_LEVELS, _WIDE_LEVELS)
+        lo, hi = lowest.to(y.dtype), highest.to(y.dtype)
+        ctx.save_for_backward((y >= lo) & (y <= hi))
+        return y.clamp_(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
+def fake_quantize_bounded(x: torch.Tensor, scale: torch.Tensor, lowest: torch.Tensor, highest: torch.Tensor,
+                          ) -> torch.Tensor:
+    return _FakeQuantBounded.apply(x, scale, lowest, highest)
 
 
 class _FakeQuantDecomposed(torch.autograd.Function):
@@ -168,6 +226,7 @@ class ActQuantizer(nn.Module):
         self.clip_bits: Optional[int] = None  # set: track the MSE-optimal range at these bits, not min/max
         self._state: Optional[tuple[bool, bool]] = None  # host copy of (initialized, signed)
         self.prescale: Optional[tuple[int, torch.Tensor]] = None  # (bits, scale) from prescale_activations
+        self.sampled: Optional[tuple[torch.Tensor, ...]] = None  # (scale, lowest, highest): prescale_activations_sampled
 
     def _host_state(self) -> tuple[bool, bool]:
         if self._state is None:
@@ -239,6 +298,8 @@ class ActQuantizer(nn.Module):
             return x
         if self.training and not self.frozen:
             self.observe(x)
+        if self.sampled is not None:
+            return fake_quantize_bounded(x, *self.sampled)
         bits = state.single_a_bits()
         if bits is not None:
             return self.quantize(x, bits)

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .act import ActQuantizer
-from .bits import EPS, BitState, cached, constant, qmax_signed, to_device_async
+from .bits import EPS, BitState, cached, constant, constant_vector, qmax_signed, to_device_async
 
 
 # ------------------------------------------------------------------------------- weight quantization
@@ -143,20 +143,45 @@ def prequantize_weights(convs: Sequence["QConv2d"]) -> None:
     if not batch:
         return
     w0 = batch[0].weight
+    qmax = torch.cat([constant(c.weight.shape[0], float(qmax_signed(b)), w0.device, w0.dtype)
+                      for c, b in zip(batch, bits)])
+    _quantize_batch(batch, qmax)
+
+
+def prequantize_weights_sampled(convs: Sequence["QConv2d"], bit_rows: Sequence[int], w_hot: torch.Tensor,
+                                w_bits: Sequence[int]) -> None:
+    """prequantize_weights with the sampled bits as device data: conv k is at the option of one-hot row
+    `bit_rows[k]` of `w_hot` ([R, len(w_bits)]), so the kernels are the same whatever was sampled (a CUDA
+    graph can replay them). Every option must be >= 2 bits."""
+    if not convs:
+        return
+    if min(w_bits) < 2:
+        raise ValueError(f"device-sampled weight bits need options >= 2, got {tuple(w_bits)}")
+    w0 = convs[0].weight
+    dev = w0.device
+    qmax_of_row = (w_hot.to(w0.dtype) * constant_vector(tuple(float(qmax_signed(b)) for b in w_bits), dev, w0.dtype)
+                   ).sum(-1)  # exact: a one-hot times integers
+    index = cached(("channel_bit_rows", tuple((r, c.weight.shape[0]) for r, c in zip(bit_rows, convs)), dev),
+                   lambda: to_device_async(torch.tensor([r for r, c in zip(bit_rows, convs)
+                                                         for _ in range(c.weight.shape[0])]), dev))
+    _quantize_batch(list(convs), qmax_of_row.index_select(0, index))
+
+
+def _quantize_batch(batch: Sequence["QConv2d"], qmax: torch.Tensor) -> None:
+    """Hand each conv of `batch` its weight quantized per output channel to the levels +-qmax (one entry per
+    output channel of the batch, in order)."""
+    w0 = batch[0].weight
     dev = w0.device
     rows = [c.weight.shape[0] for c in batch]
     numels = [c.weight.numel() for c in batch]
     pads = [-n % _ALIGN for n in numels]
     lengths = torch.cat([_row_lengths(r, n // r, pad, dev) for r, n, pad in zip(rows, numels, pads)])
-    qmax = torch.cat([constant(r, float(qmax_signed(b)), dev, w0.dtype) for r, b in zip(rows, bits)])
     n_rows, n_elem = sum(rows), sum(numels) + sum(pads)
     row_of_elem = torch.repeat_interleave(torch.arange(n_rows, device=dev), lengths, output_size=n_elem)
     out_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
     for c, wq in zip(batch, _BatchedSTEWeights.apply(row_of_elem, qmax, n_rows, pads, out_dtype,
                                                      *(c.weight for c in batch))):
         c.prequantized = wq
-
-
 
 
 # ------------------------------------------------------------------------------------ quantized layers
