@@ -55,6 +55,10 @@ class LatencyPenalty(Stateless):
         """A latency the derived architecture must stay within (ms), or None."""
         return None
 
+    def to(self, device: torch.device) -> None:
+        """Keep the state that changes during a search (e.g. a multiplier) as device tensors updated in place,
+        so a captured CUDA graph that reads it sees every update."""
+
 
 @register_penalty("multiplicative")
 @dataclass
@@ -122,7 +126,16 @@ class TargetPenalty(LatencyPenalty):
 
     def update(self, lat: Number) -> None:
         step = self.mu + self.eta * (lat / self.limit_ms - 1.0)
-        self.mu = step.detach().clamp_min(0.0) if isinstance(step, torch.Tensor) else max(0.0, step)
+        if not isinstance(step, torch.Tensor):
+            self.mu = max(0.0, step)
+        elif isinstance(self.mu, torch.Tensor) and self.mu.device == step.device:
+            self.mu.copy_(step.detach().clamp_min(0.0))  # in place (see to())
+        else:
+            self.mu = step.detach().clamp_min(0.0)
+
+    def to(self, device: torch.device) -> None:
+        if not (isinstance(self.mu, torch.Tensor) and self.mu.device == torch.device(device)):
+            self.mu = torch.tensor(float(self.mu), device=device)
 
     def state_dict(self) -> dict:
         return {"mu": float(self.mu)}

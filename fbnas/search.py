@@ -20,6 +20,7 @@ from .accelerator import resolve_device
 from .arch import Arch
 from .checkpoint import RunCheckpoint
 from .config import SearchConfig
+from .cuda_graph import GraphedGradients, can_capture
 from .data import DataBundle, TensorBatches, check_matches_space, load_data, make_loader
 from .derive import argmax_within_limit
 from .errors import ConfigError, LatencyTableError, NonFiniteLossError
@@ -85,9 +86,6 @@ class Searcher:
                                  anchor_steps=resolved_anchor_steps(cfg.mode, cfg.anchor_steps)).to(self.device)
         self.supernet.seed(cfg.seed)
         self.dist.broadcast_module(self.supernet)
-        self.channels_last = cfg.channels_last
-        if self.channels_last:
-            self.supernet = self.supernet.to(memory_format=torch.channels_last)
         self.lat_matrix = self.latency.matrix.to(self.device)
         self.ref_ms = cfg.objective.ref_ms or self.latency.uniform_ms(self.supernet.op_has_bits())
         if cfg.objective.kind != "none" and not (math.isfinite(self.ref_ms) and self.ref_ms > 0):
@@ -124,6 +122,16 @@ class Searcher:
         self.a_opt = torch.optim.Adam(self.supernet.arch_parameters(), lr=cfg.optim.arch_lr,
                                       weight_decay=cfg.optim.arch_weight_decay, fused=fused)
         self._w_params, self._a_params = self.supernet.weight_parameters(), self.supernet.arch_parameters()
+        self.cuda_graph_reason = (can_capture(self.device, self.supernet, self.terms) if cfg.cuda_graph
+                                  else "cuda_graph=false")  # None: steps replay CUDA graphs
+        # NHWC by default where steps are graphed: there the GPU's kernels set the pace, and cuDNN's NHWC BatchNorm
+        # and depthwise kernels are 2-10x faster on an H200; eager steps are bound by kernel launches
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.cuda_graph_reason is None
+        if self.channels_last:
+            self.supernet = self.supernet.to(memory_format=torch.channels_last)
+        self._graphs: dict[tuple, tuple[GraphedGradients, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._graph_pool = None
+        self._steps_run = 0
         self.epoch = 0
         self.step = 0
         self.tau_anchor: Optional[list] = None
@@ -179,7 +187,9 @@ class Searcher:
     # ------------------------------------------------------------------ steps
     def _autocast(self):
         enabled = self.device.type == "cuda" and self.cfg.amp
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        # no cast cache: every weight is cast once per forward anyway, and a CUDA graph capture needs it off
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled,
+                              cache_enabled=False)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -208,30 +218,41 @@ class Searcher:
     def weight_step(self, x, y, warmup: bool) -> dict[str, torch.Tensor]:
         """One SGD step of the weights; the losses stay on the device (StepStats reads them)."""
         self.supernet.train()
-        self.w_opt.zero_grad(set_to_none=True)
-        _, ce, lat = self._forward(x, y)
-        loss = ce if warmup else self.penalty(ce, lat)
-        if not warmup:
-            loss = self._add_terms(loss)
-        loss.backward()
+        stats = None
+        if self._graphed_steps():
+            stats = self._replay(("weight", warmup), x, y, lambda xs, ys: self._weight_loss(xs, ys, warmup),
+                                 self._w_params)
+        replayed = stats is not None
+        if not replayed:
+            self.w_opt.zero_grad(set_to_none=True)
+            stats, loss = self._weight_loss(x, y, warmup)
+            loss.backward()
         self.dist.sync(self._w_params, self.supernet)  # gradients and buffers averaged over ranks
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._w_params, self.cfg.optim.grad_clip)
         self.w_opt.step()
+        if replayed:
+            self.w_opt.zero_grad(set_to_none=True)  # the graph's gradients: valid until another graph replays
         self.w_sched.step()
-        return {"ce": ce.detach(), "loss": loss.detach(), "lat": lat.detach()}
+        self._steps_run += 1
+        return stats
+
+    def _weight_loss(self, x, y, warmup: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        _, ce, lat = self._forward(x, y)
+        loss = ce if warmup else self._add_terms(self.penalty(ce, lat))
+        return {"ce": ce.detach(), "loss": loss.detach(), "lat": lat.detach()}, loss
 
     def arch_step(self, x, y) -> dict[str, torch.Tensor]:
         """One Adam step of the architecture logits, then the penalty's update (e.g. the target multiplier) with
-        the latency of the network derived now; no host read."""
+        the latency of the network derived now; no host read. Always eager: a capture of this step (gradients of
+        the logits alone) failed on an H200 in torch 2.11 (the backward wanted the default stream)."""
         self.supernet.train()
         weights = self._w_params
         for p in weights:
             p.requires_grad_(False)
         try:
             self.a_opt.zero_grad(set_to_none=True)
-            _, ce, lat = self._forward(x, y)
-            loss = self._add_terms(self.penalty(ce, lat))
+            stats, loss = self._arch_loss(x, y)
             loss.backward()
             self.dist.sync(self._a_params, self.supernet)
             self.a_opt.step()
@@ -239,7 +260,58 @@ class Searcher:
         finally:
             for p in weights:
                 p.requires_grad_(True)
-        return {"arch_ce": ce.detach(), "arch_loss": loss.detach(), "arch_lat": lat.detach()}
+        return stats
+
+    def _arch_loss(self, x, y) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        _, ce, lat = self._forward(x, y)
+        loss = self._add_terms(self.penalty(ce, lat))
+        return {"arch_ce": ce.detach(), "arch_loss": loss.detach(), "arch_lat": lat.detach()}, loss
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graphed_steps(self) -> bool:
+        """Whether this weight step replays a CUDA graph: possible (cuda_graph_reason is None) and past the
+        first eager step, which gives every activation quantizer its range."""
+        return self.cuda_graph_reason is None and self._steps_run > 0
+
+    def _replay(self, kind: tuple, x, y, loss_of, params) -> Optional[dict[str, torch.Tensor]]:
+        """Copy (x, y) into the inputs of the graph of `kind` at the current temperature (captured on first use:
+        the temperature is a constant inside it), draw the sample on the host, replay; the params' gradients
+        are the graph's until the optimizer has stepped. All graphs share one memory pool: each graph's
+        statistics are copied and its gradients used before another graph replays (the warm-up and the
+        training weight steps are two graphs). A capture that fails turns graphs off for the run (logged) and
+        returns None: the step then runs eagerly."""
+        tau = self.supernet.tau
+        if any(k[-1] != tau for k in self._graphs):  # a new temperature: recapture, in a new pool (a pool
+            self._graphs, self._graph_pool = {}, None  # dies with the last graph that used it)
+        key = kind + (tau,)
+        if key not in self._graphs:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+                self.penalty.to(self.device)
+            inputs = (torch.empty_like(x), torch.empty_like(y))
+
+            def compute():
+                self.supernet.staged = True
+                try:
+                    return loss_of(*inputs)
+                finally:
+                    self.supernet.staged = False
+
+            self._graphs[key] = (GraphedGradients(compute, params, pool=self._graph_pool), inputs)
+            log.info("search step: capturing the %s step as a CUDA graph (tau %.4g)", kind[0], tau)
+        graph, (xs, ys) = self._graphs[key]
+        xs.copy_(x, non_blocking=True)
+        ys.copy_(y, non_blocking=True)
+        self.supernet.stage_sample()
+        if graph.graph is not None:
+            return graph()
+        try:
+            return graph()
+        except RuntimeError as e:  # the capture: PyTorch's errors in it are RuntimeErrors
+            self.cuda_graph_reason = f"the capture failed: {str(e).splitlines()[0]}"
+            self._graphs, self._graph_pool = {}, None
+            log.warning("search step: %s; the steps run eagerly from here", self.cuda_graph_reason)
+            return None
 
     def _add_terms(self, loss: torch.Tensor) -> torch.Tensor:
         for term in self.terms:
@@ -394,6 +466,10 @@ class Searcher:
         log.info("search: space %s (%d layers x %d ops, w bits %s, a bits %s), device %s, mode %s, ref %.3f ms",
                  self.space.name, self.space.num_layers, len(self.space.candidates), self.space.w_bits,
                  self.space.a_bits, self.latency.device_name, cfg.mode, self.ref_ms)
+        if self.device.type == "cuda":
+            log.info("search step: weight steps %s, architecture steps eager, %s", "as CUDA graphs"
+                     if self.cuda_graph_reason is None else f"eager ({self.cuda_graph_reason})",
+                     "NHWC" if self.channels_last else "NCHW")
         while self.epoch < cfg.epochs:
             warmup = self.epoch < cfg.warmup_epochs
             self.supernet.tau = self.temperature(self.epoch)

@@ -24,7 +24,8 @@ CHECKPOINT_FORMAT = "fbnas-search-checkpoint/2"  # /1 stored numpy and Python RN
 # fields a resume may change (the rest must equal the checkpoint's); device and table are compared by name and numbers
 RESUME_FREE = ("epochs", "resume", "progress", "logger", "wandb", "threads", "accelerator", "derive", "lut",
                "device", "device_file", "dist_timeout_s", "data.workers", "data.pin_memory",
-               "data.batch_size")  # per rank: the global batch is checked instead (distributed.per_rank_batch)
+               "data.batch_size",  # per rank: the global batch is checked instead (distributed.per_rank_batch)
+               "cuda_graph", "channels_last")  # how the same arithmetic is launched and laid out
 
 
 def checkpoint_state(s: "Searcher") -> dict:

@@ -105,6 +105,22 @@ def test_target_multiplier_updates_on_the_device_without_a_host_read():
     assert float(t.mu) == 0.0 and t.state_dict() == {"mu": 0.0}
 
 
+def test_target_multiplier_on_the_device_is_updated_in_place_for_a_captured_graph():
+    """After to(device) every penalty's loss reads the same multiplier tensor, which update() changes in place
+    (a CUDA graph captured with it sees every update)."""
+    t = make_penalty("target", 1.0, limit_ms=2.0, eta=0.5)
+    t.load_state_dict({"mu": 0.25})
+    t.to(torch.device("cpu"))
+    mu = t.mu
+    ce, lat = torch.tensor(1.0), torch.tensor(4.0)
+    assert float(t(ce, lat)) == pytest.approx(1.0 + 0.25 * (4.0 / 2.0 - 1.0))
+    t.update(torch.tensor(4.0))
+    t.to(torch.device("cpu"))  # idempotent
+    assert t.mu is mu and float(mu) == pytest.approx(0.75)
+    for kind in PENALTIES:  # every penalty accepts to()
+        make_penalty(kind, 1.0, limit_ms=2.0).to(torch.device("cpu"))
+
+
 def test_fashion_mnist_loads_and_split_is_deterministic():
     b = load_dataset("fashion_mnist", split_arch=0.2, train_subset=5000, seed=3)
     assert (len(b.train), len(b.arch), len(b.test)) == (4000, 1000, 10000)
