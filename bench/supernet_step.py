@@ -6,7 +6,7 @@ also the GPU's own time per step (the sum of its kernels' durations, from the pr
 and how it splits between BatchNorm, depthwise and other kernels: a step whose wall time is well above its
 GPU time is bound by the host (kernel launches), one close to it by the GPU's kernels.
 
-    python bench/supernet_step.py --device cuda --batch 256          # the H100 target run
+    python bench/supernet_step.py --device cuda --batch 256 --steps 8 --warmup 2  # the GPU target run
     python bench/supernet_step.py --device cpu --batch 32 --steps 3  # a quick CPU check
 """
 from __future__ import annotations
@@ -21,24 +21,32 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CONFIGS = {
-    # name: (op mode, quantized, autocast dtype (None: fp32), channels_last, bit_sampling)
-    "reference_fp32_all_paths": ("soft", False, None, False, "soft"),
-    "fbnas_default": ("soft", True, "bf16", False, "hard"),       # `fbnas search` defaults: soft ops, hard bits
-    "fbnas_default_fp32": ("soft", True, None, False, "hard"),    # the same with amp=false
-    "fbnas_default_channels_last": ("soft", True, "bf16", True, "hard"),
-    "fbnas_soft_bits": ("soft", True, "bf16", False, "soft"),     # soft ops, soft (EdMIPS-mixed) bits
-    "fbnas_hard_bits": ("hard", True, "bf16", False, "hard"),     # one path per step (mode=hard)
-    "fbnas_two_path": ("two_path", True, "bf16", False, "hard"),  # two mixed paths per step (mode=two_path)
-    "fbnas_hard_bits_channels_last": ("hard", True, "bf16", True, "hard"),
-    "fbnas_hard_bits_fp32": ("hard", True, None, False, "hard"),
-    "fbnas_two_path_fp32": ("two_path", True, None, False, "hard"),
+    # name: (op mode, quantized, autocast dtype (None: fp32), channels_last, bit_sampling, CUDA graph)
+    "reference_fp32_all_paths": ("soft", False, None, False, "soft", False),
+    "reference_fp32_all_paths_graph": ("soft", False, None, False, "soft", True),  # the reference, captured too
+    # `fbnas search` defaults on CUDA: soft ops, hard bits, bf16 autocast, NHWC, CUDA graphs
+    "fbnas_default": ("soft", True, "bf16", True, "hard", True),
+    "fbnas_default_fp32": ("soft", True, None, True, "hard", True),  # amp=false
+    "fbnas_default_nchw": ("soft", True, "bf16", False, "hard", True),  # channels_last=false
+    "fbnas_default_fp32_nchw": ("soft", True, None, False, "hard", True),
+    "fbnas_default_eager": ("soft", True, "bf16", True, "hard", False),  # cuda_graph=false
+    "fbnas_default_nchw_eager": ("soft", True, "bf16", False, "hard", False),  # both false
+    "fbnas_default_fp32_nchw_eager": ("soft", True, None, False, "hard", False),
+    "fbnas_soft_bits": ("soft", True, "bf16", True, "soft", True),  # soft ops, soft (EdMIPS-mixed) bits
+    "fbnas_soft_bits_fp32": ("soft", True, None, True, "soft", True),
+    "fbnas_soft_bits_nchw_eager": ("soft", True, "bf16", False, "soft", False),
+    "fbnas_hard_bits": ("hard", True, "bf16", False, "hard", False),  # one path per step (mode=hard): eager
+    "fbnas_hard_bits_channels_last": ("hard", True, "bf16", True, "hard", False),
+    "fbnas_hard_bits_fp32": ("hard", True, None, False, "hard", False),
+    "fbnas_two_path": ("two_path", True, "bf16", False, "hard", False),  # two mixed paths (mode=two_path): eager
+    "fbnas_two_path_fp32": ("two_path", True, None, False, "hard", False),
     # a probe of the GPU time the default's kernels could reach, not a search option: fp16 kernels (cuDNN's
     # BatchNorm and depthwise convs in NHWC) without the loss scaling an fp16 search would need
-    "probe_default_fp16_channels_last": ("soft", True, "fp16", True, "hard"),
+    "probe_default_fp16": ("soft", True, "fp16", True, "hard", True),
 }
-DEFAULT_GPU_CONFIGS = ("reference_fp32_all_paths", "fbnas_default", "fbnas_default_fp32", "fbnas_soft_bits",
-                       "fbnas_hard_bits", "fbnas_hard_bits_fp32", "fbnas_two_path", "fbnas_two_path_fp32",
-                       "probe_default_fp16_channels_last")
+DEFAULT_GPU_CONFIGS = ("reference_fp32_all_paths", "reference_fp32_all_paths_graph", "fbnas_default",
+                       "fbnas_default_fp32", "fbnas_default_eager", "fbnas_soft_bits", "fbnas_hard_bits",
+                       "fbnas_hard_bits_fp32", "fbnas_two_path", "fbnas_two_path_fp32")
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -59,9 +67,10 @@ def build_step(name: str, args: dict, dev):
     from fbnas import load_space
     from fbnas.latency import fixed_latency, get_table, latency_matrix
     from fbnas.objective import MultiplicativePenalty
+    from fbnas.cuda_graph import GraphedGradients, can_capture
     from fbnas.supernet import Supernet, sample_cost
 
-    mode, quantized, autocast, channels_last, bit_sampling = CONFIGS[name]
+    mode, quantized, autocast, channels_last, bit_sampling, graph = CONFIGS[name]
     torch.manual_seed(0)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -84,15 +93,42 @@ def build_step(name: str, args: dict, dev):
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, space.num_classes, (b,), device=dev)
 
-    def step():
-        w_opt.zero_grad(set_to_none=True)
-        a_opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
+    def loss_of_step():
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp, cache_enabled=False):
             logits = net(x)
         loss = penalty(F.cross_entropy(logits.float(), y), sample_cost(net, lat_m) + lat_fixed)
-        loss.backward()
+        return {"loss": loss.detach()}, loss
+
+    def eager_step():
+        w_opt.zero_grad(set_to_none=True)
+        a_opt.zero_grad(set_to_none=True)
+        loss_of_step()[1].backward()
         w_opt.step()
         a_opt.step()
+
+    def staged_loss():
+        net.staged = True
+        try:
+            return loss_of_step()
+        finally:
+            net.staged = False
+
+    graph = graph and can_capture(dev, net) is None
+    graphed = GraphedGradients(staged_loss, list(net.parameters())) if graph else None
+    eager_steps = [0]
+
+    def step():
+        # as `fbnas search` does: the first step eager (activation ranges), then the captured graph
+        if graphed is None or net._fixed is not None or eager_steps[0] == 0:
+            eager_step()
+            eager_steps[0] += 1
+            return
+        net.stage_sample()
+        graphed()
+        w_opt.step()
+        a_opt.step()
+        w_opt.zero_grad(set_to_none=True)
+        a_opt.zero_grad(set_to_none=True)
 
     return net, space, step, autocast if amp else None, channels_last
 
@@ -176,15 +212,15 @@ def timed_steps(step, steps: int, dev):
         step()
     sync(dev)
     dt = time.perf_counter() - t0
-    if dev.type == "cuda":
-        return dt, torch.cuda.max_memory_allocated() / 2 ** 30, "cuda max_memory_allocated"
+    if dev.type == "cuda":  # reserved: what the process holds, a CUDA graph's memory pool included
+        return dt, torch.cuda.max_memory_reserved() / 2 ** 30, "cuda max_memory_reserved"
     return dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "process max RSS"
 
 
 def measure(name: str, args: dict, queue) -> None:
     import torch
 
-    mode, quantized, _, _, bit_sampling = CONFIGS[name]
+    mode, quantized, _, _, bit_sampling, _ = CONFIGS[name]
     dev = torch.device(args["device"])
     net, space, step, autocast, channels_last = build_step(name, args, dev)
     warm_up(net, space, step, args["warmup"], dev)
@@ -197,15 +233,22 @@ def measure(name: str, args: dict, queue) -> None:
     gpu_ms = gpu_time(step) if dev.type == "cuda" else None
     b = args["batch"]
     queue.put({"config": name, "mode": mode, "bit_sampling": bit_sampling, "quantized": quantized,
+               "cuda_graph": graph_used(net, name, dev),
                "autocast": autocast, "channels_last": channels_last,
                "images_per_s": args["steps"] * b / dt, "step_ms": 1000 * dt / args["steps"],
                "gpu_ms_per_step": gpu_ms, "peak_mem_gib": peak, "memory": mem_kind,
                "host_syncs_per_step": host_syncs, "sync_sites": sync_sites})
 
 
+def graph_used(net, name: str, dev) -> bool:
+    from fbnas.cuda_graph import can_capture
+
+    return CONFIGS[name][5] and can_capture(dev, net) is None
+
+
 def markdown_table(results: list[dict], ref: dict | None) -> str:
     """The results as a Markdown table; adds each result's ratios to the reference `ref` (None: no ratios)."""
-    lines = ["| config | autocast | images/s | step ms | GPU ms | BN | depthwise | other | peak GiB | x reference "
+    lines = ["| config | kernels | images/s | step ms | GPU ms | BN | depthwise | other | peak GiB | x reference "
              "| memory x | host syncs/step |", "|---|---|" + "---:|" * 10]
     for r in results:
         if ref:
@@ -213,7 +256,8 @@ def markdown_table(results: list[dict], ref: dict | None) -> str:
             r["memory_vs_reference"] = r["peak_mem_gib"] / ref["peak_mem_gib"]
         g = r.get("gpu_ms_per_step") or {}
         gpu = [f"{g[k]:.1f}" if k in g else "-" for k in ("total", "batchnorm", "depthwise_conv", "other")]
-        lines.append(f"| {r['config']} | {r.get('autocast') or 'fp32'}{' NHWC' if r['channels_last'] else ''} | "
+        lines.append(f"| {r['config']} | {r.get('autocast') or 'fp32'}{' NHWC' if r['channels_last'] else ''}"
+                     f"{' graph' if r.get('cuda_graph') else ''} | "
                      f"{r['images_per_s']:.1f} | {r['step_ms']:.1f} | {' | '.join(gpu)} | {r['peak_mem_gib']:.2f} | "
                      f"{r.get('speedup_vs_reference', float('nan')):.2f} | "
                      f"{r.get('memory_vs_reference', float('nan')):.3f} | {r['host_syncs_per_step']} |")
