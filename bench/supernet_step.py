@@ -59,8 +59,8 @@ def sync(dev) -> None:
 
 def build_step(name: str, args: dict, dev):
     """The supernet of configuration `name` with its optimizers and one fixed batch; returns (net, space, step,
-    autocast, channels_last), `step` running one search step, `autocast` the autocast dtype's name (None: fp32)
-    and both as in effect on `dev`."""
+    autocast, channels_last, graph), `step` running one search step, `autocast` the autocast dtype's name (None:
+    fp32) and the last three as in effect on `dev` (graph: the step replays a CUDA graph)."""
     import torch
     import torch.nn.functional as F
 
@@ -107,11 +107,8 @@ def build_step(name: str, args: dict, dev):
         a_opt.step()
 
     def staged_loss():
-        net.staged = True
-        try:
+        with net.staging():
             return loss_of_step()
-        finally:
-            net.staged = False
 
     graph = graph and can_capture(dev, net) is None
     graphed = GraphedGradients(staged_loss, list(net.parameters())) if graph else None
@@ -130,7 +127,7 @@ def build_step(name: str, args: dict, dev):
         w_opt.zero_grad(set_to_none=True)
         a_opt.zero_grad(set_to_none=True)
 
-    return net, space, step, autocast if amp else None, channels_last
+    return net, space, step, autocast if amp else None, channels_last, graph
 
 
 def warm_up(net, space, step, warmup: int, dev) -> None:
@@ -222,7 +219,7 @@ def measure(name: str, args: dict, queue) -> None:
 
     mode, quantized, _, _, bit_sampling, _ = CONFIGS[name]
     dev = torch.device(args["device"])
-    net, space, step, autocast, channels_last = build_step(name, args, dev)
+    net, space, step, autocast, channels_last, graph = build_step(name, args, dev)
     warm_up(net, space, step, args["warmup"], dev)
     host_syncs, sync_sites = None, []
     if dev.type == "cuda":
@@ -233,17 +230,11 @@ def measure(name: str, args: dict, queue) -> None:
     gpu_ms = gpu_time(step) if dev.type == "cuda" else None
     b = args["batch"]
     queue.put({"config": name, "mode": mode, "bit_sampling": bit_sampling, "quantized": quantized,
-               "cuda_graph": graph_used(net, name, dev),
+               "cuda_graph": graph,
                "autocast": autocast, "channels_last": channels_last,
                "images_per_s": args["steps"] * b / dt, "step_ms": 1000 * dt / args["steps"],
                "gpu_ms_per_step": gpu_ms, "peak_mem_gib": peak, "memory": mem_kind,
                "host_syncs_per_step": host_syncs, "sync_sites": sync_sites})
-
-
-def graph_used(net, name: str, dev) -> bool:
-    from fbnas.cuda_graph import can_capture
-
-    return CONFIGS[name][5] and can_capture(dev, net) is None
 
 
 def markdown_table(results: list[dict], ref: dict | None) -> str:

@@ -291,11 +291,8 @@ class Searcher:
             inputs = (torch.empty_like(x), torch.empty_like(y))
 
             def compute():
-                self.supernet.staged = True
-                try:
+                with self.supernet.staging():
                     return loss_of(*inputs)
-                finally:
-                    self.supernet.staged = False
 
             self._graphs[key] = (GraphedGradients(compute, params, pool=self._graph_pool), inputs)
             log.info("search step: capturing the %s step as a CUDA graph (tau %.4g)", kind[0], tau)

@@ -33,6 +33,7 @@ so the latency and Hessian terms use exactly the same sample.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
@@ -218,8 +219,9 @@ class Supernet(nn.Module):
     # ------------------------------------------------------------------ sampling and forward
     def sample(self) -> None:
         """Draw one Gumbel sample for every layer's op and bit choices (batched across layers)."""
-        host, choices = self._draw()
-        self._apply_sample(to_device_async(host, self.mixed_layers[0].op_logits.device), choices)
+        logits = self._logits()
+        host, choices = self._draw(logits)
+        self._apply_sample(to_device_async(host, logits[0].device), choices, logits)
 
     def can_stage(self) -> bool:
         """Whether a forward's kernels are the same at every sample, so a step can be captured as a CUDA graph:
@@ -230,10 +232,21 @@ class Supernet(nn.Module):
     def stage_sample(self) -> None:
         """Draw the next sample on the host, as sample() does, and copy it into a device buffer that a staged
         forward (a captured CUDA graph) reads: the noise and the sampled bits' one-hots."""
-        host, _ = self._draw()
+        with torch.no_grad():
+            host, _ = self._draw(self._logits())
         if self._staged is None or self._staged.numel() != host.numel():
             self._staged = torch.empty(host.numel(), device=self.mixed_layers[0].op_logits.device)
         self._staged.copy_(host.pin_memory() if self._staged.is_cuda else host, non_blocking=True)
+
+    @contextmanager
+    def staging(self):
+        """Within the block, forwards are staged: they read the sample stage_sample() copied to the device (what
+        a CUDA graph captures)."""
+        self.staged = True
+        try:
+            yield
+        finally:
+            self.staged = False
 
     def _logits(self) -> list[torch.Tensor]:
         layers = self.mixed_layers
@@ -244,10 +257,9 @@ class Supernet(nn.Module):
         """Which of (ops, w bits, a bits) are sampled one-hots (the others are plain Gumbel-softmax weights)."""
         return self.paths is not None, self.hard_bits, self.hard_bits
 
-    def _draw(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The host part of a sample: (the noise and the sampled one-hots in one flat host tensor, the sampled
-        indices: ops [L, paths], w bits [R], a bits [R])."""
-        logits = self._logits()
+    def _draw(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The host part of a sample from the stacked `logits` (_logits()): (the noise and the sampled one-hots
+        in one flat host tensor, the sampled indices: ops [L, paths], w bits [R], a bits [R])."""
         # one noise draw (CPU generator: the same samples on every device); the sampled indices come from the
         # logits as of the previous forward (see _lagged_logits), so sampling never waits for the device
         sizes = [t.numel() for t in logits]
@@ -262,12 +274,12 @@ class Supernet(nn.Module):
             self._hards()) if h]
         return torch.cat(host), (op_idx, w_idx, a_idx)  # one asynchronous copy takes it to the device
 
-    def _apply_sample(self, moved: torch.Tensor, choices: Optional[tuple[torch.Tensor, ...]]) -> None:
+    def _apply_sample(self, moved: torch.Tensor, choices: Optional[tuple[torch.Tensor, ...]],
+                      logits: list[torch.Tensor]) -> None:
         """The device part of a sample: the relaxations and straight-through weights from the noise and one-hots
         in `moved` (on the device), and the bits of every running op. `choices` None (a staged forward): the
         sampled bits stay device data, read by the batched weight and activation quantizers."""
         layers = list(self.mixed_layers)
-        logits = self._logits()
         sizes = [t.numel() for t in logits]
         hards = self._hards()
         parts = moved.split([sum(sizes)] + [n for n, h in zip(sizes, hards) if h])
@@ -405,7 +417,7 @@ class Supernet(nn.Module):
         elif self.staged:
             if self._staged is None:
                 raise RuntimeError("a staged forward needs stage_sample() first")
-            self._apply_sample(self._staged, None)
+            self._apply_sample(self._staged, None, self._logits())
             hard = False
         else:
             self.sample()

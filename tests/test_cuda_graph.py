@@ -32,11 +32,8 @@ def test_a_replayed_step_gives_the_eager_gradients_of_the_same_sample(space):
         net(x)  # the activation ranges, as a first eager step gives them
 
     def compute():
-        graphed.staged = True
-        try:
+        with graphed.staging():
             loss = F.cross_entropy(graphed(x), y)
-        finally:
-            graphed.staged = False
         return {"loss": loss.detach()}, loss
 
     step = GraphedGradients(compute, list(graphed.parameters()), warmup=1)

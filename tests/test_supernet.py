@@ -304,9 +304,8 @@ def test_a_staged_forward_equals_the_eager_one_with_the_same_sample(space, bit_s
         staged.zero_grad(set_to_none=True)
         out_eager = eager(x)
         staged.stage_sample()
-        staged.staged = True
-        out_staged = staged(x)
-        staged.staged = False
+        with staged.staging():
+            out_staged = staged(x)
         torch.testing.assert_close(out_staged, out_eager, rtol=1e-5, atol=1e-5)
         for net, out in ((eager, out_eager), (staged, out_staged)):
             (F.cross_entropy(out, y) + sample_cost(net, table)).backward()

@@ -226,7 +226,7 @@ class ActQuantizer(nn.Module):
         self.clip_bits: Optional[int] = None  # set: track the MSE-optimal range at these bits, not min/max
         self._state: Optional[tuple[bool, bool]] = None  # host copy of (initialized, signed)
         self.prescale: Optional[tuple[int, torch.Tensor]] = None  # (bits, scale) from prescale_activations
-        self.sampled: Optional[tuple[torch.Tensor, ...]] = None  # (scale, lowest, highest): prescale_activations_sampled
+        self.sampled: Optional[tuple[torch.Tensor, ...]] = None  # prescale_activations_sampled's (scale, lo, hi)
 
     def _host_state(self) -> tuple[bool, bool]:
         if self._state is None:
@@ -242,7 +242,7 @@ class ActQuantizer(nn.Module):
             span = torch.maximum(state_dict[lo_key].abs(), state_dict[hi_key].abs())
             state_dict[lo_key], state_dict[hi_key] = -span, span
         self._state = None
-        self.prescale = None
+        self.prescale = self.sampled = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
