@@ -111,7 +111,8 @@ def build_step(name: str, args: dict, dev):
             return loss_of_step()
 
     graph = graph and can_capture(dev, net) is None
-    graphed = GraphedGradients(staged_loss, list(net.parameters())) if graph else None
+    graphed = (GraphedGradients(staged_loss, list(net.parameters()), release=net.release_sample)
+               if graph else None)
     eager_steps = [0]
 
     def step():

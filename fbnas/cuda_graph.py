@@ -22,8 +22,10 @@ class GraphedGradients:
     make a new one when that changes. Each call replays the graph, points every param's .grad at the graph's
     gradient (None where the loss does not depend on it) and returns copies of the statistics."""
 
-    def __init__(self, compute: Compute, params: Sequence[torch.nn.Parameter], warmup: int = 2, pool=None):
+    def __init__(self, compute: Compute, params: Sequence[torch.nn.Parameter], warmup: int = 2, pool=None,
+                 release: Optional[Callable[[], None]] = None):
         self.compute = compute
+        self.release = release or (lambda: None)
         self.params = list(params)
         self.warmup = warmup
         self.pool = pool
@@ -39,16 +41,23 @@ class GraphedGradients:
         return torch.stack([v.detach().float().reshape(()) for v in stats.values()]), grads
 
     def capture(self) -> None:
-        """Warm up on a side stream (cuDNN autotuning, lazily made constants), then capture."""
+        """Warm up on a side stream (cuDNN autotuning, lazily made constants), then capture. Before each run
+        `release` drops what compute's owner keeps of the previous forward (e.g. the sample's relaxed weights):
+        while such a tensor lives, so does the autograd node that accumulates into its leaf (a logit), and that
+        node keeps the stream it was made on; a backward under capture that reaches a node of the default
+        stream fails ("operation would make the legacy stream depend on a capturing blocking stream")."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
+                self.release()
                 self._run()
+            self.release()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=self.pool):
             self._stats, self._grads = self._run()
+        self.release()
 
     def __call__(self) -> dict[str, torch.Tensor]:
         if self.graph is None:

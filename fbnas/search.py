@@ -243,19 +243,24 @@ class Searcher:
         return {"ce": ce.detach(), "loss": loss.detach(), "lat": lat.detach()}, loss
 
     def arch_step(self, x, y) -> dict[str, torch.Tensor]:
-        """One Adam step of the architecture logits, then the penalty's update (e.g. the target multiplier) with
-        the latency of the network derived now; no host read. Always eager: a capture of this step (gradients of
-        the logits alone) failed on an H200 in torch 2.11 (the backward wanted the default stream)."""
+        """One Adam step of the architecture logits (replayed as a CUDA graph where the weight steps are), then
+        the penalty's update (e.g. the target multiplier) with the latency of the network derived now; no host
+        read. The weights do not require grad meanwhile, so no weight gradient is computed."""
         self.supernet.train()
         weights = self._w_params
         for p in weights:
             p.requires_grad_(False)
         try:
-            self.a_opt.zero_grad(set_to_none=True)
-            stats, loss = self._arch_loss(x, y)
-            loss.backward()
+            stats = self._replay(("arch",), x, y, self._arch_loss, self._a_params) if self._graphed_steps() else None
+            replayed = stats is not None
+            if not replayed:
+                self.a_opt.zero_grad(set_to_none=True)
+                stats, loss = self._arch_loss(x, y)
+                loss.backward()
             self.dist.sync(self._a_params, self.supernet)
             self.a_opt.step()
+            if replayed:
+                self.a_opt.zero_grad(set_to_none=True)  # the graph's gradients: valid until another graph replays
             self.penalty.update(argmax_cost(self.supernet, self.lat_matrix) + self.latency.fixed_ms)
         finally:
             for p in weights:
@@ -277,9 +282,9 @@ class Searcher:
         """Copy (x, y) into the inputs of the graph of `kind` at the current temperature (captured on first use:
         the temperature is a constant inside it), draw the sample on the host, replay; the params' gradients
         are the graph's until the optimizer has stepped. All graphs share one memory pool: each graph's
-        statistics are copied and its gradients used before another graph replays (the warm-up and the
-        training weight steps are two graphs). A capture that fails turns graphs off for the run (logged) and
-        returns None: the step then runs eagerly."""
+        statistics are copied and its gradients used before another graph replays (the warm-up weight step,
+        the weight step and the arch step are three graphs). A capture that fails turns graphs off for the run
+        (logged) and returns None: the step then runs eagerly."""
         tau = self.supernet.tau
         if any(k[-1] != tau for k in self._graphs):  # a new temperature: recapture, in a new pool (a pool
             self._graphs, self._graph_pool = {}, None  # dies with the last graph that used it)
@@ -294,7 +299,8 @@ class Searcher:
                 with self.supernet.staging():
                     return loss_of(*inputs)
 
-            self._graphs[key] = (GraphedGradients(compute, params, pool=self._graph_pool), inputs)
+            self._graphs[key] = (GraphedGradients(compute, params, pool=self._graph_pool,
+                                                  release=self.supernet.release_sample), inputs)
             log.info("search step: capturing the %s step as a CUDA graph (tau %.4g)", kind[0], tau)
         graph, (xs, ys) = self._graphs[key]
         xs.copy_(x, non_blocking=True)
@@ -464,7 +470,7 @@ class Searcher:
                  self.space.name, self.space.num_layers, len(self.space.candidates), self.space.w_bits,
                  self.space.a_bits, self.latency.device_name, cfg.mode, self.ref_ms)
         if self.device.type == "cuda":
-            log.info("search step: weight steps %s, architecture steps eager, %s", "as CUDA graphs"
+            log.info("search step: weight and architecture steps %s, %s", "as CUDA graphs"
                      if self.cuda_graph_reason is None else f"eager ({self.cuda_graph_reason})",
                      "NHWC" if self.channels_last else "NCHW")
         while self.epoch < cfg.epochs:

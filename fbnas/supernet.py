@@ -17,8 +17,8 @@ Modes:
   deep supernets at chance for hundreds of steps (bench/path_sampling.py). K = 1 is the plain Gumbel top-2.
 - bit_sampling: how the bit options of an op are combined, independently of the op mode: `soft` (EdMIPS: the
   quantized weights and inputs of every option are mixed, one conv) or `hard` (one option sampled,
-  straight-through). Hard-mode ops always sample their bits; soft ops with hard bits cost about a float
-  soft supernet (soft bits cost 2-3x more on CPU).
+  straight-through). Hard-mode ops always sample their bits. Soft bits mix the weights of every conv in one
+  batch and the activations in one fused kernel on a GPU (fbnas.quant).
 - fixed: a given architecture (op and bit indices per layer) runs inside the supernet, no sampling.
 - staged (soft ops only, for a CUDA graph): stage_sample() draws the sample on the host as usual and copies the noise
   and the sampled bits' one-hots into a device buffer; a forward with `staged` set reads them from there and keeps
@@ -43,9 +43,11 @@ import torch.nn.functional as F
 from .arch import Arch
 from .blocks import build_op
 from .model import Head, make_stem
-from .quant.act import deferred_range_updates, prescale_activations, prescale_activations_sampled
+from .quant.act import (deferred_range_updates, prescale_activations, prescale_activations_mixed,
+                        prescale_activations_sampled)
 from .quant.bits import BitState, to_device_async
-from .quant.fake import QConv2d, QLinear, prequantize_weights, prequantize_weights_sampled
+from .quant.fake import (QConv2d, QLinear, prequantize_weights, prequantize_weights_mixed,
+                         prequantize_weights_sampled)
 from .space import LayerShape, SearchSpace
 from .step_stats import copy_to_host_async
 
@@ -333,6 +335,10 @@ class Supernet(nn.Module):
         if self.hard_bits:
             prequantize_weights(running_convs)
             self._prequantized = running_convs
+        elif 2 <= min(self.space.w_bits) and max(self.space.w_bits) < 32:  # soft bits: the mixtures in one batch
+            prequantize_weights_mixed(running_convs, self._conv_bit_rows, w_w, self.space.w_bits)
+            self._prequantized = running_convs
+            prescale_activations_mixed(running_convs)
         self._prescaled = running_convs + self._fixed_convs
         prescale_activations(self._prescaled, cached_tops=choices is None)
 
@@ -434,6 +440,16 @@ class Supernet(nn.Module):
             for conv in self._prescaled:
                 conv.act_quant.prescale = conv.act_quant.sampled = None
             self._prequantized, self._prescaled = [], []
+
+    def release_sample(self) -> None:
+        """Drop the tensors the last forward kept of its sample (relaxed weights, straight-through factors), and
+        with them its autograd graph (fbnas.cuda_graph.GraphedGradients.capture needs that)."""
+        self._weights = None
+        for layer in self.mixed_layers:
+            layer.last_op_weights = layer.last_w_weights = layer.last_a_weights = None
+            layer.last_soft_op = layer.last_soft_w = layer.last_soft_a = layer.last_coef = None
+            for st in layer.bit_states:
+                st.clear()
 
     # ------------------------------------------------------------------ the sample as tensors
     def sample_weights(self, soft: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,10 +22,11 @@ def test_only_all_path_steps_on_cuda_without_host_terms_are_captured(space):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_a_replayed_step_gives_the_eager_gradients_of_the_same_sample(space):
+@pytest.mark.parametrize("bit_sampling", ["hard", "soft"])
+def test_a_replayed_step_gives_the_eager_gradients_of_the_same_sample(space, bit_sampling):
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    eager, graphed = Supernet(space).to(dev), Supernet(space).to(dev)
+    eager, graphed = (Supernet(space, bit_sampling=bit_sampling).to(dev) for _ in range(2))
     graphed.load_state_dict(eager.state_dict())
     x, y = torch.randn(16, 1, 28, 28, device=dev), torch.randint(0, 10, (16,), device=dev)
     for net in (eager, graphed):
@@ -36,7 +37,8 @@ def test_a_replayed_step_gives_the_eager_gradients_of_the_same_sample(space):
             loss = F.cross_entropy(graphed(x), y)
         return {"loss": loss.detach()}, loss
 
-    step = GraphedGradients(compute, list(graphed.parameters()), warmup=1)
+    step = GraphedGradients(compute, list(graphed.parameters()), warmup=1,
+                            release=graphed.release_sample)
     graphed.stage_sample()
     step.capture()  # its warm-up forward moved the activation ranges: the eager net starts from them too
     eager.load_state_dict(graphed.state_dict())
@@ -54,6 +56,22 @@ def test_a_replayed_step_gives_the_eager_gradients_of_the_same_sample(space):
         for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
             if p.grad is not None:
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused mixture is compiled for a GPU")
+def test_the_compiled_activation_mixture_equals_the_eager_one():
+    from fbnas.quant.act import _mix_backward, _mix_forward, _mix_functions
+
+    x = (torch.randn(8, 16, 9, 9, device="cuda") * 2).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    probs, scales = torch.tensor([0.4, 0.6], device="cuda"), torch.tensor([0.25, 0.02], device="cuda")
+    levels = ((0, 15), (0, 255))
+    fwd, bwd = _mix_functions(x)
+    assert fwd is not _mix_forward
+    inv = torch.reciprocal(scales)
+    torch.testing.assert_close(fwd(x, inv, probs * scales, levels), _mix_forward(x, inv, probs * scales, levels))
+    for a, b in zip(bwd(x, grad, inv, probs, scales, levels), _mix_backward(x, grad, inv, probs, scales, levels)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_a_failed_capture_turns_graphs_off_and_the_step_runs_eagerly(tmp_path, monkeypatch):

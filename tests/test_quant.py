@@ -4,7 +4,9 @@ import torch
 from fbnas.quant.act import (ActQuantizer, deferred_range_updates, fake_quantize, mse_clip_range,
                              prescale_activations)
 from fbnas.quant.bits import BitState, act_levels
-from fbnas.quant.fake import QConv2d, fake_quant_weight, quant_error_sq, quantize_weight_int, weight_scale
+from fbnas.quant.act import _mix_backward, _mix_forward
+from fbnas.quant.fake import (QConv2d, fake_quant_weight, mixed_weight, prequantize_weights_mixed, quant_error_sq,
+                              quantize_weight_int, weight_scale)
 
 
 def test_weight_quant_per_channel_symmetric():
@@ -120,6 +122,77 @@ def test_mixed_bits_equal_weighted_sum_and_gradients_to_probs():
     assert torch.allclose(y, ref, atol=1e-5)
     y.sum().backward()
     assert pw.grad is not None and torch.all(pw.grad != 0) and torch.all(pa.grad != 0)
+
+
+def test_batched_mixed_weights_equal_each_convs_mixture_with_its_gradients():
+    """prequantize_weights_mixed (soft bits of many convs in one batch) gives every conv sum_b p_b Q_b(W) and the
+    gradients mixed_weight gives, to the weights and to the probabilities (two convs share one row of them)."""
+    torch.manual_seed(0)
+    convs = [QConv2d(c_in, c_out, k, groups=g, bias=False, bit_state=BitState((2, 4, 8), (4, 8)))
+             for c_in, c_out, k, g in ((3, 5, 3, 1), (5, 5, 3, 5), (5, 7, 1, 1))]
+    bit_rows = [1, 0, 1]
+    logits = torch.randn(2, 3, requires_grad=True)
+    g = [torch.randn(c.weight.shape) for c in convs]
+
+    def grads(batched: bool):
+        for c in convs:
+            c.weight.grad = None
+        logits.grad = None
+        probs = logits.softmax(-1)
+        if batched:
+            prequantize_weights_mixed(convs, bit_rows, probs, (2, 4, 8))
+            outs = [c.prequantized for c in convs]
+        else:
+            outs = []
+            for c, r in zip(convs, bit_rows):
+                c.bit_state.w_probs = probs[r]
+                outs.append(mixed_weight(c.weight, c.bit_state))
+        sum((o * gi).sum() for o, gi in zip(outs, g)).backward()
+        return [o.detach() for o in outs], [c.weight.grad for c in convs], logits.grad.clone()
+
+    (out_b, gw_b, gp_b), (out_r, gw_r, gp_r) = grads(True), grads(False)
+    for a, b in zip(out_b + gw_b, out_r + gw_r):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gp_b, gp_r, rtol=1e-5, atol=1e-6)
+    assert torch.all(gp_b != 0)
+
+
+def test_activation_mixture_matches_its_autograd_reference():
+    """_mix_forward / _mix_backward (the fused activation mixture) against autograd through sum_b p_b Q_b(x) with
+    ATen's fake quantization: same output, same gradient to x (clipped straight-through) and to p."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5) * 3
+    grad = torch.randn_like(x)
+    probs = torch.tensor([0.3, 0.7], requires_grad=True)
+    scales = torch.tensor([2.0 / 7, 2.0 / 127])
+    levels = ((-7, 7), (-127, 127))
+    xr = x.clone().requires_grad_(True)
+    ref = sum(probs[i] * torch.fake_quantize_per_tensor_affine(xr, float(scales[i]), 0, lo, hi)
+              for i, (lo, hi) in enumerate(levels))
+    ref.backward(grad)
+    out = _mix_forward(x, torch.reciprocal(scales), probs.detach() * scales, levels)
+    grad_x, grad_probs = _mix_backward(x, grad, torch.reciprocal(scales), probs.detach(), scales, levels)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_x, xr.grad)
+    torch.testing.assert_close(grad_probs, probs.grad, rtol=1e-5, atol=1e-5)
+    assert 0 < int((xr.grad == 0).sum()) < x.numel()  # some elements clipped at both options
+
+
+def test_a_mixture_that_fails_to_compile_runs_eagerly_from_then_on(monkeypatch):
+    from fbnas.quant import act
+
+    def broken(*args):
+        raise RuntimeError("no working C compiler\nmore")
+
+    warnings = []
+    monkeypatch.setattr(act, "_mix_functions", lambda x: (broken, broken))
+    monkeypatch.setattr(act, "_COMPILED_MIX", {})
+    monkeypatch.setattr(act.log, "warning", lambda msg, *a: warnings.append(msg % a))
+    x = torch.rand(2, 3, 4, 4)
+    scales = torch.tensor([0.1, 0.01])
+    args = (torch.reciprocal(scales), torch.tensor([0.5, 0.5]) * scales, ((0, 15), (0, 255)))
+    assert torch.equal(act._call_mix(0, x, *args), _mix_forward(x, *args))
+    assert act._COMPILED_MIX["failed"] and len(warnings) == 1 and "no working C compiler" in warnings[0]
 
 
 def test_hard_bits_compute_only_the_sampled_option():

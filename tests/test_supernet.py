@@ -262,6 +262,29 @@ def test_batched_weight_quantization_gives_the_per_conv_forward(space, mode, mon
     assert torch.equal(outs[0], outs[1])
 
 
+def test_soft_bits_batched_give_the_per_conv_mixtures_and_gradients(space, monkeypatch):
+    """Soft bits: the batched weight mixtures and option scales (one batch per forward) give the output and the
+    gradients of every conv mixing its own options."""
+    import fbnas.supernet as supernet_module
+
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    results = []
+    for batched in (True, False):
+        if not batched:
+            monkeypatch.setattr(supernet_module, "prequantize_weights_mixed", lambda *a: None)
+            monkeypatch.setattr(supernet_module, "prescale_activations_mixed", lambda *a: None)
+        torch.manual_seed(0)
+        net = Supernet(space, mode="soft", bit_sampling="soft")
+        net(x)  # activation ranges observed
+        out = net(x)
+        F.cross_entropy(out, y).backward()
+        results.append((out.detach(), {n: p.grad for n, p in net.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for name, g in results[1][1].items():
+        assert g is not None, name
+        torch.testing.assert_close(results[0][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_argmax_cost_is_the_latency_of_the_derived_architecture(space):
     table = get_table(space, "sd835")
     matrix, fixed = latency_matrix(table, space), fixed_latency(table, space)

@@ -8,6 +8,7 @@ below the min/max range wastes most levels on a few outliers.
 """
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from typing import Optional, Sequence
@@ -15,9 +16,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .bits import EPS, BitState, act_levels, cached, constant, constant_vector, qmax_signed, to_device_async
+from .bits import (EPS, BitState, act_levels, cached, constant, constant_matrix, constant_vector, qmax_signed,
+                   to_device_async)
 
 EMA_MOMENTUM = 0.1
+log = logging.getLogger("fbnas")
 
 
 MSE_CLIP_GRID = 40          # candidate clipping ranges: span * k / grid, k = 1..grid
@@ -102,6 +105,22 @@ def prescale_activations(convs: Sequence[nn.Module], cached_tops: bool = False) 
         q.prescale = (bits, scales[i])
 
 
+def prescale_activations_mixed(convs: Sequence[nn.Module]) -> None:
+    """prescale_activations for convs whose activation bits mix (soft bits): the scales of every option of every
+    conv in one batch, handed to each quantizer as (its bit options, [n_options] scales) for its next forward."""
+    batch = [(c.act_quant, c.bit_state.a_choices) for c in convs
+             if c.bit_state.enabled and c.bit_state.single_a_bits() is None
+             and c.act_quant.clip_bits is None and c.act_quant._host_state()[0]]
+    if not batch or len({len(ch) for _, ch in batch}) > 1:
+        return  # none, or ragged options: each quantizer computes its own
+    maxes = torch.stack([q.running_max for q, _ in batch])
+    tops = constant_matrix(tuple(tuple(float(q.top_level(b)) for b in ch) for q, ch in batch), maxes.device,
+                           maxes.dtype)
+    scales = (maxes.unsqueeze(1) / tops).clamp_min_(EPS)
+    for (q, ch), row in zip(batch, scales.unbind()):
+        q.prescale = (ch, row)
+
+
 def prescale_activations_sampled(convs: Sequence[nn.Module], bit_rows: Sequence[int], a_hot: torch.Tensor,
                                  a_bits: Sequence[int]) -> None:
     """The input scales and clipping bounds of `convs` at sampled bits held as device data: conv k is at the
@@ -181,29 +200,79 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> tor
     return torch.fake_quantize_per_tensor_affine(x, scale, constant((), 0, x.device, torch.int32), lo, hi)
 
 
+def _mix_forward(x: torch.Tensor, inv_scales: torch.Tensor, weights: torch.Tensor,
+                 levels: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """sum_b weights[b] * clamp(round(x * inv_scales[b]), lo_b, hi_b), with weights[b] = p_b * scale_b."""
+    out = None
+    for i, (lo, hi) in enumerate(levels):
+        r = torch.round(x * inv_scales[i]).clamp_(lo, hi)
+        out = r * weights[i] if out is None else out.addcmul_(r, weights[i])
+    return out
+
+
+def _mix_backward(x: torch.Tensor, grad: torch.Tensor, inv_scales: torch.Tensor, probs: torch.Tensor,
+                  scales: torch.Tensor, levels: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient to x: grad times the sum of p_b over the options whose rounded level is inside their range,
+    the clipped straight-through estimator of each; gradient to p: sum(grad * Q_b(x)) per option)."""
+    inside = None
+    grad_probs = []
+    for i, (lo, hi) in enumerate(levels):
+        r = torch.round(x * inv_scales[i])
+        q = r.clamp(lo, hi)
+        grad_probs.append((grad * q).sum(dtype=torch.float32) * scales[i])
+        term = torch.where(q == r, probs[i], 0.0)
+        inside = term if inside is None else inside + term
+    return (grad * inside).to(x.dtype), torch.stack(grad_probs)
+
+
+_COMPILED_MIX: dict[str, tuple] = {}
+
+
+def _mix_functions(x: torch.Tensor) -> tuple:
+    """(forward, backward) of the activation mixture for x's device: on a GPU each compiled into one fused
+    kernel (TorchInductor; the eager ones make ~4 passes over x per option forward and ~7 backward), else
+    the eager ones. If compiling fails, the eager ones are used from then on, with a warning."""
+    if x.device.type != "cuda" or _COMPILED_MIX.get("failed"):
+        return _mix_forward, _mix_backward
+    if "cuda" not in _COMPILED_MIX:
+        _COMPILED_MIX["cuda"] = (torch.compile(_mix_forward, dynamic=True, fullgraph=True),
+                                 torch.compile(_mix_backward, dynamic=True, fullgraph=True))
+    return _COMPILED_MIX["cuda"]
+
+
+def _call_mix(index: int, x: torch.Tensor, *args):
+    """The activation mixture's forward (index 0) or backward (1), compiled where _mix_functions compiles it."""
+    eager = (_mix_forward, _mix_backward)[index]
+    fn = _mix_functions(x)[index]
+    if fn is eager:
+        return eager(x, *args)
+    try:
+        return fn(x, *args)
+    except Exception as e:  # e.g. no Triton or no C compiler on this machine
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        log.warning("the fused activation mixture could not be compiled (%s: %s); mixing bit options eagerly",
+                    type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+        _COMPILED_MIX["failed"] = True
+        return eager(x, *args)
+
+
 class _MixedAct(torch.autograd.Function):
-    """sum_b p_b Q_b(x), saving only x and p; the per-option Q_b(x) are recomputed in backward.
-    scales, los, his: [n_options] tensors."""
+    """sum_b p_b Q_b(x) (the EdMIPS mixture of activation bit options), saving only x; the per-option Q_b(x)
+    are recomputed in backward. probs, scales: [n_options] tensors; levels: each option's (lo, hi)."""
 
     @staticmethod
-    def forward(ctx, x, probs, scales, los, his):
-        out = torch.zeros_like(x)
-        for i in range(len(probs)):
-            out += probs[i] * torch.clamp(torch.round(x / scales[i]), los[i], his[i]) * scales[i]
-        ctx.save_for_backward(x, probs, scales, los, his)
-        return out
+    def forward(ctx, x, probs, scales, levels: tuple[tuple[int, int], ...]):
+        inv = torch.reciprocal(scales)
+        ctx.save_for_backward(x, probs, scales, inv)
+        ctx.levels = levels
+        return _call_mix(0, x, inv, probs * scales, levels)
 
     @staticmethod
     def backward(ctx, grad):
-        x, probs, scales, los, his = ctx.saved_tensors
-        gx = torch.zeros_like(x)
-        gp = torch.zeros_like(probs)
-        for i in range(len(probs)):
-            xs = x / scales[i]
-            q = torch.clamp(torch.round(xs), los[i], his[i]) * scales[i]
-            gp[i] = (grad * q).sum()
-            gx += probs[i] * ((xs >= los[i]) & (xs <= his[i]))
-        return grad * gx, gp, None, None, None
+        x, probs, scales, inv = ctx.saved_tensors
+        grad_x, grad_probs = _call_mix(1, x, grad, inv, probs, scales, ctx.levels)
+        return grad_x, grad_probs.to(probs.dtype), None, None
 
 
 class ActQuantizer(nn.Module):
@@ -225,7 +294,8 @@ class ActQuantizer(nn.Module):
         self.frozen = False
         self.clip_bits: Optional[int] = None  # set: track the MSE-optimal range at these bits, not min/max
         self._state: Optional[tuple[bool, bool]] = None  # host copy of (initialized, signed)
-        self.prescale: Optional[tuple[int, torch.Tensor]] = None  # (bits, scale) from prescale_activations
+        # (bits, scale) from prescale_activations, or (bit options, their scales) from prescale_activations_mixed
+        self.prescale: Optional[tuple[int | tuple[int, ...], torch.Tensor]] = None
         self.sampled: Optional[tuple[torch.Tensor, ...]] = None  # prescale_activations_sampled's (scale, lo, hi)
 
     def _host_state(self) -> tuple[bool, bool]:
@@ -303,8 +373,9 @@ class ActQuantizer(nn.Module):
         bits = state.single_a_bits()
         if bits is not None:
             return self.quantize(x, bits)
-        levels = [self.levels(b) for b in state.a_choices]
-        scales = torch.stack([self.scale(b) for b in state.a_choices]).to(x.dtype)
-        los = constant_vector(tuple(lv[0] for lv in levels), x.device, x.dtype)
-        his = constant_vector(tuple(lv[1] for lv in levels), x.device, x.dtype)
-        return _MixedAct.apply(x, state.a_probs.to(x.dtype), scales, los, his)
+        choices = state.a_choices
+        if self.prescale is not None and self.prescale[0] == choices:
+            scales = self.prescale[1]
+        else:
+            scales = torch.stack([self.scale(b) for b in choices])
+        return _MixedAct.apply(x, state.a_probs.float(), scales.float(), tuple(self.levels(b) for b in choices))

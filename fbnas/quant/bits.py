@@ -93,3 +93,8 @@ def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 def constant_vector(values: tuple[float, ...], device: torch.device, dtype=torch.float32) -> torch.Tensor:
     """A cached 1-d tensor of `values` (made once per values, device and dtype)."""
     return cached(("vector", values, device, dtype), lambda: to_device_async(torch.tensor(values, dtype=dtype), device))
+
+
+def constant_matrix(rows: tuple[tuple[float, ...], ...], device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """A cached 2-d tensor of `rows` (made once per rows, device and dtype)."""
+    return cached(("matrix", rows, device, dtype), lambda: to_device_async(torch.tensor(rows, dtype=dtype), device))

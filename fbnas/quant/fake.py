@@ -84,6 +84,27 @@ def mixed_weight(w: torch.Tensor, state: BitState) -> torch.Tensor:
 _ALIGN = 64  # elements: every weight in a batch starts 128-byte aligned, as cuDNN's fast kernels need
 
 
+def _flat_padded(weights: Sequence[torch.Tensor], pads: Sequence[int]) -> torch.Tensor:
+    """The weights flattened into one tensor, each followed by `pad` zeros."""
+    parts = []
+    for w, pad in zip(weights, pads):
+        parts.append(w.reshape(-1))
+        if pad:
+            parts.append(constant(pad, 0.0, w.device, w.dtype))
+    return torch.cat(parts)
+
+
+def _channel_max(flat: torch.Tensor, row_of_elem: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """max |W| of every output channel of a flat padded batch."""
+    rowmax = torch.zeros(n_rows, device=flat.device, dtype=flat.dtype)
+    return rowmax.scatter_reduce_(0, row_of_elem, flat.abs(), "amax")
+
+
+def _unpad(flat: torch.Tensor, weights: Sequence[torch.Tensor], pads: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    chunks = flat.split([w.numel() + pad for w, pad in zip(weights, pads)])
+    return tuple(t[:w.numel()].view_as(w) for t, w in zip(chunks, weights))
+
+
 class _BatchedSTEWeights(torch.autograd.Function):
     """Q_b(W) of many convs at once, each at its own bits (all >= 2): the weights are concatenated (each padded
     with zeros to a multiple of _ALIGN elements, so that every result starts aligned) and every output
@@ -94,22 +115,14 @@ class _BatchedSTEWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, row_of_elem, qmax_rows, n_rows: int, pads: list[int], out_dtype, *weights):
-        parts = []
-        for w, pad in zip(weights, pads):
-            parts.append(w.reshape(-1))
-            if pad:
-                parts.append(constant(pad, 0.0, w.device, w.dtype))
-        flat = torch.cat(parts)
-        rowmax = torch.zeros(n_rows, device=flat.device, dtype=flat.dtype)
-        rowmax.scatter_reduce_(0, row_of_elem, flat.abs(), "amax")
-        scale = (rowmax / qmax_rows).clamp_min(EPS).index_select(0, row_of_elem)
+        flat = _flat_padded(weights, pads)
+        scale = (_channel_max(flat, row_of_elem, n_rows) / qmax_rows).clamp_min(EPS).index_select(0, row_of_elem)
         q = torch.round(flat / scale).mul_(scale)
         ctx.in_dtype = flat.dtype
         ctx.numels = [w.numel() for w in weights]
         if out_dtype is not None and out_dtype != flat.dtype:
             q = q.to(out_dtype)
-        chunks = q.split([n + pad for n, pad in zip(ctx.numels, pads)])
-        return tuple(t[:w.numel()].view_as(w) for t, w in zip(chunks, weights))
+        return _unpad(q, weights, pads)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -117,6 +130,42 @@ class _BatchedSTEWeights(torch.autograd.Function):
             return (None, None, None, None, None, *grads)
         flat = torch.cat([g.reshape(-1) for g in grads]).to(ctx.in_dtype)
         return (None, None, None, None, None, *(g.view_as(h) for g, h in zip(flat.split(ctx.numels), grads)))
+
+
+class _BatchedMixedWeights(torch.autograd.Function):
+    """The EdMIPS mixture sum_b p_b Q_b(W) of many convs at once (soft bits): one flat padded batch as in
+    _BatchedSTEWeights, every option's per-channel scale from one max |W| per channel, and the mixture in a
+    few kernels over the batch, instead of ~25 kernels per conv. `probs` [n_convs, n_options]: each conv's
+    mixing weights. Gradients: to each weight sum_b p_b times the incoming one (straight-through, as
+    mixed_weight), to p_b of a conv the sum over its weights of the incoming gradient times Q_b(W) (summed
+    per conv in float64, so the sum over a million weights keeps float32 precision)."""
+
+    @staticmethod
+    def forward(ctx, row_of_elem, qmax_options, n_rows: int, pads: list[int], seg_lengths, seg_ends, out_dtype,
+                probs, *weights):
+        flat = _flat_padded(weights, pads)
+        n_elem = flat.numel()
+        # options along the first dim: every kernel runs over the long second one
+        scales = (_channel_max(flat, row_of_elem, n_rows).unsqueeze(0) / qmax_options.unsqueeze(1)).clamp_min(EPS)
+        scale = scales.index_select(1, row_of_elem)  # [n_options, n_elem]
+        q = torch.round(flat.unsqueeze(0) / scale).mul_(scale)
+        p = probs.to(flat.dtype).t().repeat_interleave(seg_lengths, dim=1, output_size=n_elem)
+        mixed = (q * p).sum(0)
+        ctx.save_for_backward(q, p, seg_ends)
+        ctx.in_dtype = flat.dtype
+        ctx.pads = pads
+        if out_dtype is not None and out_dtype != flat.dtype:
+            mixed = mixed.to(out_dtype)
+        return _unpad(mixed, weights, pads)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        q, p, seg_ends = ctx.saved_tensors
+        g = _flat_padded([gr.to(ctx.in_dtype) for gr in grads], ctx.pads)
+        per_conv = torch.cumsum((g * q).double(), 1).index_select(1, seg_ends)  # [n_options, n_convs]
+        grad_probs = torch.diff(per_conv, dim=1, prepend=per_conv.new_zeros(per_conv.shape[0], 1)).t().float()
+        grad_w = g * p.sum(0)
+        return (None, None, None, None, None, None, None, grad_probs, *_unpad(grad_w, grads, ctx.pads))
 
 
 def _row_lengths(rows: int, per_row: int, pad: int, device: torch.device) -> torch.Tensor:
@@ -167,9 +216,8 @@ def prequantize_weights_sampled(convs: Sequence["QConv2d"], bit_rows: Sequence[i
     _quantize_batch(list(convs), qmax_of_row.index_select(0, index))
 
 
-def _quantize_batch(batch: Sequence["QConv2d"], qmax: torch.Tensor) -> None:
-    """Hand each conv of `batch` its weight quantized per output channel to the levels +-qmax (one entry per
-    output channel of the batch, in order)."""
+def _batch_layout(batch: Sequence["QConv2d"]) -> tuple[torch.Tensor, int, list[int]]:
+    """(output channel of every element of the flat padded batch, number of channels, padding of each conv)."""
     w0 = batch[0].weight
     dev = w0.device
     rows = [c.weight.shape[0] for c in batch]
@@ -178,9 +226,43 @@ def _quantize_batch(batch: Sequence["QConv2d"], qmax: torch.Tensor) -> None:
     lengths = torch.cat([_row_lengths(r, n // r, pad, dev) for r, n, pad in zip(rows, numels, pads)])
     n_rows, n_elem = sum(rows), sum(numels) + sum(pads)
     row_of_elem = torch.repeat_interleave(torch.arange(n_rows, device=dev), lengths, output_size=n_elem)
-    out_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+    return row_of_elem, n_rows, pads
+
+
+def _autocast_dtype(dev: torch.device) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+
+
+def _quantize_batch(batch: Sequence["QConv2d"], qmax: torch.Tensor) -> None:
+    """Hand each conv of `batch` its weight quantized per output channel to the levels +-qmax (one entry per
+    output channel of the batch, in order)."""
+    row_of_elem, n_rows, pads = _batch_layout(batch)
+    out_dtype = _autocast_dtype(batch[0].weight.device)
     for c, wq in zip(batch, _BatchedSTEWeights.apply(row_of_elem, qmax, n_rows, pads, out_dtype,
                                                      *(c.weight for c in batch))):
+        c.prequantized = wq
+
+
+def prequantize_weights_mixed(convs: Sequence["QConv2d"], bit_rows: Sequence[int], w_probs: torch.Tensor,
+                              w_bits: Sequence[int]) -> None:
+    """Soft (mixed) weight bits in one batch: conv k gets sum_b p_b Q_b(W_k) with p = row `bit_rows[k]` of
+    `w_probs` ([R, len(w_bits)], the relaxation, device data) for its next forward; the same values and
+    gradients as mixed_weight per conv, in a few kernels for all of them. Every option must be >= 2 bits."""
+    if not convs:
+        return
+    if min(w_bits) < 2 or max(w_bits) >= 32:
+        raise ValueError(f"batched mixed weight bits need options in [2, 32), got {tuple(w_bits)}")
+    w0 = convs[0].weight
+    dev = w0.device
+    row_of_elem, n_rows, pads = _batch_layout(convs)
+    padded = tuple(c.weight.numel() + pad for c, pad in zip(convs, pads))  # each conv's segment of the batch
+    seg_lengths = cached(("conv_lengths", padded, dev), lambda: to_device_async(torch.tensor(padded), dev))
+    seg_ends = cached(("conv_ends", padded, dev), lambda: to_device_async(torch.tensor(padded).cumsum(0) - 1, dev))
+    index = cached(("conv_bit_rows", tuple(bit_rows), dev), lambda: to_device_async(torch.tensor(list(bit_rows)), dev))
+    qmax = constant_vector(tuple(float(qmax_signed(b)) for b in w_bits), dev, w0.dtype)
+    mixed = _BatchedMixedWeights.apply(row_of_elem, qmax, n_rows, pads, seg_lengths, seg_ends, _autocast_dtype(dev),
+                                       w_probs.index_select(0, index), *(c.weight for c in convs))
+    for c, wq in zip(convs, mixed):
         c.prequantized = wq
 
 
