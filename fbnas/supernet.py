@@ -335,9 +335,10 @@ class Supernet(nn.Module):
         if self.hard_bits:
             prequantize_weights(running_convs)
             self._prequantized = running_convs
-        elif 2 <= min(self.space.w_bits) and max(self.space.w_bits) < 32:  # soft bits: the mixtures in one batch
-            prequantize_weights_mixed(running_convs, self._conv_bit_rows, w_w, self.space.w_bits)
-            self._prequantized = running_convs
+        else:  # soft bits: every conv's mixtures in one batch (1-bit weights are quantized per conv)
+            if 2 <= min(self.space.w_bits) and max(self.space.w_bits) < 32:
+                prequantize_weights_mixed(running_convs, self._conv_bit_rows, w_w, self.space.w_bits)
+                self._prequantized = running_convs
             prescale_activations_mixed(running_convs)
         self._prescaled = running_convs + self._fixed_convs
         prescale_activations(self._prescaled, cached_tops=choices is None)
