@@ -63,6 +63,14 @@ def deferred_range_updates(enabled: bool = True):
     _update_ranges(pending)
 
 
+def _max_abs(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """max |x| of each tensor as float32 scalars: one multi-tensor kernel on a GPU; on a CPU from aminmax, the same
+    values ~20x faster than the infinity-norm kernel there (which a CPU search step spent ~8% of its time in)."""
+    if xs[0].device.type != "cpu":
+        return torch._foreach_norm(xs, math.inf, dtype=torch.float32)
+    return [torch.maximum(hi, -lo).float() for lo, hi in map(torch.aminmax, xs)]
+
+
 @torch.no_grad()
 def _update_ranges(pending: list[tuple["ActQuantizer", torch.Tensor]]) -> None:
     by_momentum: dict[float, list[tuple[ActQuantizer, torch.Tensor]]] = {}
@@ -70,7 +78,7 @@ def _update_ranges(pending: list[tuple["ActQuantizer", torch.Tensor]]) -> None:
         by_momentum.setdefault(q.momentum, []).append((q, x))
     for momentum, items in by_momentum.items():
         quantizers = [q for q, _ in items]
-        spans = torch._foreach_norm([x for _, x in items], math.inf, dtype=torch.float32)  # max |x| per tensor
+        spans = _max_abs([x for _, x in items])
         torch._foreach_lerp_([q.running_max for q in quantizers], spans, momentum)
         signed = [q for q in quantizers if q.signed]
         if signed:
@@ -189,7 +197,7 @@ class _FakeQuantDecomposed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None
+        return torch.where(mask, grad, 0.0), None, None, None  # (grad * mask would first copy mask to float)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
