@@ -82,7 +82,7 @@ def build_step(name: str, args: dict, dev):
     amp = autocast is not None and dev.type == "cuda"
     amp_dtype = getattr(torch, AUTOCAST_DTYPES[autocast]) if amp else torch.bfloat16
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.use_channels_last()
     fused = dev.type == "cuda"
     w_opt = torch.optim.SGD(net.weight_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)  # unsampled ops have no grad: no fused SGD
     a_opt = torch.optim.Adam(net.arch_parameters(), lr=0.01, weight_decay=5e-4, fused=fused)

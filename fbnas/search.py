@@ -128,7 +128,7 @@ class Searcher:
         # and depthwise kernels are 2-10x faster on an H200; eager steps are bound by kernel launches
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.cuda_graph_reason is None
         if self.channels_last:
-            self.supernet = self.supernet.to(memory_format=torch.channels_last)
+            self.supernet = self.supernet.use_channels_last()
         self._graphs: dict[tuple, tuple[GraphedGradients, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._graph_pool = None
         self._steps_run = 0

@@ -196,6 +196,9 @@ class Supernet(nn.Module):
         # the bit row (of the stacked w/a bit logits) of every op conv, in the order sample() lists running convs
         self._conv_bit_rows = [r for l, layer in enumerate(self.mixed_layers) for i in range(len(layer.ops))
                                for r in [self._bit_row(l, i)] * len(self._op_convs[l][i])]
+        # the layout of the activations: set by use_channels_last (a stem over 1 input channel gives NCHW output
+        # whatever the layout of its input and weight, and the layers keep the layout they are given)
+        self.memory_format = torch.contiguous_format
         self.staged = False  # forwards read the sample stage_sample() copied to the device (CUDA graph capture)
         self._staged: Optional[torch.Tensor] = None
         self._prequantized: list[QConv2d] = []  # convs handed a batch-quantized weight for this forward
@@ -214,6 +217,11 @@ class Supernet(nn.Module):
     @property
     def bit_states(self) -> list[list[BitState]]:
         return [layer.bit_states for layer in self.mixed_layers]
+
+    def use_channels_last(self) -> "Supernet":
+        """Weights and activations in NHWC (channels-last) layout."""
+        self.memory_format = torch.channels_last
+        return self.to(memory_format=torch.channels_last)
 
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -431,7 +439,7 @@ class Supernet(nn.Module):
             hard = self.paths is not None
         try:
             with deferred_range_updates(self.training):  # activation ranges move together, after the forward
-                x = self.stem(x)
+                x = self.stem(x).contiguous(memory_format=self.memory_format)
                 for layer in self.mixed_layers:
                     x = layer(x, hard)
                 return self.head(x)

@@ -285,6 +285,26 @@ def test_soft_bits_batched_give_the_per_conv_mixtures_and_gradients(space, monke
         torch.testing.assert_close(results[0][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_channels_last_reaches_every_layer_behind_a_one_channel_stem(space):
+    """A stem over one input channel outputs NCHW whatever the layout of its input and weight; with
+    use_channels_last every searched conv still sees NHWC activations, and the output is the NCHW forward's."""
+    torch.manual_seed(0)
+    nchw, nhwc = Supernet(space), Supernet(space)
+    nhwc.load_state_dict(nchw.state_dict())
+    nhwc = nhwc.use_channels_last()
+    layouts = []
+    for m in nhwc.mixed_layers.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: layouts.append(
+                inp[0].is_contiguous(memory_format=torch.channels_last) and not inp[0].is_contiguous()))
+    x = torch.randn(4, 1, 28, 28)
+    nchw.fix([(3, 2, 1)] * space.num_layers)
+    nhwc.fix([(3, 2, 1)] * space.num_layers)
+    out = nhwc(x.contiguous(memory_format=torch.channels_last))
+    assert layouts and all(layouts)
+    torch.testing.assert_close(out, nchw(x), rtol=1e-4, atol=1e-4)
+
+
 def test_argmax_cost_is_the_latency_of_the_derived_architecture(space):
     table = get_table(space, "sd835")
     matrix, fixed = latency_matrix(table, space), fixed_latency(table, space)
