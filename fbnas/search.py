@@ -218,15 +218,8 @@ class Searcher:
     def weight_step(self, x, y, warmup: bool) -> dict[str, torch.Tensor]:
         """One SGD step of the weights; the losses stay on the device (StepStats reads them)."""
         self.supernet.train()
-        stats = None
-        if self._graphed_steps():
-            stats = self._replay(("weight", warmup), x, y, lambda xs, ys: self._weight_loss(xs, ys, warmup),
-                                 self._w_params)
-        replayed = stats is not None
-        if not replayed:
-            self.w_opt.zero_grad(set_to_none=True)
-            stats, loss = self._weight_loss(x, y, warmup)
-            loss.backward()
+        stats, replayed = self._gradients(("weight", warmup), x, y, lambda xs, ys: self._weight_loss(xs, ys, warmup),
+                                          self._w_params, self.w_opt)
         self.dist.sync(self._w_params, self.supernet)  # gradients and buffers averaged over ranks
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._w_params, self.cfg.optim.grad_clip)
@@ -251,12 +244,7 @@ class Searcher:
         for p in weights:
             p.requires_grad_(False)
         try:
-            stats = self._replay(("arch",), x, y, self._arch_loss, self._a_params) if self._graphed_steps() else None
-            replayed = stats is not None
-            if not replayed:
-                self.a_opt.zero_grad(set_to_none=True)
-                stats, loss = self._arch_loss(x, y)
-                loss.backward()
+            stats, replayed = self._gradients(("arch",), x, y, self._arch_loss, self._a_params, self.a_opt)
             self.dist.sync(self._a_params, self.supernet)
             self.a_opt.step()
             if replayed:
@@ -273,9 +261,21 @@ class Searcher:
         return {"arch_ce": ce.detach(), "arch_loss": loss.detach(), "arch_lat": lat.detach()}, loss
 
     # ------------------------------------------------------------------ CUDA graphs
+    def _gradients(self, kind: tuple, x, y, loss_of, params, opt) -> tuple[dict[str, torch.Tensor], bool]:
+        """(the step's statistics, whether they were replayed): the gradients of `params` from the CUDA graph of
+        `kind` where steps replay graphs, else from an eager backward of loss_of(x, y) into opt's zeroed grads.
+        Replayed gradients are the graph's: zero them after the optimizer step."""
+        stats = self._replay(kind, x, y, loss_of, params) if self._graphed_steps() else None
+        if stats is not None:
+            return stats, True
+        opt.zero_grad(set_to_none=True)
+        stats, loss = loss_of(x, y)
+        loss.backward()
+        return stats, False
+
     def _graphed_steps(self) -> bool:
-        """Whether this weight step replays a CUDA graph: possible (cuda_graph_reason is None) and past the
-        first eager step, which gives every activation quantizer its range."""
+        """Whether this step replays a CUDA graph: possible (cuda_graph_reason is None) and past the first eager
+        step, which gives every activation quantizer its range."""
         return self.cuda_graph_reason is None and self._steps_run > 0
 
     def _replay(self, kind: tuple, x, y, loss_of, params) -> Optional[dict[str, torch.Tensor]]:

@@ -87,6 +87,13 @@ def _update_ranges(pending: list[tuple["ActQuantizer", torch.Tensor]]) -> None:
             q.prescale = None
 
 
+def _scale_from_range(conv: nn.Module) -> bool:
+    """Whether a conv's input quantizer is on and its scale is its EMA range over a top level (a range observed,
+    no MSE clipping): what the batched scale computations below can compute for it."""
+    q = conv.act_quant
+    return conv.bit_state.enabled and q.clip_bits is None and q._host_state()[0]
+
+
 def prescale_activations(convs: Sequence[nn.Module], cached_tops: bool = False) -> None:
     """Compute, in one batch, the input scale of each conv/linear in `convs` at its one activation bit-width
     (sampled or fixed) and hand it to the conv's quantizer for its next forward (cleared when its range
@@ -95,9 +102,8 @@ def prescale_activations(convs: Sequence[nn.Module], cached_tops: bool = False) 
     from forward to forward, e.g. inside a CUDA graph, which must not copy from host memory)."""
     batch, tops = [], []
     for c in convs:
-        st, q = c.bit_state, c.act_quant
-        bits = st.single_a_bits()
-        if not st.enabled or bits is None or q.clip_bits is not None or not q._host_state()[0]:
+        q, bits = c.act_quant, c.bit_state.single_a_bits()
+        if bits is None or not _scale_from_range(c):
             continue
         batch.append((q, bits))
         tops.append(float(q.top_level(bits)))
@@ -117,8 +123,7 @@ def prescale_activations_mixed(convs: Sequence[nn.Module]) -> None:
     """prescale_activations for convs whose activation bits mix (soft bits): the scales of every option of every
     conv in one batch, handed to each quantizer as (its bit options, [n_options] scales) for its next forward."""
     batch = [(c.act_quant, c.bit_state.a_choices) for c in convs
-             if c.bit_state.enabled and c.bit_state.single_a_bits() is None
-             and c.act_quant.clip_bits is None and c.act_quant._host_state()[0]]
+             if c.bit_state.single_a_bits() is None and _scale_from_range(c)]
     if not batch or len({len(ch) for _, ch in batch}) > 1:
         return  # none, or ragged options: each quantizer computes its own
     maxes = torch.stack([q.running_max for q, _ in batch])

@@ -151,7 +151,7 @@ class _BatchedMixedWeights(torch.autograd.Function):
         q = torch.round(flat.unsqueeze(0) / scale).mul_(scale)
         p = probs.to(flat.dtype).t().repeat_interleave(seg_lengths, dim=1, output_size=n_elem)
         mixed = (q * p).sum(0)
-        ctx.save_for_backward(q, p, seg_ends)
+        ctx.save_for_backward(q, p.sum(0), seg_ends)  # sum_b p_b: each weight's straight-through factor
         ctx.in_dtype = flat.dtype
         ctx.pads = pads
         if out_dtype is not None and out_dtype != flat.dtype:
@@ -160,11 +160,11 @@ class _BatchedMixedWeights(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        q, p, seg_ends = ctx.saved_tensors
-        g = _flat_padded([gr.to(ctx.in_dtype) for gr in grads], ctx.pads)
+        q, p_sum, seg_ends = ctx.saved_tensors
+        g = _flat_padded(grads, ctx.pads).to(ctx.in_dtype)  # one cast for the batch
         per_conv = torch.cumsum((g * q).double(), 1).index_select(1, seg_ends)  # [n_options, n_convs]
         grad_probs = torch.diff(per_conv, dim=1, prepend=per_conv.new_zeros(per_conv.shape[0], 1)).t().float()
-        grad_w = g * p.sum(0)
+        grad_w = g * p_sum
         return (None, None, None, None, None, None, None, grad_probs, *_unpad(grad_w, grads, ctx.pads))
 
 
